@@ -1,0 +1,51 @@
+// Operator schemas of lstm_ext (the one place they are declared) and the Python module init.
+// Backends only register kernels: csrc/cpu/lstm_cpu.cpp (CPU), csrc/cuda/ (CUDA, when built).
+//
+// Shapes (gate order i, f, g, o as nn.LSTM): input [T, B, I] (layer) or [B, I] (cell);
+// h0, c0, hx, cx [B, H]; weight_ih [4H, I]; weight_hh [4H, H]; bias_ih, bias_hh [4H].
+// The forward ops return what the backward ops need: the activated gates [T, B, 4H] and the cell
+// states c_t [T, B, H] (the layer op keeps them only when keep_state is true; otherwise both come
+// back with T = 0). The backward ops return one bias gradient, shared by bias_ih and bias_hh.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef LSTM_EXT_TORCH_VERSION
+#error "LSTM_EXT_TORCH_VERSION must be defined by setup.py"
+#endif
+
+namespace lstm_ext {
+namespace cpu {
+bool has_direct_blas_impl();
+}
+}  // namespace lstm_ext
+
+TORCH_LIBRARY(lstm_ext, m) {
+  m.def(
+      "lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, bool keep_state) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "lstm_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
+      "Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor gates, "
+      "Tensor cells) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "
+      "Tensor grad_weight_hh, Tensor grad_bias)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "lstm_cell_forward(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh) -> (Tensor hy, Tensor cy, Tensor gates)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "lstm_cell_backward(Tensor? grad_hy, Tensor? grad_cy, Tensor input, Tensor hx, Tensor cx, "
+      "Tensor cy, Tensor gates, Tensor weight_ih, Tensor weight_hh) -> (Tensor grad_input, "
+      "Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
+      "Tensor grad_bias)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lstm_ext compiled kernels; the ops live under torch.ops.lstm_ext";
+  // Checked by lstm_ext/_ops.py against the running torch (C++ ABI is per torch version).
+  m.attr("torch_version") = LSTM_EXT_TORCH_VERSION;
+  m.attr("has_direct_blas") = lstm_ext::cpu::has_direct_blas_impl();
+}

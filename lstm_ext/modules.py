@@ -1,0 +1,294 @@
+"""Drop-in replacements for torch.nn.LSTM and torch.nn.LSTMCell, running lstm_ext's C++ kernels.
+
+Same constructor signatures, parameter names (weight_ih_l0, bias_hh_l1, ...), initialisation,
+forward signatures and return values as torch.nn, so a state_dict loads in both directions.
+They subclass nn.Module, not nn.LSTM: Dynamo refuses instances of nn.LSTM.
+"""
+
+import math
+import numbers
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .functional import lstm_cell, lstm_layer
+
+_GATES = 4  # i, f, g, o
+
+
+def _shape(t: Tensor) -> List[int]:
+    return list(t.shape)
+
+
+def _check_dtypes(owner: str, params: List[Tuple[str, Tensor]], input: Tensor) -> None:
+    """Input and parameters share one floating-point dtype, and the parameters agree."""
+    first_name, first = params[0]
+    for name, p in params[1:]:
+        if p.dtype != first.dtype:
+            raise ValueError(f"{owner}: all parameters must share one dtype, but {first_name} is "
+                             f"{first.dtype} and {name} is {p.dtype}. Convert the model: "
+                             f"model.to({first.dtype})")
+    if not input.is_floating_point():
+        raise ValueError(f"{owner}: input must be a floating-point tensor, got dtype {input.dtype}. "
+                         f"Convert it: input.to({first.dtype})")
+    if input.dtype != first.dtype:
+        raise ValueError(f"{owner}: input dtype ({input.dtype}) does not match the weights' dtype "
+                         f"({first.dtype}). Convert input: input.to({first.dtype}), or convert "
+                         f"model: model.to({input.dtype})")
+
+
+def _check_state(owner: str, name: str, state: Tensor, expected: Tuple[int, ...], ref: Tensor):
+    if not isinstance(state, Tensor):
+        raise TypeError(f"{owner}: {name} must be a Tensor, got {type(state).__name__}")
+    if tuple(state.shape) != expected:
+        raise RuntimeError(f"{owner}: Expected {name} of size {expected}, got {_shape(state)}")
+    if state.dtype != ref.dtype:
+        raise ValueError(f"{owner}: {name} dtype ({state.dtype}) does not match the input dtype "
+                         f"({ref.dtype})")
+    if state.device != ref.device:
+        raise RuntimeError(f"{owner}: {name} is on {state.device} but input is on {ref.device}")
+
+
+def _unpack_hx(owner: str, hx) -> Tuple[Tensor, Tensor]:
+    if not (isinstance(hx, (tuple, list)) and len(hx) == 2
+            and all(isinstance(t, Tensor) for t in hx)):
+        got = type(hx).__name__ + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else "")
+        raise TypeError(f"{owner}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
+    return hx[0], hx[1]
+
+
+class LSTM(nn.Module):
+    r"""A multi-layer LSTM with the interface of :class:`torch.nn.LSTM`, computed by lstm_ext's
+    fused C++ kernels: one C++ call runs a layer's whole time loop, forward or backward.
+
+    Args (as torch.nn.LSTM): input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None.
+    Not supported yet (NotImplementedError): bidirectional=True, proj_size > 0, dropout > 0,
+    PackedSequence input.
+
+    Shapes: input [T, B, I] ([B, T, I] with batch_first) or unbatched [T, I]; h_0, c_0
+    [num_layers, B, H] (or [num_layers, H] unbatched). Returns output [T, B, H] ([B, T, H] with
+    batch_first) and (h_n, c_n), each [num_layers, B, H].
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None) -> None:
+        super().__init__()
+        # The same argument errors as torch.nn.RNNBase.
+        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
+                or not 0 <= dropout <= 1):
+            raise ValueError("dropout should be a number in range [0, 1] representing the "
+                             "probability of an element being zeroed")
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
+                            ("num_layers", num_layers), ("proj_size", proj_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+        if input_size < 0:
+            raise ValueError("input_size must be zero or greater")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if bidirectional:
+            raise NotImplementedError("lstm_ext.LSTM: bidirectional=True is not supported yet")
+        if proj_size > 0:
+            raise NotImplementedError("lstm_ext.LSTM: proj_size > 0 is not supported yet")
+        if dropout > 0:
+            raise NotImplementedError("lstm_ext.LSTM: dropout > 0 is not supported yet")
+
+        self.mode = "LSTM"
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+
+        factory = {"device": device, "dtype": dtype}
+        # Registration order is nn.LSTM's, so reset_parameters draws the same numbers from the RNG.
+        self._all_weights: List[List[str]] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size
+            shapes = [("weight_ih", (_GATES * hidden_size, layer_input)),
+                      ("weight_hh", (_GATES * hidden_size, hidden_size))]
+            if bias:
+                shapes += [("bias_ih", (_GATES * hidden_size,)),
+                           ("bias_hh", (_GATES * hidden_size,))]
+            names = []
+            for kind, shape in shapes:
+                name = f"{kind}_l{layer}"
+                setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+                names.append(name)
+            self._all_weights.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as nn.LSTM."""
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """No-op, kept so code written for nn.LSTM runs unchanged: lstm_ext needs no flat buffer."""
+
+    @property
+    def all_weights(self) -> List[List[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def _layer_params(self, layer: int):
+        names = self._all_weights[layer]
+        params = [getattr(self, name) for name in names]
+        return params if self.bias else params + [None, None]
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
+        owner = "lstm_ext.LSTM"
+        if isinstance(input, PackedSequence):
+            raise NotImplementedError(f"{owner}: PackedSequence input is not supported yet")
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{owner}: Expected input to be 2-D (unbatched [T, input_size]) or 3-D "
+                             f"(batched), got a {input.dim()}-D tensor of shape {_shape(input)}")
+        named = [(name, getattr(self, name)) for names in self._all_weights for name in names]
+        _check_dtypes(owner, named, input)
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(f"{owner}: input.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {input.shape[-1]} (input shape "
+                               f"{_shape(input)})")
+        batched = input.dim() == 3
+        if not batched:
+            input = input.unsqueeze(1)  # [T, 1, I]
+        elif self.batch_first:
+            input = input.transpose(0, 1)  # [T, B, I]; the op makes it contiguous
+        seq_len, batch = input.shape[0], input.shape[1]
+        if seq_len == 0:
+            raise RuntimeError(f"{owner}: Expected sequence length to be larger than 0, got input "
+                               f"of shape {_shape(input if batched else input.squeeze(1))}")
+
+        state_shape = (self.num_layers, batch, self.hidden_size)
+        if hx is None:
+            h0 = c0 = torch.zeros(state_shape, dtype=input.dtype, device=input.device)
+        else:
+            h0, c0 = _unpack_hx(owner, hx)
+            rank = 3 if batched else 2
+            if h0.dim() != rank or c0.dim() != rank:
+                kind = "batched 3-D" if batched else "unbatched 2-D"
+                raise RuntimeError(f"{owner}: For {kind} input, hx and cx should also be {rank}-D "
+                                   f"but got ({h0.dim()}-D, {c0.dim()}-D) tensors")
+            if not batched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            _check_state(owner, "hx[0] (h_0)", h0, state_shape, input)
+            _check_state(owner, "hx[1] (c_0)", c0, state_shape, input)
+
+        output = input
+        h_n: List[Tensor] = []
+        c_n: List[Tensor] = []
+        for layer in range(self.num_layers):
+            output, h, c = lstm_layer(output, h0[layer], c0[layer], *self._layer_params(layer))
+            h_n.append(h)
+            c_n.append(c)
+        h_n_t = torch.stack(h_n) if self.num_layers > 1 else h_n[0].unsqueeze(0)
+        c_n_t = torch.stack(c_n) if self.num_layers > 1 else c_n[0].unsqueeze(0)
+        if not batched:
+            return output.squeeze(1), (h_n_t.squeeze(1), c_n_t.squeeze(1))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n_t, c_n_t)
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+
+class LSTMCell(nn.Module):
+    r"""One LSTM step with the interface of :class:`torch.nn.LSTMCell`, computed by one fused C++ op.
+
+    Args (as torch.nn.LSTMCell): input_size, hidden_size, bias=True, device=None, dtype=None.
+    Shapes: input [B, I] or unbatched [I]; hx = (h_0, c_0), each [B, H] (or [H]), default zeros.
+    Returns (h_1, c_1), each [B, H] (or [H]).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        factory = {"device": device, "dtype": dtype}
+        self.weight_ih = nn.Parameter(torch.empty((_GATES * hidden_size, input_size), **factory))
+        self.weight_hh = nn.Parameter(torch.empty((_GATES * hidden_size, hidden_size), **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(_GATES * hidden_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(_GATES * hidden_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as nn.LSTMCell."""
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
+        owner = "lstm_ext.LSTMCell"
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{owner}: Expected input to be 1-D (unbatched) or 2-D [B, input_size],"
+                             f" got a {input.dim()}-D tensor of shape {_shape(input)}")
+        _check_dtypes(owner, [(n, p) for n, p in self.named_parameters()], input)
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(f"{owner}: input.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {input.shape[-1]} (input shape "
+                               f"{_shape(input)})")
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+        state_shape = (input.shape[0], self.hidden_size)
+        if hx is None:
+            hx_t = cx_t = torch.zeros(state_shape, dtype=input.dtype, device=input.device)
+        else:
+            hx_t, cx_t = _unpack_hx(owner, hx)
+            rank = 2 if batched else 1
+            if hx_t.dim() != rank or cx_t.dim() != rank:
+                raise RuntimeError(f"{owner}: Expected hx[0] and hx[1] to be {rank}-D like the "
+                                   f"{'batched' if batched else 'unbatched'} input, got "
+                                   f"({hx_t.dim()}-D, {cx_t.dim()}-D) tensors")
+            if not batched:
+                hx_t, cx_t = hx_t.unsqueeze(0), cx_t.unsqueeze(0)
+            _check_state(owner, "hx[0] (h_0)", hx_t, state_shape, input)
+            _check_state(owner, "hx[1] (c_0)", cx_t, state_shape, input)
+        hy, cy = lstm_cell(input, hx_t, cx_t, self.weight_ih, self.weight_hh, self.bias_ih,
+                           self.bias_hh)
+        if not batched:
+            return hy.squeeze(0), cy.squeeze(0)
+        return hy, cy
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        return s.format(**self.__dict__)
