@@ -1,0 +1,71 @@
+"""Shared helpers: run a model forward and backward, and compare results the way the tests agree on.
+
+float64: lstm_ext must equal the reference to ~1e-10 relative.
+float32: lstm_ext's error against a float64 reference must be within a small multiple of
+torch.nn.LSTM's own float32 error against the same float64 reference (flash-attention's criterion).
+"""
+
+import torch
+
+FLOAT64_RTOL = 1e-10
+# lstm_ext's float32 error may be at most this multiple of nn.LSTM's float32 error ...
+FLOAT32_ERROR_FACTOR = 3.0
+# ... plus this many float32 ulps of the result's scale (nn.LSTM's error can be exactly 0).
+FLOAT32_ULPS = 8
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (absolute where expected is all zero)."""
+    actual, expected = actual.double(), expected.double()
+    if actual.numel() == 0:
+        return 0.0
+    scale = expected.abs().max().item()
+    return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def forward_backward(model, x, hx, grad_seed=1234):
+    """Run model(x, hx), backprop fixed random gradients of (output, h_n, c_n).
+
+    Returns (names, tensors): output, h_n, c_n, then the gradients of input, h0, c0 (when given)
+    and of every parameter.
+    """
+    # detach() keeps the strides (clone() would densify an expanded tensor).
+    x = x.detach().requires_grad_()
+    inputs, names = [x], ["grad input"]
+    if hx is not None:
+        hx = tuple(t.detach().requires_grad_() for t in hx)
+        inputs += list(hx)
+        names += ["grad h0", "grad c0"]
+    params = list(model.named_parameters())
+    inputs += [p for _, p in params]
+    names += [f"grad {n}" for n, _ in params]
+    out, (h_n, c_n) = model(x, hx) if hx is not None else model(x)
+    gen = torch.Generator().manual_seed(grad_seed)
+    grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
+             for t in (out, h_n, c_n)]
+    results = torch.autograd.grad((out, h_n, c_n), inputs, grads, allow_unused=False)
+    return ["output", "h_n", "c_n"] + names, [out, h_n, c_n, *results]
+
+
+def assert_float64_equal(names, actual, expected, rtol=FLOAT64_RTOL):
+    worst = 0.0
+    for name, a, e in zip(names, actual, expected):
+        assert a.shape == e.shape, f"{name}: shape {list(a.shape)} != {list(e.shape)}"
+        err = rel_err(a, e)
+        worst = max(worst, err)
+        assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.0e}"
+    return worst
+
+
+def assert_float32_close(names, ext32, torch32, ref64):
+    """ext32's error vs ref64 is at most FLOAT32_ERROR_FACTOR x torch32's error (+ a few ulps)."""
+    eps = torch.finfo(torch.float32).eps
+    worst = 0.0
+    for name, a, t, r in zip(names, ext32, torch32, ref64):
+        assert a.dtype == torch.float32, f"{name}: dtype {a.dtype}"
+        ext_err, torch_err = rel_err(a, r), rel_err(t, r)
+        worst = max(worst, ext_err)
+        bound = FLOAT32_ERROR_FACTOR * torch_err + FLOAT32_ULPS * eps
+        assert ext_err <= bound, (f"{name}: lstm_ext float32 error {ext_err:.3e} > {bound:.3e} "
+                                  f"(nn.LSTM float32 error {torch_err:.3e})")
+    return worst

@@ -1,0 +1,249 @@
+"""Bad input: a Python exception naming the argument and what was expected, never a crash."""
+
+import pytest
+import torch
+
+import lstm_ext
+from lstm_ext import _ops
+
+F32, F64 = torch.float32, torch.float64
+
+
+@pytest.fixture
+def lstm():
+    return lstm_ext.LSTM(3, 4, num_layers=2)
+
+
+@pytest.fixture
+def cell():
+    return lstm_ext.LSTMCell(3, 4)
+
+
+def x(*shape, dtype=F32):
+    return torch.randn(*shape).to(dtype)
+
+
+# ---- lstm_ext.LSTM ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(3,), (1, 5, 2, 3), ()])
+def test_lstm_input_rank(lstm, shape):
+    with pytest.raises(ValueError, match=r"input to be 2-D .* or 3-D .*got a \d-D tensor"):
+        lstm(torch.zeros(shape))
+
+
+def test_lstm_input_size(lstm):
+    with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. "
+                                           r"Expected 3, got 5"):
+        lstm(x(7, 2, 5))
+
+
+@pytest.mark.parametrize("which,shape", [(0, (2, 3, 4)), (0, (1, 2, 4)), (1, (2, 2, 5))])
+def test_lstm_state_shape(lstm, which, shape):
+    hx = [x(2, 2, 4), x(2, 2, 4)]
+    hx[which] = x(*shape)
+    name = r"hx\[0\] \(h_0\)" if which == 0 else r"hx\[1\] \(c_0\)"
+    with pytest.raises(RuntimeError, match=rf"Expected {name} of size \(2, 2, 4\), got "
+                                           rf"\[{', '.join(map(str, shape))}\]"):
+        lstm(x(7, 2, 3), tuple(hx))
+
+
+@pytest.mark.parametrize("hx", [torch.zeros(2, 2, 4), (torch.zeros(2, 2, 4),),
+                                (torch.zeros(2, 2, 4), torch.zeros(2, 2, 4), torch.zeros(2, 2, 4)),
+                                (torch.zeros(2, 2, 4), None), 3.0])
+def test_lstm_hx_not_a_pair(lstm, hx):
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\) of two tensors, got"):
+        lstm(x(7, 2, 3), hx)
+
+
+def test_lstm_input_dtype_mismatch(lstm):
+    with pytest.raises(ValueError, match=r"input dtype \(torch.float64\) does not match the "
+                                         r"weights' dtype \(torch.float32\)"):
+        lstm(x(7, 2, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_lstm_integer_input(lstm, dtype):
+    with pytest.raises(ValueError, match=rf"input must be a floating-point tensor, got dtype {dtype}"):
+        lstm(torch.zeros(7, 2, 3, dtype=dtype))
+
+
+def test_lstm_mixed_weight_dtypes(lstm):
+    lstm.weight_hh_l1.data = lstm.weight_hh_l1.data.double()
+    with pytest.raises(ValueError, match=r"all parameters must share one dtype, but weight_ih_l0 is "
+                                         r"torch.float32 and weight_hh_l1 is torch.float64"):
+        lstm(x(7, 2, 3))
+
+
+def test_lstm_state_dtype_mismatch(lstm):
+    with pytest.raises(ValueError, match=r"hx\[1\] \(c_0\) dtype \(torch.float64\) does not match"):
+        lstm(x(7, 2, 3), (x(2, 2, 4), x(2, 2, 4, dtype=F64)))
+
+
+def test_lstm_unbatched_with_3d_hx(lstm):
+    with pytest.raises(RuntimeError, match=r"For unbatched 2-D input, hx and cx should also be 2-D "
+                                           r"but got \(3-D, 3-D\) tensors"):
+        lstm(x(7, 3), (x(2, 1, 4), x(2, 1, 4)))
+
+
+def test_lstm_batched_with_2d_hx(lstm):
+    with pytest.raises(RuntimeError, match=r"For batched 3-D input, hx and cx should also be 3-D"):
+        lstm(x(7, 2, 3), (x(2, 4), x(2, 4)))
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 3), (0, 3)])
+def test_lstm_empty_sequence(lstm, shape):
+    """As nn.LSTM: a sequence of length 0 is an error."""
+    with pytest.raises(RuntimeError, match=r"Expected sequence length to be larger than 0"):
+        lstm(torch.zeros(shape))
+
+
+def test_lstm_empty_sequence_batch_first():
+    with pytest.raises(RuntimeError, match=r"Expected sequence length to be larger than 0"):
+        lstm_ext.LSTM(3, 4, batch_first=True)(torch.zeros(2, 0, 3))
+
+
+@pytest.mark.parametrize("option,value", [("bidirectional", True), ("proj_size", 2),
+                                          ("dropout", 0.5)])
+def test_lstm_options_not_yet_supported(option, value):
+    with pytest.raises(NotImplementedError, match=rf"{option}.* not supported yet"):
+        lstm_ext.LSTM(3, 4, num_layers=2, **{option: value})
+
+
+def test_lstm_packed_sequence_not_yet_supported(lstm):
+    packed = torch.nn.utils.rnn.pack_sequence([x(3, 3), x(2, 3)])
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        lstm(packed)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(hidden_size=0), ValueError, "hidden_size must be greater than zero"),
+    (dict(hidden_size=-3), ValueError, "hidden_size must be greater than zero"),
+    (dict(num_layers=0), ValueError, "num_layers must be greater than zero"),
+    (dict(hidden_size=2.5), TypeError, "hidden_size should be of type int, got: float"),
+    (dict(dropout=1.5), ValueError, r"dropout should be a number in range \[0, 1\]"),
+    (dict(dropout=-0.1), ValueError, r"dropout should be a number in range \[0, 1\]"),
+    (dict(proj_size=-1), ValueError, "proj_size should be a positive integer or zero"),
+    (dict(proj_size=4), ValueError, "proj_size has to be smaller than hidden_size"),
+])
+def test_lstm_constructor_errors_as_nn_lstm(kwargs, error, match):
+    args = dict(input_size=3, hidden_size=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        torch.nn.LSTM(**args)
+    with pytest.raises(error, match=match):
+        lstm_ext.LSTM(**args)
+
+
+# ---- lstm_ext.LSTMCell ------------------------------------------------------------------------
+
+def test_cell_input_rank(cell):
+    with pytest.raises(ValueError, match=r"input to be 1-D .* or 2-D .*got a 3-D tensor"):
+        cell(x(1, 2, 3))
+
+
+def test_cell_input_size(cell):
+    with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. "
+                                           r"Expected 3, got 4"):
+        cell(x(2, 4))
+
+
+def test_cell_state_shape(cell):
+    with pytest.raises(RuntimeError, match=r"Expected hx\[0\] \(h_0\) of size \(2, 4\), got \[3, 4\]"):
+        cell(x(2, 3), (x(3, 4), x(2, 4)))
+
+
+def test_cell_unbatched_with_2d_hx(cell):
+    with pytest.raises(RuntimeError, match=r"Expected hx\[0\] and hx\[1\] to be 1-D"):
+        cell(x(3), (x(1, 4), x(1, 4)))
+
+
+def test_cell_dtype(cell):
+    with pytest.raises(ValueError, match=r"input dtype \(torch.float64\) does not match"):
+        cell(x(2, 3, dtype=F64))
+    with pytest.raises(ValueError, match=r"input must be a floating-point tensor, got dtype "
+                                         r"torch.int64"):
+        cell(torch.zeros(2, 3, dtype=torch.int64))
+
+
+def test_cell_hx_not_a_pair(cell):
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\)"):
+        cell(x(2, 3), x(2, 4))
+
+
+# ---- the C++ ops check their own arguments ------------------------------------------------------
+
+def layer_args(T=5, B=3, I=2, H=4, dtype=F32):
+    return [x(T, B, I, dtype=dtype), x(B, H, dtype=dtype), x(B, H, dtype=dtype),
+            x(4 * H, I, dtype=dtype), x(4 * H, H, dtype=dtype), x(4 * H, dtype=dtype),
+            x(4 * H, dtype=dtype)]
+
+
+LAYER_FORWARD_BAD = [
+    (0, x(5, 3), r"input must be 3-D \[T, B, input_size\], got a 2-D tensor of shape \[5, 3\]"),
+    (0, x(5, 3, 7), r"input must have shape \[T, B, I\] = \[5, 3, 2\], got \[5, 3, 7\]"),
+    (0, x(0, 3, 2), r"input must have at least one time step, got T = 0"),
+    (1, x(2, 4), r"h0 must have shape \[B, H\] = \[3, 4\], got \[2, 4\]"),
+    (2, x(3, 5), r"c0 must have shape \[B, H\] = \[3, 4\], got \[3, 5\]"),
+    (3, x(15, 2), r"weight_ih must have shape \[4\*H, I\] = \[16, 2\], got \[15, 2\]"),
+    (3, x(16, 3), r"input must have shape \[T, B, I\] = \[5, 3, 3\], got \[5, 3, 2\]"),
+    (3, x(16), r"weight_ih must be 2-D"),
+    (4, x(15, 4), r"weight_hh must have shape \[4\*H, H\] = \[16, 4\], got \[15, 4\]"),
+    (5, x(12), r"bias_ih must have shape \[4\*H\] = \[16\], got \[12\]"),
+    (6, None, r"bias_ih and bias_hh must be given together"),
+    (0, x(5, 3, 2, dtype=F64), r"input has dtype Double but weight_ih has dtype Float"),
+    (4, x(16, 4, dtype=F64), r"weight_hh has dtype Double but weight_ih has dtype Float"),
+    (2, torch.zeros(3, 4, dtype=torch.int64), r"c0 has dtype Long but weight_ih has dtype Float"),
+]
+
+
+@pytest.mark.parametrize("index,bad,match", LAYER_FORWARD_BAD)
+def test_op_layer_forward_checks(index, bad, match):
+    args = layer_args()
+    args[index] = bad
+    with pytest.raises(RuntimeError, match=r"lstm_ext::lstm_layer_forward: " + match):
+        _ops.lstm_layer_forward(*args, True)
+
+
+def test_op_integer_weights():
+    args = [a.long() for a in layer_args()]
+    with pytest.raises(RuntimeError, match=r"weight_ih must be float32 or float64, got Long"):
+        _ops.lstm_layer_forward(*args, True)
+
+
+def test_op_layer_backward_checks():
+    args = layer_args()
+    output, h_n, c_n, gates, cells = _ops.lstm_layer_forward(*args, True)
+    base = [None, None, None] + args[:5] + [output, gates, cells]
+    _, _, _, no_gates, no_cells = _ops.lstm_layer_forward(*args, False)
+    cases = [
+        (0, x(5, 3, 5), r"grad_output must have shape \[T, B, H\] = \[5, 3, 4\], got \[5, 3, 5\]"),
+        (1, x(4, 4), r"grad_h_n must have shape \[B, H\] = \[3, 4\], got \[4, 4\]"),
+        (2, x(3, 4, dtype=F64), r"grad_c_n has dtype Double"),
+        (9, no_gates, r"gates must have shape \[T, B, 4\*H\] \(saved by lstm_layer_forward with "
+                      r"keep_state=True\) = \[5, 3, 16\], got \[0, 3, 16\]"),
+        (10, no_cells, r"cells must have shape \[T, B, H\]"),
+        (8, x(4, 3, 4), r"output must have shape \[T, B, H\] = \[5, 3, 4\], got \[4, 3, 4\]"),
+    ]
+    for index, bad, match in cases:
+        call = list(base)
+        call[index] = bad
+        with pytest.raises(RuntimeError, match=r"lstm_ext::lstm_layer_backward: " + match):
+            _ops.lstm_layer_backward(*call)
+
+
+def test_op_cell_checks():
+    args = [x(3, 2), x(3, 4), x(3, 4), x(16, 2), x(16, 4), None, None]
+    bad = list(args)
+    bad[0] = x(5, 3, 2)
+    with pytest.raises(RuntimeError, match=r"lstm_cell_forward: input must be 2-D \[B, input_size\]"):
+        _ops.lstm_cell_forward(*bad)
+    bad = list(args)
+    bad[2] = x(2, 4)
+    with pytest.raises(RuntimeError, match=r"lstm_cell_forward: cx must have shape \[B, H\] = "
+                                           r"\[3, 4\], got \[2, 4\]"):
+        _ops.lstm_cell_forward(*bad)
+    hy, cy, gates = _ops.lstm_cell_forward(*args)
+    with pytest.raises(RuntimeError, match=r"lstm_cell_backward: gates must have shape \[B, 4\*H\]"):
+        _ops.lstm_cell_backward(hy, cy, *args[:3], cy, gates[:, :8], *args[3:5])
+    with pytest.raises(RuntimeError, match=r"lstm_cell_backward: grad_hy must have shape"):
+        _ops.lstm_cell_backward(hy[:2], cy, *args[:3], cy, gates, *args[3:5])

@@ -1,0 +1,120 @@
+"""torch.autograd.gradcheck (float64) on the autograd Functions and modules, torch.library.opcheck
+on every op."""
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import lstm_ext
+from lstm_ext import _ops
+from lstm_ext.functional import LSTMCellFunction, LSTMLayerFunction
+
+DT = torch.float64
+
+
+def rand(*shape, requires_grad=True, seed=None):
+    return torch.randn(*shape, dtype=DT, requires_grad=requires_grad)
+
+
+def layer_args(T, B, I, H, bias=True, requires_grad=True):
+    torch.manual_seed(0)
+    args = [rand(T, B, I), rand(B, H), rand(B, H), rand(4 * H, I) * 0.5, rand(4 * H, H) * 0.5]
+    args = [a.detach().requires_grad_(requires_grad) for a in args]
+    if bias:
+        args += [rand(4 * H, requires_grad=requires_grad), rand(4 * H, requires_grad=requires_grad)]
+    else:
+        args += [None, None]
+    return args
+
+
+def cell_args(B, I, H, bias=True, requires_grad=True):
+    T_args = layer_args(1, B, I, H, bias, requires_grad)
+    x = T_args[0].detach()[0].requires_grad_(requires_grad)
+    return [x] + T_args[1:]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("T,B,I,H", [(1, 1, 1, 1), (4, 3, 2, 5), (6, 2, 3, 1)])
+def test_gradcheck_layer(T, B, I, H, bias):
+    assert gradcheck(LSTMLayerFunction.apply, layer_args(T, B, I, H, bias))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("B,I,H", [(1, 1, 1), (3, 2, 5)])
+def test_gradcheck_cell(B, I, H, bias):
+    assert gradcheck(LSTMCellFunction.apply, cell_args(B, I, H, bias))
+
+
+def test_gradcheck_layer_partial_outputs():
+    """Only some outputs reach the loss: the others' gradients arrive as None."""
+    args = layer_args(3, 2, 2, 3)
+    assert gradcheck(lambda *a: LSTMLayerFunction.apply(*a)[0], args)
+    assert gradcheck(lambda *a: LSTMLayerFunction.apply(*a)[2], args)
+    assert gradcheck(lambda *a: LSTMCellFunction.apply(*[t[0] if i == 0 else t
+                                                          for i, t in enumerate(a)])[1], args)
+
+
+@pytest.mark.parametrize("options", [dict(num_layers=2), dict(num_layers=2, batch_first=True),
+                                     dict(bias=False)], ids=str)
+def test_gradcheck_module(options):
+    torch.manual_seed(0)
+    model = lstm_ext.LSTM(2, 3, dtype=DT, **options)
+    layers = options.get("num_layers", 1)
+    x = rand(3, 4, 2) if options.get("batch_first") else rand(4, 3, 2)  # T = 4, B = 3
+    h0, c0 = rand(layers, 3, 3), rand(layers, 3, 3)
+    params = list(model.parameters())
+
+    def run(x, h0, c0, *weights):
+        with torch.nn.utils.stateless._reparametrize_module(
+                model, dict(zip([n for n, _ in model.named_parameters()], weights))):
+            out, (h, c) = model(x, (h0, c0))
+        return out, h, c
+
+    assert gradcheck(run, [x, h0, c0, *[p.detach().clone().requires_grad_() for p in params]])
+
+
+def test_gradcheck_cell_module():
+    torch.manual_seed(0)
+    cell = lstm_ext.LSTMCell(2, 3, dtype=DT)
+    x, h, c = rand(4, 2), rand(4, 3), rand(4, 3)
+    assert gradcheck(lambda x, h, c: cell(x, (h, c)), [x, h, c])
+
+
+# ---- opcheck: schema, fake kernel, autograd registration and dispatch consistency ---------------
+
+def _detached(args):
+    return [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("keep_state", [True, False])
+def test_opcheck_layer_forward(dtype, bias, keep_state):
+    args = [a.to(dtype) if a is not None else None for a in _detached(layer_args(5, 3, 4, 6, bias))]
+    torch.library.opcheck(torch.ops.lstm_ext.lstm_layer_forward.default, args + [keep_state])
+
+
+@pytest.mark.parametrize("with_grads", [(True, True, True), (True, False, False),
+                                        (False, True, True), (False, False, False)])
+def test_opcheck_layer_backward(with_grads):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = _detached(layer_args(5, 3, 4, 6))
+    output, h_n, c_n, gates, cells = _ops.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                             True)
+    grads = [torch.randn_like(t) if use else None for t, use in zip((output, h_n, c_n), with_grads)]
+    torch.library.opcheck(torch.ops.lstm_ext.lstm_layer_backward.default,
+                          grads + [x, h0, c0, w_ih, w_hh, output, gates, cells])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_cell_forward(bias):
+    torch.library.opcheck(torch.ops.lstm_ext.lstm_cell_forward.default,
+                          _detached(cell_args(3, 4, 6, bias)))
+
+
+@pytest.mark.parametrize("with_grads", [(True, True), (True, False), (False, True)])
+def test_opcheck_cell_backward(with_grads):
+    x, hx, cx, w_ih, w_hh, b_ih, b_hh = _detached(cell_args(3, 4, 6))
+    hy, cy, gates = _ops.lstm_cell_forward(x, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    grads = [torch.randn_like(t) if use else None for t, use in zip((hy, cy), with_grads)]
+    torch.library.opcheck(torch.ops.lstm_ext.lstm_cell_backward.default,
+                          grads + [x, hx, cx, cy, gates, w_ih, w_hh])

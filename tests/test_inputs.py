@@ -1,0 +1,170 @@
+"""Awkward but valid inputs work and equal nn.LSTM: empty batch, non-contiguous, strided and
+expanded tensors, NaN; inference without autograd; repeated backward; state_dict both ways."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lstm_ext
+
+from lstm_testing import assert_float64_equal, forward_backward
+
+F64 = torch.float64
+
+
+def pair(I=3, H=5, **options):
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H, dtype=F64, **options)
+    ext = lstm_ext.LSTM(I, H, dtype=F64, **options)
+    ext.load_state_dict(ref.state_dict())
+    return ref, ext
+
+
+def compare(ref, ext, x, hx=None):
+    names, expected = forward_backward(ref, x, hx)
+    _, actual = forward_backward(ext, x, hx)
+    assert_float64_equal(names, actual, expected)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_empty_batch(num_layers):
+    ref, ext = pair(num_layers=num_layers)
+    x = torch.zeros(4, 0, 3, dtype=F64)
+    hx = (torch.zeros(num_layers, 0, 5, dtype=F64),) * 2
+    out, (h, c) = ext(x, hx)
+    assert out.shape == (4, 0, 5) and h.shape == c.shape == (num_layers, 0, 5)
+    compare(ref, ext, x, hx)
+
+
+def test_empty_batch_cell():
+    cell = lstm_ext.LSTMCell(3, 5)
+    h, c = cell(torch.zeros(0, 3))
+    assert h.shape == c.shape == (0, 5)
+
+
+def test_non_contiguous_input_and_states():
+    ref, ext = pair(num_layers=2)
+    x = torch.randn(3, 6, 7, dtype=F64).transpose(0, 2)[:, ::2, :3]  # [7, 3, 3], strided
+    assert not x.is_contiguous()
+    h0 = torch.randn(5, 3, 2, dtype=F64).permute(2, 1, 0)  # [2, 3, 5], not contiguous
+    c0 = torch.randn(2, 3, 10, dtype=F64)[..., ::2]
+    assert not h0.is_contiguous() and not c0.is_contiguous()
+    compare(ref, ext, x, (h0, c0))
+
+
+def test_expanded_input():
+    """Stride-0 (expanded) inputs: the same sequence broadcast over the batch and over time."""
+    ref, ext = pair()
+    x = torch.randn(1, 1, 3, dtype=F64).expand(6, 4, 3)
+    assert x.stride()[:2] == (0, 0)
+    h0 = torch.randn(1, 1, 5, dtype=F64).expand(1, 4, 5)
+    c0 = torch.randn(1, 5, 1, dtype=F64).expand(1, 5, 4).transpose(1, 2)
+    compare(ref, ext, x, (h0, c0))
+
+
+def test_non_contiguous_weights():
+    ref, ext = pair()
+    ext.weight_hh_l0.data = ext.weight_hh_l0.data.t().contiguous().t()
+    assert not ext.weight_hh_l0.is_contiguous()
+    compare(ref, ext, torch.randn(5, 2, 3, dtype=F64))
+
+
+def test_batch_first_non_contiguous():
+    ref, ext = pair(batch_first=True)
+    x = torch.randn(5, 2, 3, dtype=F64).transpose(0, 1)  # [B=2, T=5, I] as a view
+    compare(ref, ext, x)
+
+
+@pytest.mark.parametrize("where", ["first_step", "last_step"])
+def test_nan_propagates_like_nn_lstm(where):
+    ref, ext = pair()
+    x = torch.randn(5, 3, 3, dtype=F64)
+    x[0 if where == "first_step" else -1, 1, 2] = math.nan
+    out_r, (h_r, c_r) = ref(x)
+    out_e, (h_e, c_e) = ext(x)
+    for a, e in ((out_e, out_r), (h_e, h_r), (c_e, c_r)):
+        assert torch.equal(a.isnan(), e.isnan())
+        assert a.isnan().any()
+        assert torch.allclose(a[~a.isnan()], e[~e.isnan()], rtol=1e-10, atol=1e-12)
+
+
+def test_inference_path_equals_training_path():
+    """no_grad skips the saved state; results are the same numbers."""
+    _, ext = pair(num_layers=2)
+    x = torch.randn(6, 3, 3, dtype=F64)
+    out, (h, c) = ext(x)
+    assert out.requires_grad
+    with torch.no_grad():
+        out2, (h2, c2) = ext(x)
+    assert not out2.requires_grad
+    for a, b in ((out, out2), (h, h2), (c, c2)):
+        assert torch.equal(a.detach(), b)
+    with torch.inference_mode():
+        out3, _ = ext(x)
+    assert torch.equal(out3, out2)
+
+
+def test_backward_twice_with_retain_graph():
+    _, ext = pair()
+    x = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
+    out, _ = ext(x)
+    out.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    out.sum().backward()
+    assert torch.allclose(x.grad, 2 * first, rtol=1e-12, atol=0)
+
+
+def test_double_backward_is_a_clear_error():
+    _, ext = pair()
+    x = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
+    out, _ = ext(x)
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()
+
+
+def test_only_parameters_require_grad():
+    """The usual training case: input and states are plain tensors."""
+    ref, ext = pair(num_layers=2)
+    x = torch.randn(6, 3, 3, dtype=F64)
+    for model in (ref, ext):
+        model.zero_grad()
+        out, (h, c) = model(x)
+        (out.sum() + h.sum() + c.pow(2).sum()).backward()
+    for (name, p_r), p_e in zip(ref.named_parameters(), ext.parameters()):
+        assert_float64_equal([name], [p_e.grad], [p_r.grad])
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_layers=3, bias=False, batch_first=True)],
+                         ids=str)
+def test_state_dict_round_trip_both_ways(options):
+    torch.manual_seed(1)
+    ref = nn.LSTM(3, 5, **options)
+    ext = lstm_ext.LSTM(3, 5, **options)
+    ext.load_state_dict(ref.state_dict())  # nn.LSTM -> lstm_ext, strict
+    back = nn.LSTM(3, 5, **options)
+    back.load_state_dict(ext.state_dict())  # lstm_ext -> nn.LSTM, strict
+    assert list(ext.state_dict()) == list(ref.state_dict())
+    for name, p in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[name], p)
+    cell_ref = nn.LSTMCell(3, 5)
+    cell_ext = lstm_ext.LSTMCell(3, 5)
+    cell_ext.load_state_dict(cell_ref.state_dict())
+    nn.LSTMCell(3, 5).load_state_dict(cell_ext.state_dict())
+
+
+def test_repr_like_nn_lstm():
+    for args, kwargs in [((3, 5), {}), ((3, 5, 2), dict(bias=False, batch_first=True))]:
+        assert repr(lstm_ext.LSTM(*args, **kwargs)) == repr(nn.LSTM(*args, **kwargs))
+    assert repr(lstm_ext.LSTMCell(3, 5, bias=False)) == repr(nn.LSTMCell(3, 5, bias=False))
+
+
+def test_device_and_dtype_arguments():
+    m = lstm_ext.LSTM(3, 5, 2, device="cpu", dtype=F64)
+    assert all(p.dtype == F64 and p.device.type == "cpu" for p in m.parameters())
+    out, _ = m.float()(torch.randn(2, 1, 3))
+    assert out.dtype == torch.float32
+    assert [[p.shape for p in layer] for layer in m.all_weights] == \
+           [[p.shape for p in layer] for layer in nn.LSTM(3, 5, 2).all_weights]
