@@ -16,6 +16,7 @@
 namespace lstm_ext {
 namespace cpu {
 bool has_direct_blas_impl();
+bool has_vml_impl();
 }
 }  // namespace lstm_ext
 
@@ -48,4 +49,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Checked by lstm_ext/_ops.py against the running torch (C++ ABI is per torch version).
   m.attr("torch_version") = LSTM_EXT_TORCH_VERSION;
   m.attr("has_direct_blas") = lstm_ext::cpu::has_direct_blas_impl();
+  m.attr("has_vml") = lstm_ext::cpu::has_vml_impl();
 }

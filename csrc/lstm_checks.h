@@ -102,7 +102,7 @@ inline LayerSizes check_layer_inputs(const char* op, const at::Tensor& input, co
   check_same_dtype_device(op, weight_ih, "weight_ih", h0, "h0");
   check_same_dtype_device(op, weight_ih, "weight_ih", c0, "c0");
   check_fits_int(op, "T*B", s.T * s.B);
-  check_fits_int(op, "4*H", 4 * s.H);
+  check_fits_int(op, "B*4*H", s.B * 4 * s.H);
   check_fits_int(op, "input_size", s.I);
   return s;
 }

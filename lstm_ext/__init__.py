@@ -14,11 +14,13 @@ from .modules import LSTM, LSTMCell
 __version__ = "0.1.0"
 
 #: What this installation was built with: the torch version, whether CUDA kernels were compiled,
-#: and whether the CPU kernels call MKL's BLAS directly (else through at::mm, slower per step).
+#: and whether the CPU kernels call MKL's BLAS and vector math (VML) directly (else through
+#: at::mm and scalar libm, slower per step).
 build_info = {
     "torch_version": _build_info.torch_version,
     "cuda": _build_info.cuda,
     "direct_blas": bool(_C.has_direct_blas),
+    "vector_math": bool(_C.has_vml),
 }
 
 __all__ = ["LSTM", "LSTMCell", "lstm_layer", "lstm_cell", "LSTMLayerFunction",

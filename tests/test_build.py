@@ -13,6 +13,7 @@ def test_build_info_records_this_torch():
     assert lstm_ext._C.torch_version == torch.__version__
     assert isinstance(lstm_ext.build_info["cuda"], bool)
     assert isinstance(lstm_ext.build_info["direct_blas"], bool)
+    assert isinstance(lstm_ext.build_info["vector_math"], bool)
 
 
 def test_ops_are_registered_with_a_cpu_kernel():

@@ -16,6 +16,7 @@
 #include "../lstm_checks.h"
 #include "../lstm_math.h"
 #include "blas.h"
+#include "vml.h"
 
 namespace lstm_ext {
 namespace cpu {
@@ -38,15 +39,58 @@ void for_each_batch_row(int64_t B, int64_t H, const F& body) {
   });
 }
 
+// The gate pass of one forward step, over a [B, 4H] block of pre-activations z (x W_ih^T + b +
+// h_{t-1} W_hh^T), rows contiguous. Transcendentals go through whole-block vector calls; the rest is
+// plain arithmetic the compiler vectorises.
+//   z [B, 4H] in: pre-activations, out: activated gates i, f, g, o
+//   c_prev [B, H]; c_t [B, H] out (may alias c_prev); h_t [B, H] out
+//   exp_neg [B, 4H] scratch
+template <typename T>
+void gates_forward(int64_t B, int64_t H, T* z, const T* c_prev, T* c_t, T* h_t, T* exp_neg) {
+  const int64_t G = 4 * H;
+  for (int64_t k = 0; k < B * G; ++k) {
+    exp_neg[k] = -z[k];
+  }
+  vector_exp(B * G, exp_neg, exp_neg);  // e^{-z}: σ(z) = 1 / (1 + e^{-z}) for i, f, o
+  for (int64_t b = 0; b < B; ++b) {
+    vector_tanh(H, z + b * G + 2 * H, z + b * G + 2 * H);  // g = tanh(z_g), in place
+  }
+  for_each_batch_row(B, H, [&](int64_t b) {
+    T* __restrict__ a = z + b * G;
+    const T* __restrict__ e = exp_neg + b * G;
+    const T* cp = c_prev + b * H;
+    T* c = c_t + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T i = sigmoid_from_exp_neg(e[j]);
+      const T f = sigmoid_from_exp_neg(e[H + j]);
+      const T o = sigmoid_from_exp_neg(e[3 * H + j]);
+      a[j] = i;
+      a[H + j] = f;
+      a[3 * H + j] = o;
+      c[j] = next_cell(i, f, a[2 * H + j], cp[j]);
+    }
+  });
+  vector_tanh(B * H, c_t, h_t);  // tanh(c_t), then h_t = o ⊙ tanh(c_t)
+  for_each_batch_row(B, H, [&](int64_t b) {
+    const T* __restrict__ o = z + b * G + 3 * H;
+    T* __restrict__ h = h_t + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      h[j] *= o[j];
+    }
+  });
+}
+
 // Forward of one layer over all T steps.
 //   x      [T, B, I]     h0, c0 [B, H]
 //   w_ih   [4H, I]       w_hh   [4H, H]     bias [4H] (b_ih + b_hh) or null
 //   y      [T, B, H]     h_n, c_n [B, H]
 //   gates  [T, B, 4H]    workspace; on return the activated gates i, f, g, o of every step
 //   cells  [T, B, H]     c_t of every step, or null when the backward will not run
+//   scratch [B, 4H]
 template <typename T>
 void layer_forward(const LayerSizes& s, const T* x, const T* h0, const T* c0, const T* w_ih,
-                   const T* w_hh, const T* bias, T* y, T* h_n, T* c_n, T* gates, T* cells) {
+                   const T* w_hh, const T* bias, T* y, T* h_n, T* c_n, T* gates, T* cells,
+                   T* scratch) {
   const int64_t B = s.B, H = s.H, G = 4 * s.H, rows = s.T * s.B;
   if (bias != nullptr) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -64,13 +108,7 @@ void layer_forward(const LayerSizes& s, const T* x, const T* h0, const T* c0, co
     // Without saved cells, c_n is the running state: each unit reads c_{t-1} before writing c_t.
     T* c_t = cells ? cells + t * B * H : c_n;
     gemm<T>(false, true, B, G, H, T(1), h_prev, H, w_hh, H, T(1), gates_t, G);
-    for_each_batch_row(B, H, [&](int64_t b) {
-      T* z = gates_t + b * G;
-      for (int64_t j = 0; j < H; ++j) {
-        c_t[b * H + j] = cell_forward(z[j], z[H + j], z[2 * H + j], z[3 * H + j],
-                                      c_prev[b * H + j], &h_t[b * H + j]);
-      }
-    });
+    gates_forward(B, H, gates_t, c_prev, c_t, h_t, scratch);
     h_prev = h_t;
     c_prev = c_t;
   }
@@ -85,12 +123,13 @@ void layer_forward(const LayerSizes& s, const T* x, const T* h0, const T* c0, co
 //   x, h0, c0, w_ih, w_hh as in the forward; y [T, B, H] (read for t >= 1 only, may be null if T = 1)
 //   gates [T, B, 4H] activated gates, cells [T, B, H] c_t, both saved by the forward
 //   dx [T, B, I]; dh0, dc0 [B, H] (also the running dh, dc of the loop); dw_ih [4H, I];
-//   dw_hh [4H, H]; db [4H]; dgates [T, B, 4H] workspace: the pre-activation gradients
+//   dw_hh [4H, H]; db [4H]; dgates [T, B, 4H] workspace: the pre-activation gradients;
+//   scratch [B, H]
 template <typename T>
 void layer_backward(const LayerSizes& s, const T* dy, const T* dh_n, const T* dc_n, const T* x,
                     const T* h0, const T* c0, const T* w_ih, const T* w_hh, const T* y,
                     const T* gates, const T* cells, T* dx, T* dh0, T* dc0, T* dw_ih, T* dw_hh,
-                    T* db, T* dgates) {
+                    T* db, T* dgates, T* scratch) {
   const int64_t B = s.B, H = s.H, G = 4 * s.H, rows = s.T * s.B;
   T* dh = dh0;
   T* dc = dc0;
@@ -104,20 +143,25 @@ void layer_backward(const LayerSizes& s, const T* dy, const T* dh_n, const T* dc
   } else {
     std::fill(dc, dc + B * H, T(0));
   }
+  T* tanh_c = scratch;
   for (int64_t t = s.T - 1; t >= 0; --t) {
     const T* gates_t = gates + t * B * G;
-    const T* c_t = cells + t * B * H;
-    const T* c_prev = t > 0 ? cells + (t - 1) * B * H : c0;
+    const T* c_prev_t = t > 0 ? cells + (t - 1) * B * H : c0;
     const T* dy_t = dy ? dy + t * B * H : nullptr;
     T* dgates_t = dgates + t * B * G;
+    vector_tanh(B * H, cells + t * B * H, tanh_c);
     for_each_batch_row(B, H, [&](int64_t b) {
-      const T* a = gates_t + b * G;
-      T* d = dgates_t + b * G;
+      const T* __restrict__ a = gates_t + b * G;
+      T* __restrict__ d = dgates_t + b * G;
+      const T* __restrict__ tc = tanh_c + b * H;
+      const T* __restrict__ cp = c_prev_t + b * H;
+      const T* __restrict__ dyb = dy_t ? dy_t + b * H : nullptr;
+      T* __restrict__ dhb = dh + b * H;
+      T* __restrict__ dcb = dc + b * H;
       for (int64_t j = 0; j < H; ++j) {
-        const int64_t u = b * H + j;
-        const T dh_total = dy_t ? dh[u] + dy_t[u] : dh[u];
-        dc[u] = cell_backward(a[j], a[H + j], a[2 * H + j], a[3 * H + j], c_prev[u], c_t[u],
-                              dh_total, dc[u], &d[j], &d[H + j], &d[2 * H + j], &d[3 * H + j]);
+        const T dh_total = dyb ? dhb[j] + dyb[j] : dhb[j];
+        dcb[j] = cell_backward(a[j], a[H + j], a[2 * H + j], a[3 * H + j], cp[j], tc[j], dh_total,
+                               dcb[j], &d[j], &d[H + j], &d[2 * H + j], &d[3 * H + j]);
       }
     });
     // dL/dh_{t-1} = dG_t W_hh
@@ -175,6 +219,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   Tensor c_n = at::empty({s.B, s.H}, opts);
   Tensor gates = at::empty({s.T, s.B, 4 * s.H}, opts);
   Tensor cells = at::empty({keep_state ? s.T : 0, s.B, s.H}, opts);
+  Tensor scratch = at::empty({s.B, 4 * s.H}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
     layer_forward<scalar_t>(s, x.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(),
                             c0c.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
@@ -182,7 +227,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
                             bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
                             output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
                             c_n.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-                            keep_state ? cells.data_ptr<scalar_t>() : nullptr);
+                            keep_state ? cells.data_ptr<scalar_t>() : nullptr,
+                            scratch.data_ptr<scalar_t>());
   });
   if (!keep_state) {
     gates = at::empty({0, s.B, 4 * s.H}, opts);
@@ -225,6 +271,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_c
   Tensor grad_w_hh = at::empty({4 * s.H, s.H}, opts);
   Tensor grad_bias = at::empty({4 * s.H}, opts);
   Tensor dgates = at::empty({s.T, s.B, 4 * s.H}, opts);
+  Tensor scratch = at::empty({s.B, s.H}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
     layer_backward<scalar_t>(
         s, data_or_null<scalar_t>(dy), data_or_null<scalar_t>(dh_n), data_or_null<scalar_t>(dc_n),
@@ -233,7 +280,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_c
         gates_c.data_ptr<scalar_t>(), cells_c.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(),
         grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(), grad_w_ih.data_ptr<scalar_t>(),
         grad_w_hh.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
-        dgates.data_ptr<scalar_t>());
+        dgates.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>());
   });
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias};
 }
@@ -252,8 +299,7 @@ LayerSizes check_cell_inputs(const char* op, const Tensor& input, const Tensor& 
   check_same_dtype_device(op, weight_ih, "weight_ih", input, "input");
   check_same_dtype_device(op, weight_ih, "weight_ih", hx, "hx");
   check_same_dtype_device(op, weight_ih, "weight_ih", cx, "cx");
-  check_fits_int(op, "B", s.B);
-  check_fits_int(op, "4*H", 4 * s.H);
+  check_fits_int(op, "B*4*H", s.B * 4 * s.H);
   check_fits_int(op, "input_size", s.I);
   return s;
 }
@@ -273,6 +319,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
   Tensor h_n = at::empty({s.B, s.H}, opts);
   Tensor cy = at::empty({s.B, s.H}, opts);
   Tensor gates = at::empty({s.B, 4 * s.H}, opts);
+  Tensor scratch = at::empty({s.B, 4 * s.H}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_forward_cpu", [&] {
     // One step of the layer kernel; with no saved cells it writes c_t straight into cy.
     layer_forward<scalar_t>(s, x.data_ptr<scalar_t>(), hxc.data_ptr<scalar_t>(),
@@ -280,7 +327,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
                             w_hh.data_ptr<scalar_t>(),
                             bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
                             hy.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
-                            cy.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), nullptr);
+                            cy.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), nullptr,
+                            scratch.data_ptr<scalar_t>());
   });
   return {hy, cy, gates};
 }
@@ -311,6 +359,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
   Tensor grad_w_hh = at::empty({4 * s.H, s.H}, opts);
   Tensor grad_bias = at::empty({4 * s.H}, opts);
   Tensor dgates = at::empty({s.B, 4 * s.H}, opts);
+  Tensor scratch = at::empty({s.B, s.H}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_backward_cpu", [&] {
     // One step of the layer backward: grad_hy is that step's output gradient, grad_cy its dc.
     layer_backward<scalar_t>(
@@ -320,7 +369,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
         cy_c.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(), grad_hx.data_ptr<scalar_t>(),
         grad_cx.data_ptr<scalar_t>(), grad_w_ih.data_ptr<scalar_t>(),
         grad_w_hh.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
-        dgates.data_ptr<scalar_t>());
+        dgates.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>());
   });
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
@@ -328,6 +377,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
 }  // namespace
 
 bool has_direct_blas_impl() { return has_direct_blas(); }
+bool has_vml_impl() { return has_vml(); }
 
 }  // namespace cpu
 }  // namespace lstm_ext

@@ -1,0 +1,211 @@
+"""Time lstm_ext.LSTM against torch.nn.LSTM on the same weights and inputs.
+
+The two are interleaved in one process (A B A B ...) after a warm-up, so drift and noise on a shared
+machine hit both alike; each figure is the median over rounds. Two modes per shape:
+  forward   forward under torch.no_grad()
+  fwd+bwd   forward, then torch.autograd.backward((out, h_n, c_n), fixed gradients)
+
+    python benchmarks/bench_lstm.py                 # default shapes, CPU
+    python benchmarks/bench_lstm.py --quick         # a few seconds, smoke test
+    python benchmarks/bench_lstm.py --shapes 20,5,1,16 100,32,64,128 --csv out.csv --plot out.png
+"""
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import lstm_ext
+
+# (T, B, I, H): the sin->cos trainer's shape first, then growing work per step.
+DEFAULT_SHAPES = [(20, 5, 1, 16), (100, 1, 128, 128), (200, 8, 32, 64), (100, 32, 64, 128),
+                  (100, 64, 256, 256), (50, 128, 512, 512)]
+QUICK_SHAPES = [(20, 5, 1, 16), (50, 8, 32, 64)]
+
+
+def parse_shape(text):
+    parts = tuple(int(p) for p in text.split(","))
+    if len(parts) != 4 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"a shape is T,B,I,H with positive sizes, got {text!r}")
+    return parts
+
+
+def machine_name():
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+    return platform.processor() or platform.machine()
+
+
+def flops(T, B, I, H, backward):
+    """Multiply-adds x 2 of the GEMMs (the gate math is O(T B H), negligible at these sizes)."""
+    forward = 2 * T * B * 4 * H * (I + H)
+    # backward: dx, dW_ih, dW_hh and the recurrent dh = 2x the forward GEMM work
+    return forward * (3 if backward else 1)
+
+
+class Case:
+    """One shape's models and inputs; run(model) does one timed unit of work."""
+
+    def __init__(self, T, B, I, H, device, backward):
+        torch.manual_seed(0)
+        self.reference = torch.nn.LSTM(I, H, device=device)
+        self.ours = lstm_ext.LSTM(I, H, device=device)
+        self.ours.load_state_dict(self.reference.state_dict())
+        self.x = torch.randn(T, B, I, device=device)
+        self.grads = (torch.randn(T, B, H, device=device), torch.randn(1, B, H, device=device),
+                      torch.randn(1, B, H, device=device))
+        self.backward = backward
+
+    def run(self, model):
+        if self.backward:
+            out, (h, c) = model(self.x)
+            torch.autograd.backward((out, h, c), self.grads)
+        else:
+            with torch.no_grad():
+                model(self.x)
+
+
+def make_timer(device):
+    if device == "cuda":
+        def timed(fn):
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+    else:
+        def timed(fn):
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+    return timed
+
+
+def measure(case, timed, min_seconds, max_rounds, warmup):
+    for _ in range(warmup):
+        case.run(case.reference)
+        case.run(case.ours)
+    theirs, ours = [], []
+    deadline = time.perf_counter() + min_seconds
+    while len(ours) < max_rounds and (len(ours) < 5 or time.perf_counter() < deadline):
+        theirs.append(timed(lambda: case.run(case.reference)))
+        ours.append(timed(lambda: case.run(case.ours)))
+    return statistics.median(theirs), statistics.median(ours), len(ours)
+
+
+def peak_memory_mb(case, model):
+    """Peak extra CPU memory (torch's allocator is the system's: measured with the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        case.run(model)
+    peak = current = 0
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0),
+                    key=lambda e: e.time_range.start)
+    for e in events:
+        current += e.cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, help="T,B,I,H ...")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--quick", action="store_true", help="small shapes, few rounds (smoke test)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per shape and mode")
+    parser.add_argument("--modes", nargs="+", choices=["forward", "fwd+bwd"],
+                        default=["forward", "fwd+bwd"])
+    parser.add_argument("--memory", action="store_true", help="also report peak memory (CPU)")
+    parser.add_argument("--csv", help="write the table as CSV")
+    parser.add_argument("--plot", help="plot speedup per shape to this PNG (from the table)")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    seconds = 0.2 if args.quick else args.seconds
+    max_rounds = 20 if args.quick else 1000
+    warmup = 2 if args.quick else 5
+    timed = make_timer(args.device)
+
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda" else machine_name())
+    print(f"# {device_name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"lstm_ext {lstm_ext.__version__} {lstm_ext.build_info}")
+    header = ["T", "B", "I", "H", "mode", "nn_lstm_ms", "lstm_ext_ms", "speedup",
+              "lstm_ext_gflops", "rounds"]
+    if args.memory:
+        header += ["nn_lstm_peak_mb", "lstm_ext_peak_mb"]
+    print(f"{'shape (T,B,I,H)':<22} {'mode':<8} {'nn.LSTM ms':>11} {'lstm_ext ms':>12} "
+          f"{'speedup':>8} {'GFLOP/s':>8}" + ("   peak MB nn / ext" if args.memory else ""))
+    rows = []
+    for shape in shapes:
+        for mode in args.modes:
+            case = Case(*shape, args.device, backward=(mode == "fwd+bwd"))
+            theirs, ours, rounds = measure(case, timed, seconds, max_rounds, warmup)
+            gflops = flops(*shape, case.backward) / ours / 1e9
+            row = dict(zip(header, [*shape, mode, theirs * 1e3, ours * 1e3, theirs / ours, gflops,
+                                    rounds]))
+            line = (f"{str(shape):<22} {mode:<8} {theirs * 1e3:>11.3f} {ours * 1e3:>12.3f} "
+                    f"{theirs / ours:>7.2f}x {gflops:>8.1f}")
+            if args.memory and args.device == "cpu":
+                row["nn_lstm_peak_mb"] = peak_memory_mb(case, case.reference)
+                row["lstm_ext_peak_mb"] = peak_memory_mb(case, case.ours)
+                line += f"   {row['nn_lstm_peak_mb']:.1f} / {row['lstm_ext_peak_mb']:.1f}"
+            print(line, flush=True)
+            rows.append(row)
+
+    if args.csv:
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.plot:
+        plot(rows, args.plot, f"lstm_ext vs nn.LSTM, {device_name}, "
+                              f"{torch.get_num_threads()} threads")
+    return rows
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["mode"] for r in rows})
+    shapes = list(dict.fromkeys((r["T"], r["B"], r["I"], r["H"]) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(shapes)), 4))
+    width = 0.8 / len(modes)
+    for k, mode in enumerate(modes):
+        speed = {(r["T"], r["B"], r["I"], r["H"]): r["speedup"] for r in rows if r["mode"] == mode}
+        xs = [i + (k - (len(modes) - 1) / 2) * width for i in range(len(shapes))]
+        bars = ax.bar(xs, [speed.get(s, 0) for s in shapes], width, label=mode)
+        ax.bar_label(bars, fmt="%.2fx", fontsize=8)
+    ax.axhline(1.0, color="k", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(shapes)), [f"{s}" for s in shapes], rotation=20, fontsize=8)
+    ax.set_xlabel("shape (T, B, I, H)")
+    ax.set_ylabel("speedup over nn.LSTM (higher is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
