@@ -80,6 +80,6 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
     # The compiled module is tied to the exact torch it was built against (C++ ABI).
-    install_requires=[f"torch=={TORCH_PUBLIC_VERSION}"],
+    install_requires=[f"torch=={TORCH_PUBLIC_VERSION}", "numpy"],
     python_requires=">=3.9",
 )

@@ -38,3 +38,14 @@ def test_import_under_another_torch_is_a_clear_import_error():
     assert f"built against torch {torch.__version__}" in message
     assert "torch 0.0.1 is installed" in message
     assert "pip install --no-build-isolation" in message
+
+
+def test_portable_fallback_without_mkl_matches_nn_lstm():
+    """With LSTM_EXT_NO_MKL=1 the kernels use at::mm and scalar exp/tanh: still exact."""
+    import os
+    env = dict(os.environ, LSTM_EXT_NO_MKL="1")
+    result = subprocess.run([sys.executable, "-m", "lstm_ext"], capture_output=True, text=True,
+                            timeout=300, cwd="/", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "'direct_blas': False, 'vector_math': False" in result.stdout
+    assert "match nn.LSTM" in result.stdout and ": OK" in result.stdout

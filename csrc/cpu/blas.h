@@ -5,12 +5,13 @@
 // libtorch_cpu on x86 links MKL and exports its Fortran BLAS entry points (sgemm_, dgemm_), so we
 // call them directly. They are declared weak: on a build of torch that does not export them the
 // pointers are null and we fall back to at::addmm_out on tensors wrapping the same memory (correct,
-// only slower per call).
+// only slower per call). LSTM_EXT_NO_MKL=1 in the environment forces the fallbacks (tests use it).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <climits>
+#include <cstdlib>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -24,12 +25,20 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace lstm_ext {
 namespace cpu {
 
-// Whether BLAS is called directly (true) or through at::addmm_out (false); reported in build info.
-inline bool has_direct_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+// False when LSTM_EXT_NO_MKL is set: every MKL entry point is then treated as absent.
+inline bool mkl_allowed() {
+  static const bool allowed = std::getenv("LSTM_EXT_NO_MKL") == nullptr;
+  return allowed;
+}
 
 // The Fortran entry point for each dtype (null where libtorch_cpu does not export it).
-inline decltype(&sgemm_) fortran_gemm(float) { return sgemm_; }
-inline decltype(&dgemm_) fortran_gemm(double) { return dgemm_; }
+inline decltype(&sgemm_) fortran_gemm(float) { return mkl_allowed() ? sgemm_ : nullptr; }
+inline decltype(&dgemm_) fortran_gemm(double) { return mkl_allowed() ? dgemm_ : nullptr; }
+
+// Whether BLAS is called directly (true) or through at::addmm_out (false); reported in build info.
+inline bool has_direct_blas() {
+  return fortran_gemm(float()) != nullptr && fortran_gemm(double()) != nullptr;
+}
 
 // C[M, N] = alpha * op(A) @ op(B) + beta * C, all row-major.
 //   op(A) is [M, K]: A is [M, K] (lda >= K) or, with trans_a, [K, M] (lda >= M).

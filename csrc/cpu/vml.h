@@ -4,11 +4,14 @@
 // per element does not vectorise. libtorch_cpu on x86 links MKL and exports its vector math
 // library (vmsExp, vmdTanh, ...), which picks the widest SIMD path the CPU has at run time and is
 // accurate to about 1 ulp in its high-accuracy mode. Declared weak, like the BLAS entry points:
-// where torch does not export them we loop over std::exp / std::tanh (correct, slower).
+// where torch does not export them (or LSTM_EXT_NO_MKL is set) we loop over std::exp / std::tanh
+// (correct, slower).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+
+#include "blas.h"  // mkl_allowed()
 
 extern "C" {
 void vmsExp(const int n, const float* a, float* r, long long mode) __attribute__((weak));
@@ -26,7 +29,7 @@ namespace cpu {
 constexpr long long kVmlMode = 0x2 | 0x2000;
 
 inline bool has_vml() {
-  return vmsExp && vmdExp && vmsTanh && vmdTanh;
+  return mkl_allowed() && vmsExp && vmdExp && vmsTanh && vmdTanh;
 }
 
 // Below this many elements a VML call runs on the calling thread only. Left alone, VML hands even a
@@ -59,21 +62,21 @@ void call_vml(Vml fn, int64_t n, const T* a, T* r) {
 
 // r[k] = exp(a[k]) for k < n; r may equal a. n fits in int (checked at the op boundary).
 inline void vector_exp(int64_t n, const float* a, float* r) {
-  if (vmsExp) return call_vml(vmsExp, n, a, r);
+  if (has_vml()) return call_vml(vmsExp, n, a, r);
   for (int64_t k = 0; k < n; ++k) r[k] = std::exp(a[k]);
 }
 inline void vector_exp(int64_t n, const double* a, double* r) {
-  if (vmdExp) return call_vml(vmdExp, n, a, r);
+  if (has_vml()) return call_vml(vmdExp, n, a, r);
   for (int64_t k = 0; k < n; ++k) r[k] = std::exp(a[k]);
 }
 
 // r[k] = tanh(a[k]) for k < n; r may equal a.
 inline void vector_tanh(int64_t n, const float* a, float* r) {
-  if (vmsTanh) return call_vml(vmsTanh, n, a, r);
+  if (has_vml()) return call_vml(vmsTanh, n, a, r);
   for (int64_t k = 0; k < n; ++k) r[k] = std::tanh(a[k]);
 }
 inline void vector_tanh(int64_t n, const double* a, double* r) {
-  if (vmdTanh) return call_vml(vmdTanh, n, a, r);
+  if (has_vml()) return call_vml(vmdTanh, n, a, r);
   for (int64_t k = 0; k < n; ++k) r[k] = std::tanh(a[k]);
 }
 
