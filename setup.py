@@ -80,6 +80,7 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
     # The compiled module is tied to the exact torch it was built against (C++ ABI).
-    install_requires=[f"torch=={TORCH_PUBLIC_VERSION}", "numpy"],
+    install_requires=[f"torch=={TORCH_PUBLIC_VERSION}", "numpy", "matplotlib"],
+    entry_points={"console_scripts": ["lstm-sincos=lstm_ext.sincos:main"]},
     python_requires=">=3.9",
 )

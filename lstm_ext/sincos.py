@@ -1,0 +1,307 @@
+"""Learn cos(t) from sin(t) with an LSTM: the experiment of the original write-up, on lstm_ext.
+
+    python -m lstm_ext.sincos                  # train on lstm_ext.LSTM, write sincos.png
+    python -m lstm_ext.sincos --compare        # lstm_ext vs torch.nn.LSTM from the same start
+    lstm-sincos --backend torch --no-plot      # the same model on torch.nn.LSTM
+
+The seed's setup: 200 points over t in [0, 12*pi], input sin(t), target cos(t); the first half
+trains, reshaped to [20, 5, 1] ([T, B, 1]) as the seed does, the second half tests. Model
+LSTM(1, 16) + Linear(16, 1), MSE loss, Adam lr 1e-2, up to 10000 epochs, stopping once the
+training loss is below 1e-4.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .modules import LSTM
+
+DATA_LEN = 200
+TRAIN_RATIO = 0.5
+BATCH = 5  # the seed's reshape(-1, 5, 1)
+BACKENDS = {"ext": LSTM, "torch": nn.LSTM}
+BACKEND_NAMES = {"ext": "lstm_ext.LSTM", "torch": "torch.nn.LSTM"}
+
+
+class SinCosModel(nn.Module):
+    """The seed's LstmRNN: an LSTM followed by a Linear layer applied at every step."""
+
+    def __init__(self, backend: str, hidden_size: int = 16, num_layers: int = 1):
+        super().__init__()
+        self.lstm = BACKENDS[backend](1, hidden_size, num_layers)
+        self.linear = nn.Linear(hidden_size, 1)
+
+    def forward(self, x):  # x [T, B, 1] -> [T, B, 1]
+        y, _ = self.lstm(x)
+        steps, batch, hidden = y.shape
+        return self.linear(y.reshape(steps * batch, hidden)).view(steps, batch, -1)
+
+
+@dataclass
+class Dataset:
+    t: np.ndarray  # [200]
+    sin: np.ndarray  # [200] float32
+    cos: np.ndarray  # [200] float32
+    split: int  # index of the first test point
+
+    def tensors(self, part: str, device):
+        """(x, y), each [T, B, 1] as the seed reshapes them."""
+        rows = slice(0, self.split) if part == "train" else slice(self.split, None)
+        x = torch.from_numpy(self.sin[rows].reshape(-1, BATCH, 1)).to(device)
+        y = torch.from_numpy(self.cos[rows].reshape(-1, BATCH, 1)).to(device)
+        return x, y
+
+
+def make_dataset() -> Dataset:
+    t = np.linspace(0, 12 * np.pi, DATA_LEN)
+    return Dataset(t, np.sin(t).astype("float32"), np.cos(t).astype("float32"),
+                   int(DATA_LEN * TRAIN_RATIO))
+
+
+@dataclass
+class Result:
+    backend: str
+    epochs: int
+    final_loss: float
+    test_mse: float
+    seconds: float
+
+
+class Progress:
+    """A live line (on a terminal) or a line every 500 epochs (in a log); silent when quiet."""
+
+    def __init__(self, label: str, quiet: bool):
+        self.label, self.quiet = label, quiet
+        self.live = sys.stdout.isatty()
+        self.start = self.last = time.perf_counter()
+
+    def update(self, epoch: int, max_epochs: int, loss: float, force: bool = False):
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        due = (now - self.last >= 0.2) if self.live else (epoch % 500 == 0)
+        if not (due or force):
+            return
+        self.last = now
+        rate = epoch / max(now - self.start, 1e-9)
+        line = f"{self.label}: epoch {epoch}/{max_epochs}  loss {loss:.3e}  {rate:,.0f} epochs/s"
+        print(("\r" + line.ljust(78)) if self.live else line, end="" if self.live else "\n",
+              flush=True)
+
+    def close(self, epoch: int, max_epochs: int, loss: float):
+        """On a terminal, leave the live line at the final epoch (a log gets the summary only)."""
+        if self.live and not self.quiet:
+            self.update(epoch, max_epochs, loss, force=True)
+            print()
+
+
+def train(model: SinCosModel, data: Dataset, args, backend: str) -> Tuple[Result, List[float]]:
+    """Train as the seed does; return the summary and the training loss of every epoch."""
+    device = next(model.parameters()).device
+    x, y = data.tensors("train", device)
+    loss_fn = nn.MSELoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    progress = Progress(BACKEND_NAMES[backend], args.quiet)
+    losses = []
+    start = time.perf_counter()
+    epoch = 0
+    loss_value = math.inf
+    for epoch in range(1, args.epochs + 1):
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss_value = loss.item()
+        losses.append(loss_value)
+        if loss_value < args.target_loss:
+            break
+        progress.update(epoch, args.epochs, loss_value)
+    seconds = time.perf_counter() - start
+    progress.close(epoch, args.epochs, loss_value)
+    return Result(backend, epoch, loss_value, evaluate(model, data), seconds), losses
+
+
+@torch.no_grad()
+def predict(model: SinCosModel, data: Dataset, part: str) -> np.ndarray:
+    device = next(model.parameters()).device
+    x, _ = data.tensors(part, device)
+    return model.eval()(x).view(-1).cpu().numpy()
+
+
+def evaluate(model: SinCosModel, data: Dataset) -> float:
+    prediction = predict(model, data, "test")
+    model.train()
+    return float(np.mean((prediction - data.cos[data.split:]) ** 2))
+
+
+def plot(path: str, data: Dataset, predictions: Dict[str, Dict[str, np.ndarray]],
+         results: Dict[str, Result]):
+    """The seed's two figures in one PNG: the dataset, then the predictions on train and test."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    t, split = data.t, data.split
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 9), gridspec_kw={"height_ratios": [1, 1.4]})
+    top.plot(t[:60], data.sin[:60], label="sin(t)")
+    top.plot(t[:60], data.cos[:60], label="cos(t)")
+    top.plot([2.5, 2.5], [-1.3, 0.55], "r--", label="t = 2.5")
+    top.plot([6.8, 6.8], [-1.3, 0.85], "m--", label="t = 6.8")
+    top.set_xlabel("t")
+    top.set_ylabel("sin(t) and cos(t)")
+    top.set_ylim(-1.2, 1.2)
+    top.set_title("dataset: the first 60 points")
+    top.legend(loc="upper right")
+
+    bottom.plot(t[:split], data.sin[:split], "g", label="sin_trn")
+    bottom.plot(t[:split], data.cos[:split], "b", label="ref_cos_trn")
+    bottom.plot(t[split:], data.sin[split:], "c", label="sin_tst")
+    bottom.plot(t[split:], data.cos[split:], "k", label="ref_cos_tst")
+    styles = {"ext": ("y--", "m--"), "torch": ("y:", "m:")}
+    for backend, pred in predictions.items():
+        suffix = f" ({BACKEND_NAMES[backend]})" if len(predictions) > 1 else ""
+        train_style, test_style = styles[backend]
+        bottom.plot(t[:split], pred["train"], train_style, label="pre_cos_trn" + suffix)
+        bottom.plot(t[split:], pred["test"], test_style, label="pre_cos_tst" + suffix)
+    bottom.plot([t[split], t[split]], [-1.2, 4.0], "r--", label="separation line")
+    bottom.set_xlabel("t")
+    bottom.set_ylabel("sin(t) and cos(t)")
+    bottom.set_xlim(t[0], t[-1])
+    bottom.set_ylim(-1.2, 4)
+    bottom.legend(loc="upper right", fontsize=8, ncol=2)
+    bottom.text(14, 2, "train", size=15)
+    bottom.text(20, 2, "test", size=15)
+    bottom.set_title("; ".join(f"{BACKEND_NAMES[b]}: {r.epochs} epochs, test MSE {r.test_mse:.2e}"
+                               for b, r in results.items()))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def compare_table(results: Dict[str, Result]) -> str:
+    ref = results["torch"]
+    lines = [f"{'backend':<15} {'epochs':>7} {'final loss':>11} {'test MSE':>10} {'wall s':>8} "
+             f"{'ms/epoch':>9} {'speedup':>8}"]
+    for backend, r in results.items():
+        ms = 1e3 * r.seconds / r.epochs
+        speed = (ref.seconds / ref.epochs) / (r.seconds / r.epochs)
+        lines.append(f"{BACKEND_NAMES[backend]:<15} {r.epochs:>7} {r.final_loss:>11.3e} "
+                     f"{r.test_mse:>10.3e} {r.seconds:>8.2f} {ms:>9.3f} {speed:>7.2f}x")
+    lines.append(f"(speedup: torch.nn.LSTM ms/epoch / this backend's; "
+                 f"threads {torch.get_num_threads()}, torch {torch.__version__})")
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, no usage block, no traceback
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def parse_args(argv):
+    parser = _Parser(prog="lstm-sincos", description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="ext",
+                        help="ext: lstm_ext.LSTM (default); torch: torch.nn.LSTM")
+    parser.add_argument("--compare", action="store_true",
+                        help="train both backends from the same seed and weights, print a table")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=positive_int, default=10000, help="at most this many")
+    parser.add_argument("--hidden", type=positive_int, default=16, help="hidden size")
+    parser.add_argument("--layers", type=positive_int, default=1, help="LSTM layers")
+    parser.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate")
+    parser.add_argument("--target-loss", type=positive_float, default=1e-4,
+                        help="stop once the training loss is below this")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--plot", default="sincos.png", help="PNG to write (default sincos.png)")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--save", help="write the trained model's state_dict here")
+    parser.add_argument("--load", help="start from this state_dict (from either backend)")
+    parser.add_argument("--json", help="write the summary as JSON here")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    args = parser.parse_args(argv)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
+        from . import build_info
+        if (args.compare or args.backend == "ext") and not build_info["cuda"]:
+            parser.error("--device cuda: lstm_ext was built without CUDA kernels")
+    if args.load and not os.path.isfile(args.load):
+        parser.error(f"--load: no such file: {args.load}")
+    if args.compare and args.save:
+        parser.error("--save takes one model: use it without --compare")
+    return parser, args
+
+
+def build_model(backend: str, args, load_state: Optional[dict]) -> SinCosModel:
+    torch.manual_seed(args.seed)  # same seed, same initial weights on both backends
+    model = SinCosModel(backend, args.hidden, args.layers).to(args.device)
+    if load_state is not None:
+        model.load_state_dict(load_state)
+    return model
+
+
+def main(argv=None) -> int:
+    parser, args = parse_args(argv)
+    data = make_dataset()
+    load_state = None
+    if args.load:
+        try:
+            load_state = torch.load(args.load, map_location=args.device, weights_only=True)
+            SinCosModel("torch", args.hidden, args.layers).load_state_dict(load_state)
+        except Exception as exc:  # a wrong file or sizes: one line, exit 2
+            parser.error(f"--load {args.load}: {str(exc).splitlines()[0]}")
+
+    backends = ["ext", "torch"] if args.compare else [args.backend]
+    results: Dict[str, Result] = {}
+    predictions: Dict[str, Dict[str, np.ndarray]] = {}
+    for backend in backends:
+        model = build_model(backend, args, load_state)
+        if not args.quiet:
+            print(f"{BACKEND_NAMES[backend]}: {model}".replace("\n", "\n  "))
+        results[backend], _ = train(model, data, args, backend)
+        predictions[backend] = {"train": predict(model, data, "train"),
+                                "test": predict(model, data, "test")}
+        r = results[backend]
+        print(f"{BACKEND_NAMES[backend]}: {r.epochs} epochs, final loss {r.final_loss:.3e}, "
+              f"test MSE {r.test_mse:.3e}, {r.seconds:.2f} s "
+              f"({1e3 * r.seconds / r.epochs:.3f} ms/epoch)"
+              + ("" if r.final_loss < args.target_loss else
+                 f"; did not reach loss {args.target_loss:g}"))
+        if args.save:
+            torch.save(model.state_dict(), args.save)
+    if args.compare:
+        print(compare_table(results))
+    if not args.no_plot:
+        plot(args.plot, data, predictions, results)
+        print(f"plot written to {args.plot}")
+    if args.json:
+        summary = {b: asdict(r) for b, r in results.items()}
+        with open(args.json, "w") as f:
+            json.dump(summary if args.compare else summary[backends[0]], f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
