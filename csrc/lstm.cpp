@@ -1,11 +1,14 @@
 // Operator schemas of lstm_ext (the one place they are declared) and the Python module init.
 // Backends only register kernels: csrc/cpu/lstm_cpu.cpp (CPU), csrc/cuda/ (CUDA, when built).
 //
-// Shapes (gate order i, f, g, o as nn.LSTM): input [T, B, I] (layer) or [B, I] (cell);
-// h0, c0, hx, cx [B, H]; weight_ih [4H, I]; weight_hh [4H, H]; bias_ih, bias_hh [4H].
-// The forward ops return what the backward ops need: the activated gates [T, B, 4H] and the cell
-// states c_t [T, B, H] (the layer op keeps them only when keep_state is true; otherwise both come
-// back with T = 0). The backward ops return one bias gradient, shared by bias_ih and bias_hh.
+// Shapes (gate order i, f, g, o as nn.LSTM): input [T, B, I] (layer), packed [N, I] (layer, with
+// batch_sizes [T], PackedSequence's), or [B, I] (cell); h0, hx [B, P]; c0, cx [B, H];
+// weight_ih [4H, I]; weight_hh [4H, P]; bias_ih, bias_hh [4H]; weight_hr [P, H] (proj_size = P;
+// without it P = H). A reverse layer runs from the last step to the first.
+// The forward ops return what the backward ops need: the activated gates [., 4H] and the cell
+// states c_t [., H] per step (the layer op keeps them only when keep_state is true; otherwise both
+// come back with no rows). The backward ops return one bias gradient, shared by bias_ih and
+// bias_hh; the layer's grad_weight_hr has no rows without weight_hr.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -23,14 +26,15 @@ bool has_vml_impl();
 TORCH_LIBRARY(lstm_ext, m) {
   m.def(
       "lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
-      "Tensor? bias_ih, Tensor? bias_hh, bool keep_state) "
-      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)",
+      "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, Tensor? batch_sizes, bool reverse, "
+      "bool keep_state) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lstm_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
-      "Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor gates, "
-      "Tensor cells) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "
-      "Tensor grad_weight_hh, Tensor grad_bias)",
+      "Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, "
+      "Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, Tensor cells) -> "
+      "(Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "
+      "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_hr)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lstm_cell_forward(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "

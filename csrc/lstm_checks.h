@@ -7,6 +7,7 @@
 
 #include <climits>
 #include <sstream>
+#include <string>
 #include <vector>
 
 namespace lstm_ext {
@@ -56,21 +57,33 @@ inline void check_fits_int(const char* op, const char* what, int64_t value) {
               " is too large for the 32-bit BLAS interface");
 }
 
-// Sizes of one layer, read off the weights: weight_ih [4H, I], weight_hh [4H, H].
+// Sizes of one layer. I, H, P are read off the weights: weight_ih [4H, I], weight_hh [4H, P],
+// weight_hr [P, H] (P = H without projection). T, B, N off the input: N = T*B rows, or the total
+// of batch_sizes for a packed sequence.
 struct LayerSizes {
-  int64_t T, B, I, H;
+  int64_t T, B, I, H, P, N;
 };
 
 inline LayerSizes check_weights(const char* op, const at::Tensor& weight_ih,
                                 const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
-                                const c10::optional<at::Tensor>& bias_hh) {
+                                const c10::optional<at::Tensor>& bias_hh,
+                                const c10::optional<at::Tensor>& weight_hr) {
   check_floating(op, weight_ih, "weight_ih");
   check_rank(op, weight_ih, "weight_ih", "[4*hidden_size, input_size]", 2);
-  check_rank(op, weight_hh, "weight_hh", "[4*hidden_size, hidden_size]", 2);
-  const int64_t H = weight_hh.size(1);
+  check_rank(op, weight_hh, "weight_hh", "[4*hidden_size, hidden_size or proj_size]", 2);
+  TORCH_CHECK(weight_hh.size(0) % 4 == 0, op, ": weight_hh must have 4*hidden_size rows, got ",
+              shape_str(weight_hh.sizes()));
+  const int64_t H = weight_hh.size(0) / 4;
   const int64_t I = weight_ih.size(1);
-  check_shape(op, weight_hh, "weight_hh", "[4*H, H]", {4 * H, H});
+  const int64_t P = weight_hr.has_value() ? weight_hr->size(0) : H;
   check_shape(op, weight_ih, "weight_ih", "[4*H, I]", {4 * H, I});
+  if (weight_hr.has_value()) {
+    check_shape(op, weight_hh, "weight_hh", "[4*H, P]", {4 * H, P});
+    check_shape(op, *weight_hr, "weight_hr", "[P, H]", {P, H});
+    check_same_dtype_device(op, weight_ih, "weight_ih", *weight_hr, "weight_hr");
+  } else {
+    check_shape(op, weight_hh, "weight_hh", "[4*H, H]", {4 * H, H});
+  }
   check_same_dtype_device(op, weight_ih, "weight_ih", weight_hh, "weight_hh");
   TORCH_CHECK(bias_ih.has_value() == bias_hh.has_value(), op,
               ": bias_ih and bias_hh must be given together or both be None");
@@ -80,31 +93,62 @@ inline LayerSizes check_weights(const char* op, const at::Tensor& weight_ih,
     check_same_dtype_device(op, weight_ih, "weight_ih", *bias_ih, "bias_ih");
     check_same_dtype_device(op, weight_ih, "weight_ih", *bias_hh, "bias_hh");
   }
-  return {0, 0, I, H};
+  return {0, 0, I, H, P, 0};
 }
 
-// input [T, B, I] (layer) and the states [B, H].
+// input [T, B, I], or packed [N, I] with batch_sizes [T] (each step's active batch: positive,
+// non-increasing, summing to N; B = batch_sizes[0]); h0 [B, P]; c0 [B, H].
 inline LayerSizes check_layer_inputs(const char* op, const at::Tensor& input, const at::Tensor& h0,
                                      const at::Tensor& c0, const at::Tensor& weight_ih,
                                      const at::Tensor& weight_hh,
                                      const c10::optional<at::Tensor>& bias_ih,
-                                     const c10::optional<at::Tensor>& bias_hh) {
-  LayerSizes s = check_weights(op, weight_ih, weight_hh, bias_ih, bias_hh);
-  check_rank(op, input, "input", "[T, B, input_size]", 3);
-  s.T = input.size(0);
-  s.B = input.size(1);
-  TORCH_CHECK(s.T > 0, op, ": input must have at least one time step, got T = 0 (shape ",
-              shape_str(input.sizes()), ")");
-  check_shape(op, input, "input", "[T, B, I]", {s.T, s.B, s.I});
-  check_shape(op, h0, "h0", "[B, H]", {s.B, s.H});
+                                     const c10::optional<at::Tensor>& bias_hh,
+                                     const c10::optional<at::Tensor>& weight_hr,
+                                     const c10::optional<at::Tensor>& batch_sizes) {
+  LayerSizes s = check_weights(op, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
+  if (batch_sizes.has_value()) {
+    const at::Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(), op,
+                ": batch_sizes must be a 1-D int64 CPU tensor (PackedSequence.batch_sizes), got a ",
+                bs.dim(), "-D ", bs.scalar_type(), " tensor on ", bs.device());
+    check_rank(op, input, "input", "[N, input_size] (packed)", 2);
+    s.T = bs.size(0);
+    TORCH_CHECK(s.T > 0, op, ": batch_sizes must have at least one time step, got none");
+    const at::Tensor bsc = bs.contiguous();
+    const int64_t* b = bsc.data_ptr<int64_t>();
+    s.B = b[0];
+    int64_t total = 0;
+    for (int64_t t = 0; t < s.T; ++t) {
+      TORCH_CHECK(b[t] > 0 && b[t] <= (t ? b[t - 1] : b[0]), op,
+                  ": batch_sizes must be positive and non-increasing, got ", b[t], " at step ", t,
+                  (t ? " after " : ""), (t ? std::to_string(b[t - 1]) : std::string()));
+      total += b[t];
+    }
+    s.N = total;
+    check_shape(op, input, "input", "[sum(batch_sizes), I]", {s.N, s.I});
+  } else {
+    check_rank(op, input, "input", "[T, B, input_size]", 3);
+    s.T = input.size(0);
+    s.B = input.size(1);
+    TORCH_CHECK(s.T > 0, op, ": input must have at least one time step, got T = 0 (shape ",
+                shape_str(input.sizes()), ")");
+    check_shape(op, input, "input", "[T, B, I]", {s.T, s.B, s.I});
+    s.N = s.T * s.B;
+  }
+  check_shape(op, h0, "h0", "[B, P]", {s.B, s.P});
   check_shape(op, c0, "c0", "[B, H]", {s.B, s.H});
   check_same_dtype_device(op, weight_ih, "weight_ih", input, "input");
   check_same_dtype_device(op, weight_ih, "weight_ih", h0, "h0");
   check_same_dtype_device(op, weight_ih, "weight_ih", c0, "c0");
-  check_fits_int(op, "T*B", s.T * s.B);
+  check_fits_int(op, "the number of rows (T*B)", s.N);
   check_fits_int(op, "B*4*H", s.B * 4 * s.H);
   check_fits_int(op, "input_size", s.I);
   return s;
+}
+
+// The shape of a per-step tensor with `width` features: [T, B, width], or [N, width] when packed.
+inline std::vector<int64_t> per_step_shape(const LayerSizes& s, bool packed, int64_t width) {
+  return packed ? std::vector<int64_t>{s.N, width} : std::vector<int64_t>{s.T, s.B, width};
 }
 
 // An optional incoming gradient: absent, or shaped like the output it belongs to.

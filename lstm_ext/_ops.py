@@ -1,7 +1,8 @@
 """Loads the compiled kernels, registers their fake (meta) kernels, and wraps each op thinly.
 
-Shapes (gate order i, f, g, o): input [T, B, I] (layer) or [B, I] (cell); states [B, H];
-weight_ih [4H, I]; weight_hh [4H, H]; biases [4H].
+Shapes (gate order i, f, g, o): input [T, B, I] or packed [N, I] with batch_sizes [T] (layer),
+[B, I] (cell); h [B, P], c [B, H]; weight_ih [4H, I]; weight_hh [4H, P]; biases [4H];
+weight_hr [P, H] (P = H without projection).
 """
 
 from typing import Optional, Tuple
@@ -53,28 +54,28 @@ _ops = torch.ops.lstm_ext
 
 
 @torch.library.register_fake("lstm_ext::lstm_layer_forward")
-def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, keep_state):
-    T, B, _ = input.shape
-    H = weight_hh.shape[1]
-    kept = T if keep_state else 0
-    return (
-        input.new_empty(T, B, H),
-        input.new_empty(B, H),
-        input.new_empty(B, H),
-        input.new_empty(kept, B, 4 * H),
-        input.new_empty(kept, B, H),
-    )
+def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, reverse,
+      keep_state):
+    rows = tuple(input.shape[:-1])  # (T, B), or (N,) when packed
+    kept = rows if keep_state else (0,) + rows[1:]
+    H, P = weight_hh.shape[0] // 4, weight_hh.shape[1]
+    B = h0.shape[0]
+    return (input.new_empty(rows + (P,)), input.new_empty(B, P), input.new_empty(B, H),
+            input.new_empty(kept + (4 * H,)), input.new_empty(kept + (H,)))
 
 
 @torch.library.register_fake("lstm_ext::lstm_layer_backward")
-def _(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, output, gates, cells):
+def _(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
+      batch_sizes, reverse, output, gates, cells):
+    H, P = weight_hh.shape[0] // 4, weight_hh.shape[1]
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format),
         h0.new_empty(h0.shape),
         c0.new_empty(c0.shape),
         weight_ih.new_empty(weight_ih.shape),
         weight_hh.new_empty(weight_hh.shape),
-        weight_hh.new_empty(weight_hh.shape[0]),
+        weight_hh.new_empty(4 * H),
+        weight_hh.new_empty(P if weight_hr is not None else 0, H),
     )
 
 
@@ -102,20 +103,24 @@ def _(grad_hy, grad_cy, input, hx, cx, cy, gates, weight_ih, weight_hh):
 
 def lstm_layer_forward(
     input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-    bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], keep_state: bool,
+    bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], weight_hr: Optional[Tensor],
+    batch_sizes: Optional[Tensor], reverse: bool, keep_state: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One layer over all steps -> (output [T,B,H], h_n, c_n, gates [T|0,B,4H], cells [T|0,B,H])."""
-    return _ops.lstm_layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, keep_state)
+    """One layer over all steps -> (output [.., P], h_n [B,P], c_n [B,H], gates [.., 4H], cells)."""
+    return _ops.lstm_layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+                                   weight_hr, batch_sizes, reverse, keep_state)
 
 
 def lstm_layer_backward(
     grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], grad_c_n: Optional[Tensor],
     input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+    weight_hr: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
     output: Tensor, gates: Tensor, cells: Tensor,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Reverse loop -> (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias)."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Reverse loop -> grads of (input, h0, c0, weight_ih, weight_hh, bias, weight_hr)."""
     return _ops.lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih,
-                                    weight_hh, output, gates, cells)
+                                    weight_hh, weight_hr, batch_sizes, reverse, output, gates,
+                                    cells)
 
 
 def lstm_cell_forward(

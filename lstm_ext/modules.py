@@ -7,9 +7,11 @@ They subclass nn.Module, not nn.LSTM: Dynamo refuses instances of nn.LSTM.
 
 import math
 import numbers
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
@@ -61,23 +63,24 @@ def _unpack_hx(owner: str, hx) -> Tuple[Tensor, Tensor]:
 
 class LSTM(nn.Module):
     r"""A multi-layer LSTM with the interface of :class:`torch.nn.LSTM`, computed by lstm_ext's
-    fused C++ kernels: one C++ call runs a layer's whole time loop, forward or backward.
+    fused C++ kernels: one C++ call runs a layer's whole time loop in one direction, forward or
+    backward.
 
     Args (as torch.nn.LSTM): input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
     dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None.
-    Not supported yet (NotImplementedError): bidirectional=True, proj_size > 0, dropout > 0,
-    PackedSequence input.
 
-    Shapes: input [T, B, I] ([B, T, I] with batch_first) or unbatched [T, I]; h_0, c_0
-    [num_layers, B, H] (or [num_layers, H] unbatched). Returns output [T, B, H] ([B, T, H] with
-    batch_first) and (h_n, c_n), each [num_layers, B, H].
+    Shapes, with D = 2 if bidirectional else 1 and P = proj_size or hidden_size (H):
+    input [T, B, I] ([B, T, I] with batch_first), unbatched [T, I], or a PackedSequence;
+    h_0 [num_layers*D, B, P], c_0 [num_layers*D, B, H] (without the B dimension when unbatched).
+    Returns output [T, B, D*P] (same layout as the input; a PackedSequence for one) and
+    (h_n, c_n) shaped like (h_0, c_0).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None) -> None:
         super().__init__()
-        # The same argument errors as torch.nn.RNNBase.
+        # The same argument errors and warning as torch.nn.RNNBase.
         if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
                 or not 0 <= dropout <= 1):
             raise ValueError("dropout should be a number in range [0, 1] representing the "
@@ -86,6 +89,10 @@ class LSTM(nn.Module):
                             ("num_layers", num_layers), ("proj_size", proj_size)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          "non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}")
         if input_size < 0:
             raise ValueError("input_size must be zero or greater")
         if hidden_size <= 0:
@@ -96,12 +103,6 @@ class LSTM(nn.Module):
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
-        if bidirectional:
-            raise NotImplementedError("lstm_ext.LSTM: bidirectional=True is not supported yet")
-        if proj_size > 0:
-            raise NotImplementedError("lstm_ext.LSTM: proj_size > 0 is not supported yet")
-        if dropout > 0:
-            raise NotImplementedError("lstm_ext.LSTM: dropout > 0 is not supported yet")
 
         self.mode = "LSTM"
         self.input_size = input_size
@@ -114,21 +115,27 @@ class LSTM(nn.Module):
         self.proj_size = proj_size
 
         factory = {"device": device, "dtype": dtype}
+        directions = 2 if bidirectional else 1
+        real_hidden = proj_size if proj_size > 0 else hidden_size
         # Registration order is nn.LSTM's, so reset_parameters draws the same numbers from the RNG.
         self._all_weights: List[List[str]] = []
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size
-            shapes = [("weight_ih", (_GATES * hidden_size, layer_input)),
-                      ("weight_hh", (_GATES * hidden_size, hidden_size))]
-            if bias:
-                shapes += [("bias_ih", (_GATES * hidden_size,)),
-                           ("bias_hh", (_GATES * hidden_size,))]
-            names = []
-            for kind, shape in shapes:
-                name = f"{kind}_l{layer}"
-                setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
-                names.append(name)
-            self._all_weights.append(names)
+            for direction in range(directions):
+                layer_input = input_size if layer == 0 else real_hidden * directions
+                shapes = [("weight_ih", (_GATES * hidden_size, layer_input)),
+                          ("weight_hh", (_GATES * hidden_size, real_hidden))]
+                if bias:
+                    shapes += [("bias_ih", (_GATES * hidden_size,)),
+                               ("bias_hh", (_GATES * hidden_size,))]
+                if proj_size > 0:
+                    shapes += [("weight_hr", (proj_size, hidden_size))]
+                suffix = "_reverse" if direction == 1 else ""
+                names = []
+                for kind, shape in shapes:
+                    name = f"{kind}_l{layer}{suffix}"
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(name)
+                self._all_weights.append(names)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -144,39 +151,55 @@ class LSTM(nn.Module):
     def all_weights(self) -> List[List[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
-    def _layer_params(self, layer: int):
-        names = self._all_weights[layer]
-        params = [getattr(self, name) for name in names]
-        return params if self.bias else params + [None, None]
+    def _layer_params(self, index: int):
+        """(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) of one layer and direction."""
+        p = [getattr(self, name) for name in self._all_weights[index]]
+        w_ih, w_hh = p[0], p[1]
+        b_ih, b_hh = (p[2], p[3]) if self.bias else (None, None)
+        w_hr = p[-1] if self.proj_size > 0 else None
+        return w_ih, w_hh, b_ih, b_hh, w_hr
 
-    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
+    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
         owner = "lstm_ext.LSTM"
-        if isinstance(input, PackedSequence):
-            raise NotImplementedError(f"{owner}: PackedSequence input is not supported yet")
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
-        if input.dim() not in (2, 3):
+        directions = 2 if self.bidirectional else 1
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        batch_sizes = sorted_indices = unsorted_indices = None
+        if packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            batched = True
+        elif not isinstance(input, Tensor):
+            raise TypeError(f"{owner}: input must be a Tensor or a PackedSequence, got "
+                            f"{type(input).__name__}")
+        elif input.dim() not in (2, 3):
             raise ValueError(f"{owner}: Expected input to be 2-D (unbatched [T, input_size]) or 3-D "
                              f"(batched), got a {input.dim()}-D tensor of shape {_shape(input)}")
+        else:
+            batched = input.dim() == 3
         named = [(name, getattr(self, name)) for names in self._all_weights for name in names]
         _check_dtypes(owner, named, input)
         if input.shape[-1] != self.input_size:
             raise RuntimeError(f"{owner}: input.size(-1) must be equal to input_size. Expected "
                                f"{self.input_size}, got {input.shape[-1]} (input shape "
                                f"{_shape(input)})")
-        batched = input.dim() == 3
-        if not batched:
-            input = input.unsqueeze(1)  # [T, 1, I]
-        elif self.batch_first:
-            input = input.transpose(0, 1)  # [T, B, I]; the op makes it contiguous
-        seq_len, batch = input.shape[0], input.shape[1]
-        if seq_len == 0:
-            raise RuntimeError(f"{owner}: Expected sequence length to be larger than 0, got input "
-                               f"of shape {_shape(input if batched else input.squeeze(1))}")
+        if packed:
+            batch = int(batch_sizes[0])
+        else:
+            if not batched:
+                input = input.unsqueeze(1)  # [T, 1, I]
+            elif self.batch_first:
+                input = input.transpose(0, 1)  # [T, B, I]; the op makes it contiguous
+            if input.shape[0] == 0:
+                raise RuntimeError(f"{owner}: Expected sequence length to be larger than 0, got "
+                                   f"input of shape {_shape(input if batched else input[:, 0])}")
+            batch = input.shape[1]
 
-        state_shape = (self.num_layers, batch, self.hidden_size)
+        h_shape = (self.num_layers * directions, batch, real_hidden)
+        c_shape = (self.num_layers * directions, batch, self.hidden_size)
         if hx is None:
-            h0 = c0 = torch.zeros(state_shape, dtype=input.dtype, device=input.device)
+            h0 = torch.zeros(h_shape, dtype=input.dtype, device=input.device)
+            c0 = h0 if real_hidden == self.hidden_size else torch.zeros(
+                c_shape, dtype=input.dtype, device=input.device)
         else:
             h0, c0 = _unpack_hx(owner, hx)
             rank = 3 if batched else 2
@@ -186,18 +209,36 @@ class LSTM(nn.Module):
                                    f"but got ({h0.dim()}-D, {c0.dim()}-D) tensors")
             if not batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            _check_state(owner, "hx[0] (h_0)", h0, state_shape, input)
-            _check_state(owner, "hx[1] (c_0)", c0, state_shape, input)
+            _check_state(owner, "hx[0] (h_0)", h0, h_shape, input)
+            _check_state(owner, "hx[1] (c_0)", c0, c_shape, input)
+            if sorted_indices is not None:  # the packed batch is sorted by length
+                h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
 
-        output = input
+        layer_input = input
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []
         for layer in range(self.num_layers):
-            output, h, c = lstm_layer(output, h0[layer], c0[layer], *self._layer_params(layer))
-            h_n.append(h)
-            c_n.append(c)
-        h_n_t = torch.stack(h_n) if self.num_layers > 1 else h_n[0].unsqueeze(0)
-        c_n_t = torch.stack(c_n) if self.num_layers > 1 else c_n[0].unsqueeze(0)
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                output, h, c = lstm_layer(layer_input, h0[index], c0[index],
+                                          *self._layer_params(index), batch_sizes=batch_sizes,
+                                          reverse=direction == 1)
+                outputs.append(output)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        output = layer_input
+        h_n_t = torch.stack(h_n) if len(h_n) > 1 else h_n[0].unsqueeze(0)
+        c_n_t = torch.stack(c_n) if len(c_n) > 1 else c_n[0].unsqueeze(0)
+        if packed:
+            if unsorted_indices is not None:
+                h_n_t = h_n_t.index_select(1, unsorted_indices)
+                c_n_t = c_n_t.index_select(1, unsorted_indices)
+            return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                    (h_n_t, c_n_t))
         if not batched:
             return output.squeeze(1), (h_n_t.squeeze(1), c_n_t.squeeze(1))
         if self.batch_first:

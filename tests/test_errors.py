@@ -102,19 +102,6 @@ def test_lstm_empty_sequence_batch_first():
         lstm_ext.LSTM(3, 4, batch_first=True)(torch.zeros(2, 0, 3))
 
 
-@pytest.mark.parametrize("option,value", [("bidirectional", True), ("proj_size", 2),
-                                          ("dropout", 0.5)])
-def test_lstm_options_not_yet_supported(option, value):
-    with pytest.raises(NotImplementedError, match=rf"{option}.* not supported yet"):
-        lstm_ext.LSTM(3, 4, num_layers=2, **{option: value})
-
-
-def test_lstm_packed_sequence_not_yet_supported(lstm):
-    packed = torch.nn.utils.rnn.pack_sequence([x(3, 3), x(2, 3)])
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
-        lstm(packed)
-
-
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(hidden_size=0), ValueError, "hidden_size must be greater than zero"),
     (dict(hidden_size=-3), ValueError, "hidden_size must be greater than zero"),
@@ -182,12 +169,13 @@ LAYER_FORWARD_BAD = [
     (0, x(5, 3), r"input must be 3-D \[T, B, input_size\], got a 2-D tensor of shape \[5, 3\]"),
     (0, x(5, 3, 7), r"input must have shape \[T, B, I\] = \[5, 3, 2\], got \[5, 3, 7\]"),
     (0, x(0, 3, 2), r"input must have at least one time step, got T = 0"),
-    (1, x(2, 4), r"h0 must have shape \[B, H\] = \[3, 4\], got \[2, 4\]"),
+    (1, x(2, 4), r"h0 must have shape \[B, P\] = \[3, 4\], got \[2, 4\]"),
     (2, x(3, 5), r"c0 must have shape \[B, H\] = \[3, 4\], got \[3, 5\]"),
     (3, x(15, 2), r"weight_ih must have shape \[4\*H, I\] = \[16, 2\], got \[15, 2\]"),
     (3, x(16, 3), r"input must have shape \[T, B, I\] = \[5, 3, 3\], got \[5, 3, 2\]"),
     (3, x(16), r"weight_ih must be 2-D"),
-    (4, x(15, 4), r"weight_hh must have shape \[4\*H, H\] = \[16, 4\], got \[15, 4\]"),
+    (4, x(15, 4), r"weight_hh must have 4\*hidden_size rows, got \[15, 4\]"),
+    (4, x(16, 5), r"weight_hh must have shape \[4\*H, H\] = \[16, 4\], got \[16, 5\]"),
     (5, x(12), r"bias_ih must have shape \[4\*H\] = \[16\], got \[12\]"),
     (6, None, r"bias_ih and bias_hh must be given together"),
     (0, x(5, 3, 2, dtype=F64), r"input has dtype Double but weight_ih has dtype Float"),
@@ -201,28 +189,67 @@ def test_op_layer_forward_checks(index, bad, match):
     args = layer_args()
     args[index] = bad
     with pytest.raises(RuntimeError, match=r"lstm_ext::lstm_layer_forward: " + match):
-        _ops.lstm_layer_forward(*args, True)
+        _ops.lstm_layer_forward(*args, None, None, False, True)
 
 
 def test_op_integer_weights():
     args = [a.long() for a in layer_args()]
     with pytest.raises(RuntimeError, match=r"weight_ih must be float32 or float64, got Long"):
-        _ops.lstm_layer_forward(*args, True)
+        _ops.lstm_layer_forward(*args, None, None, False, True)
+
+
+PACKED_BAD = [
+    (torch.tensor([3, 2, 2]), x(8, 2), r"input must have shape \[sum\(batch_sizes\), I\] = "
+                                       r"\[7, 2\], got \[8, 2\]"),
+    (torch.tensor([3, 4, 2]), x(9, 2), r"batch_sizes must be positive and non-increasing, got 4 "
+                                       r"at step 1 after 3"),
+    (torch.tensor([3, 0]), x(3, 2), r"batch_sizes must be positive and non-increasing, got 0"),
+    (torch.tensor([3, 2], dtype=torch.int32), x(5, 2), r"batch_sizes must be a 1-D int64 CPU "
+                                                       r"tensor"),
+    (torch.tensor([[3, 2]]), x(5, 2), r"batch_sizes must be a 1-D int64 CPU tensor"),
+    (torch.tensor([], dtype=torch.int64), x(0, 2), r"batch_sizes must have at least one time step"),
+    (torch.tensor([3, 2]), x(5, 1, 2), r"input must be 2-D \[N, input_size\] \(packed\)"),
+    (torch.tensor([4, 2]), x(6, 2), r"h0 must have shape \[B, P\] = \[4, 4\], got \[3, 4\]"),
+]
+
+
+@pytest.mark.parametrize("batch_sizes,data,match", PACKED_BAD)
+def test_op_packed_checks(batch_sizes, data, match):
+    """batch_sizes is read by the kernel: every inconsistency is refused before any step runs."""
+    args = layer_args()
+    args[0] = data
+    with pytest.raises(RuntimeError, match=r"lstm_ext::lstm_layer_forward: " + match):
+        _ops.lstm_layer_forward(*args, None, batch_sizes, False, True)
+
+
+def test_op_projection_checks():
+    args = layer_args()  # H = 4; a projection to P = 2 needs weight_hh [16, 2] and h0 [3, 2]
+    with pytest.raises(RuntimeError, match=r"weight_hh must have shape \[4\*H, P\] = \[16, 3\], "
+                                           r"got \[16, 4\]"):
+        _ops.lstm_layer_forward(*args, x(3, 4), None, False, True)
+    args[4] = x(16, 2)
+    with pytest.raises(RuntimeError, match=r"weight_hr must have shape \[P, H\] = \[2, 4\], "
+                                           r"got \[2, 5\]"):
+        _ops.lstm_layer_forward(*args, x(2, 5), None, False, True)
+    with pytest.raises(RuntimeError, match=r"h0 must have shape \[B, P\] = \[3, 2\], got \[3, 4\]"):
+        _ops.lstm_layer_forward(*args, x(2, 4), None, False, True)
+    with pytest.raises(RuntimeError, match=r"weight_hr has dtype Double"):
+        _ops.lstm_layer_forward(*args, x(2, 4, dtype=F64), None, False, True)
 
 
 def test_op_layer_backward_checks():
     args = layer_args()
-    output, h_n, c_n, gates, cells = _ops.lstm_layer_forward(*args, True)
-    base = [None, None, None] + args[:5] + [output, gates, cells]
-    _, _, _, no_gates, no_cells = _ops.lstm_layer_forward(*args, False)
+    output, h_n, c_n, gates, cells = _ops.lstm_layer_forward(*args, None, None, False, True)
+    base = [None, None, None] + args[:5] + [None, None, False, output, gates, cells]
+    _, _, _, no_gates, no_cells = _ops.lstm_layer_forward(*args, None, None, False, False)
     cases = [
-        (0, x(5, 3, 5), r"grad_output must have shape \[T, B, H\] = \[5, 3, 4\], got \[5, 3, 5\]"),
-        (1, x(4, 4), r"grad_h_n must have shape \[B, H\] = \[3, 4\], got \[4, 4\]"),
+        (0, x(5, 3, 5), r"grad_output must have shape \[T, B, P\] = \[5, 3, 4\], got \[5, 3, 5\]"),
+        (1, x(4, 4), r"grad_h_n must have shape \[B, P\] = \[3, 4\], got \[4, 4\]"),
         (2, x(3, 4, dtype=F64), r"grad_c_n has dtype Double"),
-        (9, no_gates, r"gates must have shape \[T, B, 4\*H\] \(saved by lstm_layer_forward with "
+        (12, no_gates, r"gates must have shape \[T, B, 4\*H\] \(saved by lstm_layer_forward with "
                       r"keep_state=True\) = \[5, 3, 16\], got \[0, 3, 16\]"),
-        (10, no_cells, r"cells must have shape \[T, B, H\]"),
-        (8, x(4, 3, 4), r"output must have shape \[T, B, H\] = \[5, 3, 4\], got \[4, 3, 4\]"),
+        (13, no_cells, r"cells must have shape \[T, B, H\]"),
+        (11, x(4, 3, 4), r"output must have shape \[T, B, P\] = \[5, 3, 4\], got \[4, 3, 4\]"),
     ]
     for index, bad, match in cases:
         call = list(base)

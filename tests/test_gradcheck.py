@@ -36,7 +36,8 @@ def cell_args(B, I, H, bias=True, requires_grad=True):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("T,B,I,H", [(1, 1, 1, 1), (4, 3, 2, 5), (6, 2, 3, 1)])
 def test_gradcheck_layer(T, B, I, H, bias):
-    assert gradcheck(LSTMLayerFunction.apply, layer_args(T, B, I, H, bias))
+    assert gradcheck(lambda *a: LSTMLayerFunction.apply(*a, None, None, False),
+                     layer_args(T, B, I, H, bias))
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -48,8 +49,8 @@ def test_gradcheck_cell(B, I, H, bias):
 def test_gradcheck_layer_partial_outputs():
     """Only some outputs reach the loss: the others' gradients arrive as None."""
     args = layer_args(3, 2, 2, 3)
-    assert gradcheck(lambda *a: LSTMLayerFunction.apply(*a)[0], args)
-    assert gradcheck(lambda *a: LSTMLayerFunction.apply(*a)[2], args)
+    assert gradcheck(lambda *a: LSTMLayerFunction.apply(*a, None, None, False)[0], args)
+    assert gradcheck(lambda *a: LSTMLayerFunction.apply(*a, None, None, False)[2], args)
     assert gradcheck(lambda *a: LSTMCellFunction.apply(*[t[0] if i == 0 else t
                                                           for i, t in enumerate(a)])[1], args)
 
@@ -91,7 +92,8 @@ def _detached(args):
 @pytest.mark.parametrize("keep_state", [True, False])
 def test_opcheck_layer_forward(dtype, bias, keep_state):
     args = [a.to(dtype) if a is not None else None for a in _detached(layer_args(5, 3, 4, 6, bias))]
-    torch.library.opcheck(torch.ops.lstm_ext.lstm_layer_forward.default, args + [keep_state])
+    torch.library.opcheck(torch.ops.lstm_ext.lstm_layer_forward.default,
+                          args + [None, None, False, keep_state])
 
 
 @pytest.mark.parametrize("with_grads", [(True, True, True), (True, False, False),
@@ -99,10 +101,10 @@ def test_opcheck_layer_forward(dtype, bias, keep_state):
 def test_opcheck_layer_backward(with_grads):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = _detached(layer_args(5, 3, 4, 6))
     output, h_n, c_n, gates, cells = _ops.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                             True)
+                                                             None, None, False, True)
     grads = [torch.randn_like(t) if use else None for t, use in zip((output, h_n, c_n), with_grads)]
     torch.library.opcheck(torch.ops.lstm_ext.lstm_layer_backward.default,
-                          grads + [x, h0, c0, w_ih, w_hh, output, gates, cells])
+                          grads + [x, h0, c0, w_ih, w_hh, None, None, False, output, gates, cells])
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -116,13 +116,17 @@ def test_backward_twice_with_retain_graph():
     assert torch.allclose(x.grad, 2 * first, rtol=1e-12, atol=0)
 
 
-def test_double_backward_is_a_clear_error():
-    _, ext = pair()
+def test_double_backward_matches_nn_lstm():
+    """create_graph=True gives a differentiable gradient, and its derivative is nn.LSTM's."""
+    ref, ext = pair(num_layers=2)
     x = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
-    out, _ = ext(x)
-    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        g.sum().backward()
+    v = torch.randn(4, 2, 3, dtype=F64)
+    results = []
+    for model in (ref, ext):
+        out, (h, c) = model(x)
+        (g,) = torch.autograd.grad(out.sum() + c.square().sum(), x, create_graph=True)
+        results.append([g] + list(torch.autograd.grad((g * v).sum(), [x, *model.parameters()])))
+    assert_float64_equal(["grad x"] + ["grad grad"] * (len(results[0]) - 1), results[1], results[0])
 
 
 def test_only_parameters_require_grad():

@@ -1,9 +1,16 @@
 // CPU kernels of the lstm_ext ops (schemas in csrc/lstm.cpp).
 //
 // The layer kernels run the whole time loop here. Per step there is no tensor allocation and no
-// dispatcher call: one BLAS call on raw pointers for the recurrent GEMM and one fused pass over the
-// gates. The input projection (forward) and the weight gradients (backward) are single GEMMs over
-// all T*B rows. The cell ops are the layer kernels with T = 1.
+// dispatcher call: one BLAS call on raw pointers for the recurrent GEMM (and one for the projection,
+// with proj_size) and one fused pass over the gates. The input projection (forward) and the weight
+// gradients (backward) are single GEMMs over all rows. The cell ops are the layer kernels with T = 1.
+//
+// Rows: every per-step tensor is laid out as rows of the steps one after another: [T, B, .] for a
+// plain sequence, or a PackedSequence's [N, .] where step t has batch_sizes[t] rows (the sequences
+// still running, longest first). A layer keeps running states h [B, P] and c [B, H]; step t reads
+// and updates their first batch_sizes[t] rows, so finished sequences keep their last state, which
+// is what h_n / c_n report. A reverse layer runs the steps from T-1 down to 0; a sequence then
+// joins when its first (last in time) step comes, starting from its h0 / c0 row.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -12,6 +19,7 @@
 #include <algorithm>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 #include "../lstm_checks.h"
 #include "../lstm_math.h"
@@ -80,115 +88,167 @@ void gates_forward(int64_t B, int64_t H, T* z, const T* c_prev, T* c_t, T* h_t, 
   });
 }
 
-// Forward of one layer over all T steps.
-//   x      [T, B, I]     h0, c0 [B, H]
-//   w_ih   [4H, I]       w_hh   [4H, H]     bias [4H] (b_ih + b_hh) or null
-//   y      [T, B, H]     h_n, c_n [B, H]
-//   gates  [T, B, 4H]    workspace; on return the activated gates i, f, g, o of every step
-//   cells  [T, B, H]     c_t of every step, or null when the backward will not run
-//   scratch [B, 4H]
+// Where each time step's rows are: offset[t] (in rows) and batch[t] (active rows).
+struct Steps {
+  std::vector<int64_t> offset, batch;
+
+  Steps(const LayerSizes& s, const optional<Tensor>& batch_sizes) : offset(s.T), batch(s.T) {
+    const Tensor bs = batch_sizes.has_value() ? batch_sizes->contiguous() : Tensor();
+    int64_t rows = 0;
+    for (int64_t t = 0; t < s.T; ++t) {
+      offset[t] = rows;
+      batch[t] = bs.defined() ? bs.data_ptr<int64_t>()[t] : s.B;
+      rows += batch[t];
+    }
+  }
+  // The time index of the k-th step processed (a reverse layer runs backwards in time).
+  static int64_t time_of(int64_t k, int64_t T, bool reverse) { return reverse ? T - 1 - k : k; }
+};
+
+// Forward of one layer over all steps.
+//   x      [rows, I]     h0 [B, P], c0 [B, H]
+//   w_ih   [4H, I]       w_hh [4H, P]     bias [4H] (b_ih + b_hh) or null   w_hr [P, H] or null
+//   y      [rows, P]     h_n [B, P], c_n [B, H] (also the running states)
+//   gates  [rows, 4H]    workspace; on return the activated gates i, f, g, o of every step
+//   cells  [rows, H]     c_t of every step, or null when the backward will not run
+//   exp_scratch [B, 4H]; r_scratch [B, H] (o ⊙ tanh(c_t) before the projection; with w_hr only)
 template <typename T>
-void layer_forward(const LayerSizes& s, const T* x, const T* h0, const T* c0, const T* w_ih,
-                   const T* w_hh, const T* bias, T* y, T* h_n, T* c_n, T* gates, T* cells,
-                   T* scratch) {
-  const int64_t B = s.B, H = s.H, G = 4 * s.H, rows = s.T * s.B;
+void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const T* x, const T* h0,
+                   const T* c0, const T* w_ih, const T* w_hh, const T* bias, const T* w_hr, T* y,
+                   T* h_n, T* c_n, T* gates, T* cells, T* exp_scratch, T* r_scratch) {
+  const int64_t H = s.H, P = s.P, G = 4 * s.H;
   if (bias != nullptr) {
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < s.N; ++r) {
       std::memcpy(gates + r * G, bias, G * sizeof(T));
     }
   }
   // Input projection of all steps at once: gates = x W_ih^T (+ bias).
-  gemm<T>(false, true, rows, G, s.I, T(1), x, s.I, w_ih, s.I, bias ? T(1) : T(0), gates, G);
+  gemm<T>(false, true, s.N, G, s.I, T(1), x, s.I, w_ih, s.I, bias ? T(1) : T(0), gates, G);
 
-  const T* h_prev = h0;
-  const T* c_prev = c0;
-  for (int64_t t = 0; t < s.T; ++t) {
-    T* gates_t = gates + t * B * G;
-    T* h_t = y + t * B * H;
-    // Without saved cells, c_n is the running state: each unit reads c_{t-1} before writing c_t.
-    T* c_t = cells ? cells + t * B * H : c_n;
-    gemm<T>(false, true, B, G, H, T(1), h_prev, H, w_hh, H, T(1), gates_t, G);
-    gates_forward(B, H, gates_t, c_prev, c_t, h_t, scratch);
-    h_prev = h_t;
-    c_prev = c_t;
-  }
-  std::memcpy(h_n, y + (s.T - 1) * B * H, B * H * sizeof(T));
-  if (cells) {
-    std::memcpy(c_n, cells + (s.T - 1) * B * H, B * H * sizeof(T));
+  std::memcpy(h_n, h0, s.B * P * sizeof(T));
+  std::memcpy(c_n, c0, s.B * H * sizeof(T));
+  for (int64_t k = 0; k < s.T; ++k) {
+    const int64_t t = Steps::time_of(k, s.T, reverse);
+    const int64_t b = steps.batch[t], row = steps.offset[t];
+    T* gates_t = gates + row * G;
+    T* y_t = y + row * P;
+    gemm<T>(false, true, b, G, P, T(1), h_n, P, w_hh, P, T(1), gates_t, G);
+    // c_n holds c_{t-1} and receives c_t (each unit reads before it writes).
+    T* r_t = w_hr ? r_scratch : y_t;
+    gates_forward(b, H, gates_t, c_n, c_n, r_t, exp_scratch);
+    if (cells) {
+      std::memcpy(cells + row * H, c_n, b * H * sizeof(T));
+    }
+    if (w_hr) {
+      gemm<T>(false, true, b, P, H, T(1), r_t, H, w_hr, H, T(0), y_t, P);  // h_t = r_t W_hr^T
+    }
+    std::memcpy(h_n, y_t, b * P * sizeof(T));
   }
 }
 
-// Backward of one layer: the reverse time loop, then the weight gradients as single GEMMs.
-//   dy [T, B, H] or null; dh_n, dc_n [B, H] or null (absent gradients are zero)
-//   x, h0, c0, w_ih, w_hh as in the forward; y [T, B, H] (read for t >= 1 only, may be null if T = 1)
-//   gates [T, B, 4H] activated gates, cells [T, B, H] c_t, both saved by the forward
-//   dx [T, B, I]; dh0, dc0 [B, H] (also the running dh, dc of the loop); dw_ih [4H, I];
-//   dw_hh [4H, H]; db [4H]; dgates [T, B, 4H] workspace: the pre-activation gradients;
-//   scratch [B, H]
+// Backward of one layer: the steps in reverse processing order, then the weight gradients as
+// single GEMMs over all rows.
+//   dy [rows, P] or null; dh_n [B, P], dc_n [B, H] or null (absent gradients are zero)
+//   x, h0, c0, w_ih, w_hh, w_hr as in the forward; y [rows, P] the forward's output
+//   gates [rows, 4H] activated gates, cells [rows, H] c_t, both saved by the forward
+//   dx [rows, I]; dh0 [B, P], dc0 [B, H] (also the running dh, dc); dw_ih [4H, I]; dw_hh [4H, P];
+//   dw_hr [P, H] (with w_hr); db [4H]
+//   workspaces: dgates [rows, 4H] (pre-activation gradients); h_prev [rows, P] (the h each step
+//   read, gathered for dW_hh); with w_hr: dh_all [rows, P], r_all [rows, H], dr [B, H];
+//   tanh_c [B, H]
 template <typename T>
-void layer_backward(const LayerSizes& s, const T* dy, const T* dh_n, const T* dc_n, const T* x,
-                    const T* h0, const T* c0, const T* w_ih, const T* w_hh, const T* y,
-                    const T* gates, const T* cells, T* dx, T* dh0, T* dc0, T* dw_ih, T* dw_hh,
-                    T* db, T* dgates, T* scratch) {
-  const int64_t B = s.B, H = s.H, G = 4 * s.H, rows = s.T * s.B;
+void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const T* dy,
+                    const T* dh_n, const T* dc_n, const T* x, const T* h0, const T* c0,
+                    const T* w_ih, const T* w_hh, const T* w_hr, const T* y, const T* gates,
+                    const T* cells, T* dx, T* dh0, T* dc0, T* dw_ih, T* dw_hh, T* dw_hr, T* db,
+                    T* dgates, T* h_prev, T* dh_all, T* r_all, T* dr_scratch, T* tanh_c) {
+  const int64_t H = s.H, P = s.P, G = 4 * s.H;
   T* dh = dh0;
   T* dc = dc0;
   if (dh_n) {
-    std::memcpy(dh, dh_n, B * H * sizeof(T));
+    std::memcpy(dh, dh_n, s.B * P * sizeof(T));
   } else {
-    std::fill(dh, dh + B * H, T(0));
+    std::fill(dh, dh + s.B * P, T(0));
   }
   if (dc_n) {
-    std::memcpy(dc, dc_n, B * H * sizeof(T));
+    std::memcpy(dc, dc_n, s.B * H * sizeof(T));
   } else {
-    std::fill(dc, dc + B * H, T(0));
+    std::fill(dc, dc + s.B * H, T(0));
   }
-  T* tanh_c = scratch;
-  for (int64_t t = s.T - 1; t >= 0; --t) {
-    const T* gates_t = gates + t * B * G;
-    const T* c_prev_t = t > 0 ? cells + (t - 1) * B * H : c0;
-    const T* dy_t = dy ? dy + t * B * H : nullptr;
-    T* dgates_t = dgates + t * B * G;
-    vector_tanh(B * H, cells + t * B * H, tanh_c);
-    for_each_batch_row(B, H, [&](int64_t b) {
-      const T* __restrict__ a = gates_t + b * G;
-      T* __restrict__ d = dgates_t + b * G;
-      const T* __restrict__ tc = tanh_c + b * H;
-      const T* __restrict__ cp = c_prev_t + b * H;
-      const T* __restrict__ dyb = dy_t ? dy_t + b * H : nullptr;
-      T* __restrict__ dhb = dh + b * H;
-      T* __restrict__ dcb = dc + b * H;
+  for (int64_t k = s.T - 1; k >= 0; --k) {
+    const int64_t t = Steps::time_of(k, s.T, reverse);
+    const int64_t b = steps.batch[t], row = steps.offset[t];
+    // The step processed before this one in the forward: its first n_prev rows carried h and c
+    // into this step; the rest of this step's rows started from h0 / c0.
+    int64_t n_prev = 0, prev_row = 0;
+    if (k > 0) {
+      const int64_t t_prev = Steps::time_of(k - 1, s.T, reverse);
+      n_prev = std::min(steps.batch[t_prev], b);
+      prev_row = steps.offset[t_prev];
+    }
+    T* h_prev_t = h_prev + row * P;
+    if (n_prev > 0) {
+      std::memcpy(h_prev_t, y + prev_row * P, n_prev * P * sizeof(T));
+    }
+    std::memcpy(h_prev_t + n_prev * P, h0 + n_prev * P, (b - n_prev) * P * sizeof(T));
+
+    // dL/dh_t: from step t's output and from the step after it (already in dh).
+    if (dy) {
+      const T* dy_t = dy + row * P;
+      for (int64_t u = 0; u < b * P; ++u) {
+        dh[u] += dy_t[u];
+      }
+    }
+    const T* dr = dh;  // dL/d(o ⊙ tanh c_t)
+    if (w_hr) {
+      std::memcpy(dh_all + row * P, dh, b * P * sizeof(T));
+      gemm<T>(false, false, b, H, P, T(1), dh, P, w_hr, H, T(0), dr_scratch, H);  // dh W_hr
+      dr = dr_scratch;
+    }
+    const T* gates_t = gates + row * G;
+    const T* cells_t = cells + row * H;
+    T* dgates_t = dgates + row * G;
+    T* r_t = w_hr ? r_all + row * H : nullptr;
+    vector_tanh(b * H, cells_t, tanh_c);
+    for_each_batch_row(b, H, [&](int64_t r) {
+      const T* __restrict__ a = gates_t + r * G;
+      T* __restrict__ d = dgates_t + r * G;
+      const T* __restrict__ tc = tanh_c + r * H;
+      const T* __restrict__ cp = r < n_prev ? cells + prev_row * H + r * H : c0 + r * H;
+      const T* __restrict__ drr = dr + r * H;
+      T* __restrict__ dcr = dc + r * H;
       for (int64_t j = 0; j < H; ++j) {
-        const T dh_total = dyb ? dhb[j] + dyb[j] : dhb[j];
-        dcb[j] = cell_backward(a[j], a[H + j], a[2 * H + j], a[3 * H + j], cp[j], tc[j], dh_total,
-                               dcb[j], &d[j], &d[H + j], &d[2 * H + j], &d[3 * H + j]);
+        dcr[j] = cell_backward(a[j], a[H + j], a[2 * H + j], a[3 * H + j], cp[j], tc[j], drr[j],
+                               dcr[j], &d[j], &d[H + j], &d[2 * H + j], &d[3 * H + j]);
+      }
+      if (r_t) {
+        for (int64_t j = 0; j < H; ++j) {
+          r_t[r * H + j] = a[3 * H + j] * tc[j];
+        }
       }
     });
-    // dL/dh_{t-1} = dG_t W_hh
-    gemm<T>(false, false, B, H, G, T(1), dgates_t, G, w_hh, H, T(0), dh, H);
+    // dL/dh of the state this step read = dG_t W_hh
+    gemm<T>(false, false, b, P, G, T(1), dgates_t, G, w_hh, P, T(0), dh, P);
   }
 
-  // dx = dG W_ih over all T*B rows.
-  gemm<T>(false, false, rows, s.I, G, T(1), dgates, G, w_ih, s.I, T(0), dx, s.I);
-  // dW_ih = dG^T x.
-  gemm<T>(true, false, G, s.I, rows, T(1), dgates, G, x, s.I, T(0), dw_ih, s.I);
-  // dW_hh = dG^T [h0; y[0..T-2]]: the step-0 rows pair with h0, the rest with the previous output.
-  gemm<T>(true, false, G, H, B, T(1), dgates, G, h0, H, T(0), dw_hh, H);
-  if (s.T > 1) {
-    gemm<T>(true, false, G, H, (s.T - 1) * B, T(1), dgates + B * G, G, y, H, T(1), dw_hh, H);
+  // dx = dG W_ih; dW_ih = dG^T x; dW_hh = dG^T h_prev; dW_hr = dH^T r; db = column sums of dG.
+  gemm<T>(false, false, s.N, s.I, G, T(1), dgates, G, w_ih, s.I, T(0), dx, s.I);
+  gemm<T>(true, false, G, s.I, s.N, T(1), dgates, G, x, s.I, T(0), dw_ih, s.I);
+  gemm<T>(true, false, G, P, s.N, T(1), dgates, G, h_prev, P, T(0), dw_hh, P);
+  if (w_hr) {
+    gemm<T>(true, false, P, H, s.N, T(1), dh_all, P, r_all, H, T(0), dw_hr, H);
   }
-  // db = column sums of dG (the same for b_ih and b_hh).
   std::fill(db, db + G, T(0));
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < s.N; ++r) {
     const T* d = dgates + r * G;
-    for (int64_t k = 0; k < G; ++k) {
-      db[k] += d[k];
+    for (int64_t j = 0; j < G; ++j) {
+      db[j] += d[j];
     }
   }
 }
 
 template <typename T>
-const T* data_or_null(const optional<Tensor>& t) {
+T* data_or_null(const optional<Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
 }
 
@@ -206,93 +266,122 @@ Tensor combined_bias(const optional<Tensor>& bias_ih, const optional<Tensor>& bi
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& weight_hh, const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
+    const optional<Tensor>& weight_hr, const optional<Tensor>& batch_sizes, bool reverse,
     bool keep_state) {
   constexpr const char* op = "lstm_ext::lstm_layer_forward";
-  const LayerSizes s =
-      check_layer_inputs(op, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh);
+  const LayerSizes s = check_layer_inputs(op, input, h0, c0, weight_ih, weight_hh, bias_ih,
+                                          bias_hh, weight_hr, batch_sizes);
+  const bool packed = batch_sizes.has_value();
+  const Steps steps(s, batch_sizes);
   const Tensor x = input.contiguous(), h0c = h0.contiguous(), c0c = c0.contiguous();
   const Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
+  const auto w_hr = contiguous_or_none(weight_hr);
   const Tensor bias = combined_bias(bias_ih, bias_hh);
   const auto opts = x.options();
-  Tensor output = at::empty({s.T, s.B, s.H}, opts);
-  Tensor h_n = at::empty({s.B, s.H}, opts);
+  Tensor output = at::empty(per_step_shape(s, packed, s.P), opts);
+  Tensor h_n = at::empty({s.B, s.P}, opts);
   Tensor c_n = at::empty({s.B, s.H}, opts);
-  Tensor gates = at::empty({s.T, s.B, 4 * s.H}, opts);
-  Tensor cells = at::empty({keep_state ? s.T : 0, s.B, s.H}, opts);
-  Tensor scratch = at::empty({s.B, 4 * s.H}, opts);
+  Tensor gates = at::empty(per_step_shape(s, packed, 4 * s.H), opts);
+  Tensor cells = keep_state ? at::empty(per_step_shape(s, packed, s.H), opts) : Tensor();
+  Tensor exp_scratch = at::empty({s.B, 4 * s.H}, opts);
+  Tensor r_scratch = at::empty({w_hr ? s.B : 0, s.H}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
-    layer_forward<scalar_t>(s, x.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(),
-                            c0c.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
-                            w_hh.data_ptr<scalar_t>(),
-                            bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
-                            output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
-                            c_n.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-                            keep_state ? cells.data_ptr<scalar_t>() : nullptr,
-                            scratch.data_ptr<scalar_t>());
+    layer_forward<scalar_t>(
+        s, steps, reverse, x.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(),
+        c0c.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+        bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, data_or_null<scalar_t>(w_hr),
+        output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
+        gates.data_ptr<scalar_t>(), keep_state ? cells.data_ptr<scalar_t>() : nullptr,
+        exp_scratch.data_ptr<scalar_t>(), r_scratch.data_ptr<scalar_t>());
   });
   if (!keep_state) {
-    gates = at::empty({0, s.B, 4 * s.H}, opts);
+    // Nothing kept for a backward: both come back with no rows.
+    std::vector<int64_t> none = per_step_shape(s, packed, 4 * s.H);
+    none[0] = 0;
+    gates = at::empty(none, opts);
+    none.back() = s.H;
+    cells = at::empty(none, opts);
   }
   return {output, h_n, c_n, gates, cells};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_cpu(
     const optional<Tensor>& grad_output, const optional<Tensor>& grad_h_n,
     const optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
-    const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& output, const Tensor& gates,
+    const Tensor& weight_ih, const Tensor& weight_hh, const optional<Tensor>& weight_hr,
+    const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output, const Tensor& gates,
     const Tensor& cells) {
   constexpr const char* op = "lstm_ext::lstm_layer_backward";
-  const LayerSizes s =
-      check_layer_inputs(op, input, h0, c0, weight_ih, weight_hh, c10::nullopt, c10::nullopt);
-  check_shape(op, output, "output", "[T, B, H]", {s.T, s.B, s.H});
-  check_shape(op, gates, "gates", "[T, B, 4*H] (saved by lstm_layer_forward with keep_state=True)",
-              {s.T, s.B, 4 * s.H});
-  check_shape(op, cells, "cells", "[T, B, H] (saved by lstm_layer_forward with keep_state=True)",
-              {s.T, s.B, s.H});
+  const LayerSizes s = check_layer_inputs(op, input, h0, c0, weight_ih, weight_hh, c10::nullopt,
+                                          c10::nullopt, weight_hr, batch_sizes);
+  const bool packed = batch_sizes.has_value();
+  const char* rows_h = packed ? "[N, P]" : "[T, B, P]";
+  check_shape(op, output, "output", rows_h, per_step_shape(s, packed, s.P));
+  check_shape(op, gates, "gates",
+              packed ? "[N, 4*H] (saved by lstm_layer_forward with keep_state=True)"
+                     : "[T, B, 4*H] (saved by lstm_layer_forward with keep_state=True)",
+              per_step_shape(s, packed, 4 * s.H));
+  check_shape(op, cells, "cells",
+              packed ? "[N, H] (saved by lstm_layer_forward with keep_state=True)"
+                     : "[T, B, H] (saved by lstm_layer_forward with keep_state=True)",
+              per_step_shape(s, packed, s.H));
   for (auto [t, name] : {std::pair<const Tensor&, const char*>{output, "output"},
                          {gates, "gates"},
                          {cells, "cells"}}) {
     check_same_dtype_device(op, weight_ih, "weight_ih", t, name);
   }
-  check_optional_grad(op, grad_output, "grad_output", "[T, B, H]", {s.T, s.B, s.H}, weight_ih);
-  check_optional_grad(op, grad_h_n, "grad_h_n", "[B, H]", {s.B, s.H}, weight_ih);
+  check_optional_grad(op, grad_output, "grad_output", rows_h, per_step_shape(s, packed, s.P),
+                      weight_ih);
+  check_optional_grad(op, grad_h_n, "grad_h_n", "[B, P]", {s.B, s.P}, weight_ih);
   check_optional_grad(op, grad_c_n, "grad_c_n", "[B, H]", {s.B, s.H}, weight_ih);
 
+  const Steps steps(s, batch_sizes);
   const auto dy = contiguous_or_none(grad_output), dh_n = contiguous_or_none(grad_h_n),
              dc_n = contiguous_or_none(grad_c_n);
   const Tensor x = input.contiguous(), h0c = h0.contiguous(), c0c = c0.contiguous();
   const Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
+  const auto w_hr = contiguous_or_none(weight_hr);
   const Tensor y = output.contiguous(), gates_c = gates.contiguous(), cells_c = cells.contiguous();
   const auto opts = x.options();
-  Tensor grad_input = at::empty({s.T, s.B, s.I}, opts);
-  Tensor grad_h0 = at::empty({s.B, s.H}, opts);
+  const int64_t proj_rows = w_hr ? s.N : 0;
+  Tensor grad_input = at::empty(x.sizes(), opts);
+  Tensor grad_h0 = at::empty({s.B, s.P}, opts);
   Tensor grad_c0 = at::empty({s.B, s.H}, opts);
   Tensor grad_w_ih = at::empty({4 * s.H, s.I}, opts);
-  Tensor grad_w_hh = at::empty({4 * s.H, s.H}, opts);
+  Tensor grad_w_hh = at::empty({4 * s.H, s.P}, opts);
   Tensor grad_bias = at::empty({4 * s.H}, opts);
-  Tensor dgates = at::empty({s.T, s.B, 4 * s.H}, opts);
-  Tensor scratch = at::empty({s.B, s.H}, opts);
+  Tensor grad_w_hr = at::empty({w_hr ? s.P : 0, s.H}, opts);
+  Tensor dgates = at::empty({s.N, 4 * s.H}, opts);
+  Tensor h_prev = at::empty({s.N, s.P}, opts);
+  Tensor dh_all = at::empty({proj_rows, s.P}, opts);
+  Tensor r_all = at::empty({proj_rows, s.H}, opts);
+  Tensor dr_scratch = at::empty({w_hr ? s.B : 0, s.H}, opts);
+  Tensor tanh_c = at::empty({s.B, s.H}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
     layer_backward<scalar_t>(
-        s, data_or_null<scalar_t>(dy), data_or_null<scalar_t>(dh_n), data_or_null<scalar_t>(dc_n),
-        x.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(), c0c.data_ptr<scalar_t>(),
-        w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-        gates_c.data_ptr<scalar_t>(), cells_c.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(),
-        grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(), grad_w_ih.data_ptr<scalar_t>(),
-        grad_w_hh.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
-        dgates.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>());
+        s, steps, reverse, data_or_null<scalar_t>(dy), data_or_null<scalar_t>(dh_n),
+        data_or_null<scalar_t>(dc_n), x.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(),
+        c0c.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+        data_or_null<scalar_t>(w_hr), y.data_ptr<scalar_t>(), gates_c.data_ptr<scalar_t>(),
+        cells_c.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(),
+        grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(),
+        grad_w_ih.data_ptr<scalar_t>(), grad_w_hh.data_ptr<scalar_t>(),
+        grad_w_hr.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
+        dgates.data_ptr<scalar_t>(), h_prev.data_ptr<scalar_t>(), dh_all.data_ptr<scalar_t>(),
+        r_all.data_ptr<scalar_t>(), dr_scratch.data_ptr<scalar_t>(), tanh_c.data_ptr<scalar_t>());
   });
-  return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias};
+  return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
 // The cell's own argument checks: input [B, I], hx, cx [B, H].
 LayerSizes check_cell_inputs(const char* op, const Tensor& input, const Tensor& hx,
                              const Tensor& cx, const Tensor& weight_ih, const Tensor& weight_hh,
                              const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh) {
-  LayerSizes s = check_weights(op, weight_ih, weight_hh, bias_ih, bias_hh);
+  LayerSizes s = check_weights(op, weight_ih, weight_hh, bias_ih, bias_hh, c10::nullopt);
   check_rank(op, input, "input", "[B, input_size]", 2);
   s.T = 1;
   s.B = input.size(0);
+  s.N = s.B;
   check_shape(op, input, "input", "[B, I]", {s.B, s.I});
   check_shape(op, hx, "hx", "[B, H]", {s.B, s.H});
   check_shape(op, cx, "cx", "[B, H]", {s.B, s.H});
@@ -311,6 +400,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
                                                          const optional<Tensor>& bias_hh) {
   constexpr const char* op = "lstm_ext::lstm_cell_forward";
   const LayerSizes s = check_cell_inputs(op, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
+  const Steps steps(s, c10::nullopt);
   const Tensor x = input.contiguous(), hxc = hx.contiguous(), cxc = cx.contiguous();
   const Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
   const Tensor bias = combined_bias(bias_ih, bias_hh);
@@ -319,16 +409,16 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
   Tensor h_n = at::empty({s.B, s.H}, opts);
   Tensor cy = at::empty({s.B, s.H}, opts);
   Tensor gates = at::empty({s.B, 4 * s.H}, opts);
-  Tensor scratch = at::empty({s.B, 4 * s.H}, opts);
+  Tensor exp_scratch = at::empty({s.B, 4 * s.H}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_forward_cpu", [&] {
-    // One step of the layer kernel; with no saved cells it writes c_t straight into cy.
-    layer_forward<scalar_t>(s, x.data_ptr<scalar_t>(), hxc.data_ptr<scalar_t>(),
+    // One step of the layer kernel; its running c state is cy itself.
+    layer_forward<scalar_t>(s, steps, false, x.data_ptr<scalar_t>(), hxc.data_ptr<scalar_t>(),
                             cxc.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
                             w_hh.data_ptr<scalar_t>(),
-                            bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+                            bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, nullptr,
                             hy.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
                             cy.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), nullptr,
-                            scratch.data_ptr<scalar_t>());
+                            exp_scratch.data_ptr<scalar_t>(), nullptr);
   });
   return {hy, cy, gates};
 }
@@ -347,6 +437,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
   check_optional_grad(op, grad_hy, "grad_hy", "[B, H]", {s.B, s.H}, weight_ih);
   check_optional_grad(op, grad_cy, "grad_cy", "[B, H]", {s.B, s.H}, weight_ih);
 
+  const Steps steps(s, c10::nullopt);
   const auto dhy = contiguous_or_none(grad_hy), dcy = contiguous_or_none(grad_cy);
   const Tensor x = input.contiguous(), hxc = hx.contiguous(), cxc = cx.contiguous();
   const Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
@@ -359,17 +450,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
   Tensor grad_w_hh = at::empty({4 * s.H, s.H}, opts);
   Tensor grad_bias = at::empty({4 * s.H}, opts);
   Tensor dgates = at::empty({s.B, 4 * s.H}, opts);
-  Tensor scratch = at::empty({s.B, s.H}, opts);
+  Tensor h_prev = at::empty({s.B, s.H}, opts);
+  Tensor tanh_c = at::empty({s.B, s.H}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_backward_cpu", [&] {
     // One step of the layer backward: grad_hy is that step's output gradient, grad_cy its dc.
+    // With one step the forward output is never read (every row's previous h is hx).
     layer_backward<scalar_t>(
-        s, data_or_null<scalar_t>(dhy), nullptr, data_or_null<scalar_t>(dcy),
+        s, steps, false, data_or_null<scalar_t>(dhy), nullptr, data_or_null<scalar_t>(dcy),
         x.data_ptr<scalar_t>(), hxc.data_ptr<scalar_t>(), cxc.data_ptr<scalar_t>(),
-        w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), nullptr, gates_c.data_ptr<scalar_t>(),
-        cy_c.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(), grad_hx.data_ptr<scalar_t>(),
-        grad_cx.data_ptr<scalar_t>(), grad_w_ih.data_ptr<scalar_t>(),
-        grad_w_hh.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
-        dgates.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>());
+        w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), nullptr, nullptr,
+        gates_c.data_ptr<scalar_t>(), cy_c.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(),
+        grad_hx.data_ptr<scalar_t>(), grad_cx.data_ptr<scalar_t>(),
+        grad_w_ih.data_ptr<scalar_t>(), grad_w_hh.data_ptr<scalar_t>(), nullptr,
+        grad_bias.data_ptr<scalar_t>(), dgates.data_ptr<scalar_t>(), h_prev.data_ptr<scalar_t>(),
+        nullptr, nullptr, nullptr, tanh_c.data_ptr<scalar_t>());
   });
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
