@@ -5,7 +5,10 @@ float32: lstm_ext's error against a float64 reference must be within a small mul
 torch.nn.LSTM's own float32 error against the same float64 reference (flash-attention's criterion).
 """
 
+import os
+
 import torch
+import torch.distributed as dist
 
 FLOAT64_RTOL = 1e-10
 # lstm_ext's float32 error may be at most this multiple of nn.LSTM's float32 error ...
@@ -69,3 +72,53 @@ def assert_float32_close(names, ext32, torch32, ref64):
         assert ext_err <= bound, (f"{name}: lstm_ext float32 error {ext_err:.3e} > {bound:.3e} "
                                   f"(nn.LSTM float32 error {torch_err:.3e})")
     return worst
+
+
+# ---- DistributedDataParallel helpers (spawned processes import them from here) -----------------
+
+DDP_STEPS, DDP_BATCH = 3, 8
+
+
+def ddp_data():
+    gen = torch.Generator().manual_seed(5)
+    return (torch.randn(6, DDP_BATCH, 3, generator=gen, dtype=torch.float64),
+            torch.randn(6, DDP_BATCH, 1, generator=gen, dtype=torch.float64))
+
+
+class DDPModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        import lstm_ext
+        self.lstm = lstm_ext.LSTM(3, 5, num_layers=2, bidirectional=True)
+        self.head = torch.nn.Linear(10, 1)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
+def ddp_model():
+    torch.manual_seed(0)
+    return DDPModel().double()
+
+
+def ddp_train(model, x, y):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(DDP_STEPS):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+def ddp_worker(rank, world, port, out_path):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(ddp_model())
+        x, y = ddp_data()
+        half = DDP_BATCH // world
+        rows = slice(rank * half, (rank + 1) * half)
+        ddp_train(model, x[:, rows], y[:, rows])
+        if rank == 0:
+            torch.save(model.module.state_dict(), out_path)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,318 @@
+"""Every nn.LSTM option and input form, against nn.LSTM: bidirectional, proj_size, dropout,
+PackedSequence (sorted and not), unbatched, batch_first, and their combinations; double backward;
+state_dict, save/load, deepcopy, dtype moves, repr."""
+
+import copy
+import io
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import lstm_ext
+
+from lstm_testing import assert_float32_close, assert_float64_equal, forward_backward
+
+F64 = torch.float64
+I, H, P = 3, 5, 2  # input, hidden, projection sizes (odd on purpose)
+T, B = 7, 4
+LENGTHS = [2, 7, 1, 5]  # unsorted on purpose; the longest is T
+
+ARCHITECTURES = [
+    dict(num_layers=layers, bidirectional=bi, proj_size=proj, bias=bias)
+    for layers, bi, proj, bias in itertools.product((1, 2, 3), (False, True), (0, P), (True, False))
+]
+INPUT_FORMS = ["batched", "batch_first", "unbatched", "packed_sorted", "packed_unsorted"]
+
+
+def make_pair(dtype, seed=0, **options):
+    torch.manual_seed(seed)
+    ref = nn.LSTM(I, H, dtype=dtype, **options)
+    ext = lstm_ext.LSTM(I, H, dtype=dtype, **options)
+    ext.load_state_dict(ref.state_dict())
+    return ref, ext
+
+
+def state_shapes(options, batch):
+    d = 2 if options.get("bidirectional") else 1
+    layers = options.get("num_layers", 1)
+    h_size = options.get("proj_size") or H
+    lead = (layers * d,) if batch is None else (layers * d, batch)
+    return lead + (h_size,), lead + (H,)
+
+
+def make_input(form, dtype, seed=1):
+    """(input for the model, the leaf tensor to differentiate, batch or None)."""
+    gen = torch.Generator().manual_seed(seed)
+    if form == "unbatched":
+        x = torch.randn(T, I, generator=gen, dtype=F64).to(dtype)
+        return x, None
+    x = torch.randn(T, B, I, generator=gen, dtype=F64).to(dtype)
+    if form == "batch_first":
+        return x.transpose(0, 1).contiguous(), B
+    if form.startswith("packed"):
+        lengths = sorted(LENGTHS, reverse=True) if form == "packed_sorted" else LENGTHS
+        return pack_padded_sequence(x, torch.tensor(lengths),
+                                    enforce_sorted=form == "packed_sorted"), B
+    return x, B
+
+
+def run(model, form, x, hx, grad_seed=7):
+    """Forward and backward with fixed random output gradients; PackedSequence-aware.
+
+    Returns (names, tensors): output (data), h_n, c_n, grads of input, h0, c0, every parameter."""
+    packed = isinstance(x, PackedSequence)
+    leaf = (x.data if packed else x).detach().requires_grad_()
+    model_input = PackedSequence(leaf, x.batch_sizes, x.sorted_indices,
+                                 x.unsorted_indices) if packed else leaf
+    hx = tuple(t.detach().requires_grad_() for t in hx)
+    out, (h_n, c_n) = model(model_input, hx)
+    out = out.data if packed else out
+    gen = torch.Generator().manual_seed(grad_seed)
+    grads = [torch.randn(t.shape, generator=gen, dtype=F64).to(t.dtype) for t in (out, h_n, c_n)]
+    params = list(model.named_parameters())
+    results = torch.autograd.grad((out, h_n, c_n), [leaf, *hx, *[p for _, p in params]], grads)
+    names = ["output", "h_n", "c_n", "grad input", "grad h0", "grad c0"] + [
+        f"grad {n}" for n, _ in params]
+    return names, [out, h_n, c_n, *results]
+
+
+def states(options, batch, dtype, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(s, generator=gen, dtype=F64).to(dtype)
+                 for s in state_shapes(options, batch))
+
+
+def options_for(architecture, form):
+    options = dict(architecture)
+    if form == "batch_first":
+        options["batch_first"] = True
+    return options
+
+
+@pytest.mark.parametrize("form", INPUT_FORMS)
+@pytest.mark.parametrize("architecture", ARCHITECTURES, ids=str)
+def test_float64(architecture, form):
+    options = options_for(architecture, form)
+    ref, ext = make_pair(F64, **options)
+    x, batch = make_input(form, F64)
+    hx = states(options, batch, F64)
+    names, expected = run(ref, form, x, hx)
+    _, actual = run(ext, form, x, hx)
+    assert_float64_equal(names, actual, expected)
+
+
+@pytest.mark.parametrize("form", INPUT_FORMS)
+@pytest.mark.parametrize("architecture", ARCHITECTURES[::3], ids=str)
+def test_float32(architecture, form):
+    options = options_for(architecture, form)
+    ref32, ext32 = make_pair(torch.float32, **options)
+    ref64 = nn.LSTM(I, H, dtype=F64, **options)
+    ref64.load_state_dict(ref32.state_dict())
+    x, batch = make_input(form, torch.float32)
+    hx = states(options, batch, torch.float32)
+    x64 = (PackedSequence(x.data.double(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+           if isinstance(x, PackedSequence) else x.double())
+    names, r64 = run(ref64, form, x64, tuple(t.double() for t in hx))
+    _, t32 = run(ref32, form, x, hx)
+    _, e32 = run(ext32, form, x, hx)
+    assert_float32_close(names, e32, t32, r64)
+
+
+@pytest.mark.parametrize("form", ["batched", "packed_unsorted", "unbatched"])
+@pytest.mark.parametrize("architecture", [dict(num_layers=2), dict(num_layers=3, proj_size=P),
+                                          dict(num_layers=2, bidirectional=True, proj_size=P)],
+                         ids=str)
+def test_dropout_in_training_matches_nn_lstm(architecture, form):
+    """The same RNG stream gives the same dropout masks between layers, and the same results."""
+    options = dict(architecture, dropout=0.4)
+    ref, ext = make_pair(F64, **options)
+    x, batch = make_input(form, F64)
+    hx = states(options, batch, F64)
+    torch.manual_seed(11)
+    names, expected = run(ref, form, x, hx)
+    torch.manual_seed(11)
+    _, actual = run(ext, form, x, hx)
+    assert_float64_equal(names, actual, expected)
+    # ... and the masks really did something: without dropout the output differs.
+    plain = make_pair(F64, **architecture)[1]
+    _, no_dropout = run(plain, form, x, hx)
+    assert not torch.allclose(no_dropout[0], actual[0])
+
+
+def test_dropout_off_in_eval_and_after_last_layer():
+    ref, ext = make_pair(F64, num_layers=2, dropout=0.5)
+    plain = make_pair(F64, num_layers=2)[1]
+    x, _ = make_input("batched", F64)
+    ext.eval()
+    assert torch.equal(ext(x)[0], plain(x)[0])
+    ext.train()
+    torch.manual_seed(0)
+    out_a = ext(x)[0]
+    torch.manual_seed(0)
+    out_b = ref(x)[0]
+    assert torch.allclose(out_a, out_b, rtol=1e-12, atol=1e-14)
+
+
+def test_dropout_warning_with_one_layer_as_nn_lstm():
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        nn.LSTM(I, H, dropout=0.2)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        lstm_ext.LSTM(I, H, dropout=0.2)
+    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]
+    assert len(ours) == 1
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_packed_output_is_a_packed_sequence_like_nn_lstm(enforce_sorted):
+    ref, ext = make_pair(F64, num_layers=2, bidirectional=True)
+    x, _ = make_input("packed_sorted" if enforce_sorted else "packed_unsorted", F64)
+    out_r, (h_r, c_r) = ref(x)
+    out_e, (h_e, c_e) = ext(x)
+    assert isinstance(out_e, PackedSequence)
+    assert torch.equal(out_e.batch_sizes, out_r.batch_sizes)
+    for a, b in ((out_e.sorted_indices, out_r.sorted_indices),
+                 (out_e.unsorted_indices, out_r.unsorted_indices)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    # h_n holds each sequence's last real step, in the caller's order.
+    padded, lengths = torch.nn.utils.rnn.pad_packed_sequence(out_e)
+    H_out = H
+    for k, length in enumerate(lengths.tolist()):
+        assert torch.allclose(h_e[2][k], padded[length - 1, k, :H_out], rtol=0, atol=0)
+        assert torch.allclose(h_e[3][k], padded[0, k, H_out:], rtol=0, atol=0)
+    assert_float64_equal(["h_n", "c_n"], [h_e, c_e], [h_r, c_r])
+
+
+def test_packed_costs_no_compute_on_padding():
+    """The packed kernel visits real steps only: one long and 63 length-1 sequences are 463 rows of
+    gates (what the op computes and keeps), not the 400 x 64 of the padded batch."""
+    ext = lstm_ext.LSTM(16, 64)
+    long_seq = torch.randn(400, 1, 16)
+    padded = torch.cat([long_seq, torch.cat([torch.randn(1, 63, 16), torch.zeros(399, 63, 16)])],
+                       dim=1)
+    packed = pack_padded_sequence(padded, torch.tensor([400] + [1] * 63))
+    w = [p.detach() for p in ext.parameters()]
+    h0 = torch.zeros(64, 64)
+    _, h_n, _, gates, cells = lstm_ext._ops.lstm_layer_forward(
+        packed.data, h0, h0, *w, None, packed.batch_sizes, False, True)
+    assert gates.shape == (463, 256) and cells.shape == (463, 64)
+    with torch.no_grad():
+        _, (h_alone, _) = ext(long_seq)
+    assert torch.allclose(h_n[0], h_alone[0, 0], rtol=1e-6, atol=1e-6)
+
+
+# ---- double backward ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["batched", "packed_unsorted", "unbatched"])
+@pytest.mark.parametrize("architecture", [dict(), dict(num_layers=2, bidirectional=True, proj_size=1),
+                                          dict(bias=False)], ids=str)
+def test_gradgradcheck_lstm(architecture, form):
+    torch.manual_seed(0)
+    model = lstm_ext.LSTM(2, 3, dtype=F64, **architecture)
+    names = [n for n, _ in model.named_parameters()]
+    x, batch = make_small_input(form)
+    hx = tuple(t.requires_grad_() for t in states_small(architecture, batch))
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+
+    def fn(data, h0, c0, *weights):
+        inp = PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices) \
+            if isinstance(x, PackedSequence) else data
+        with torch.nn.utils.stateless._reparametrize_module(model, dict(zip(names, weights))):
+            out, (h, c) = model(inp, (h0, c0))
+        return (out.data if isinstance(out, PackedSequence) else out), h, c
+
+    data = (x.data if isinstance(x, PackedSequence) else x).detach().requires_grad_()
+    assert torch.autograd.gradgradcheck(fn, [data, *hx, *params])
+
+
+def make_small_input(form):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 2, generator=gen, dtype=F64)
+    if form == "unbatched":
+        return x[:, 0], None
+    if form == "packed_unsorted":
+        return pack_padded_sequence(x, torch.tensor([2, 3]), enforce_sorted=False), 2
+    return x, 2
+
+
+def states_small(architecture, batch):
+    d = 2 if architecture.get("bidirectional") else 1
+    layers = architecture.get("num_layers", 1)
+    h_size = architecture.get("proj_size") or 3
+    lead = (layers * d,) if batch is None else (layers * d, batch)
+    gen = torch.Generator().manual_seed(4)
+    return (torch.randn(lead + (h_size,), generator=gen, dtype=F64),
+            torch.randn(lead + (3,), generator=gen, dtype=F64))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradgradcheck_cell(bias):
+    torch.manual_seed(0)
+    cell = lstm_ext.LSTMCell(2, 3, bias=bias, dtype=F64)
+    names = [n for n, _ in cell.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in cell.parameters()]
+    x, h, c = (torch.randn(s, dtype=F64, requires_grad=True) for s in ((4, 2), (4, 3), (4, 3)))
+
+    def fn(x, h, c, *weights):
+        with torch.nn.utils.stateless._reparametrize_module(cell, dict(zip(names, weights))):
+            return cell(x, (h, c))
+
+    assert torch.autograd.gradgradcheck(fn, [x, h, c, *params])
+
+
+def test_first_order_backward_stays_on_the_cpp_op():
+    """Without create_graph, backward is the C++ op; the reference is only for double backward."""
+    ext = lstm_ext.LSTM(I, H, dtype=F64)
+    x = torch.randn(T, B, I, dtype=F64)
+    out, _ = ext(x)
+    with torch.profiler.profile() as prof:
+        out.sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "lstm_ext::lstm_layer_backward" in names
+    assert not any(n.startswith("aten::sigmoid") for n in names)
+
+
+# ---- interop ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES, ids=str)
+def test_state_dict_round_trip_and_repr(architecture):
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H, **architecture)
+    torch.manual_seed(0)
+    ext = lstm_ext.LSTM(I, H, **architecture)
+    assert list(ext.state_dict()) == list(ref.state_dict())
+    for name, p in ref.state_dict().items():  # same seed, same init
+        assert torch.equal(ext.state_dict()[name], p), name
+    ext.load_state_dict(nn.LSTM(I, H, **architecture).state_dict())
+    back = nn.LSTM(I, H, **architecture)
+    back.load_state_dict(ext.state_dict())
+    assert repr(ext) == repr(ref)
+    assert [[p.shape for p in w] for w in ext.all_weights] == \
+           [[p.shape for p in w] for w in ref.all_weights]
+
+
+def test_save_load_deepcopy_dtype_moves():
+    ext = lstm_ext.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P, dropout=0.1)
+    x = torch.randn(T, B, I)
+    ext.eval()
+    expected = ext(x)[0]
+    buffer = io.BytesIO()
+    torch.save(ext, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert isinstance(loaded, lstm_ext.LSTM) and not loaded.training
+    assert torch.equal(loaded(x)[0], expected)
+    clone = copy.deepcopy(ext)
+    assert torch.equal(clone(x)[0], expected)
+    assert clone.weight_hr_l1_reverse is not ext.weight_hr_l1_reverse
+    double = copy.deepcopy(ext).double()
+    assert all(p.dtype == F64 for p in double.parameters())
+    assert torch.allclose(double(x.double())[0], expected.double(), atol=1e-5)
+    half_way = copy.deepcopy(ext).to(F64)
+    assert torch.equal(half_way(x.double())[0], double(x.double())[0])
+    assert ext.train() is ext and ext.training and not ext.eval().training
