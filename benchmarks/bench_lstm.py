@@ -8,6 +8,9 @@ machine hit both alike; each figure is the median over rounds. Two modes per sha
     python benchmarks/bench_lstm.py                 # default shapes, CPU
     python benchmarks/bench_lstm.py --quick         # a few seconds, smoke test
     python benchmarks/bench_lstm.py --shapes 20,5,1,16 100,32,64,128 --csv out.csv --plot out.png
+    python benchmarks/bench_lstm.py --shapes 50,16,64,128,2,bi     # 2 layers, bidirectional
+
+A shape is T,B,I,H[,layers[,bi]].
 """
 
 import argparse
@@ -22,17 +25,34 @@ import torch
 
 import lstm_ext
 
-# (T, B, I, H): the sin->cos trainer's shape first, then growing work per step.
-DEFAULT_SHAPES = [(20, 5, 1, 16), (100, 1, 128, 128), (200, 8, 32, 64), (100, 32, 64, 128),
-                  (100, 64, 256, 256), (50, 128, 512, 512)]
-QUICK_SHAPES = [(20, 5, 1, 16), (50, 8, 32, 64)]
+# (T, B, I, H, layers, bidirectional): the sin->cos trainer's shape first, then growing work per
+# step, then a stacked bidirectional LSTM.
+DEFAULT_SHAPES = [(20, 5, 1, 16, 1, False), (100, 1, 128, 128, 1, False),
+                  (200, 8, 32, 64, 1, False), (100, 32, 64, 128, 1, False),
+                  (100, 64, 256, 256, 1, False), (50, 128, 512, 512, 1, False),
+                  (50, 16, 64, 128, 2, True)]
+QUICK_SHAPES = [(20, 5, 1, 16, 1, False), (50, 8, 32, 64, 2, True)]
 
 
 def parse_shape(text):
-    parts = tuple(int(p) for p in text.split(","))
-    if len(parts) != 4 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"a shape is T,B,I,H with positive sizes, got {text!r}")
-    return parts
+    parts = text.split(",")
+    bidirectional = len(parts) == 6 and parts[5] == "bi"
+    try:
+        sizes = tuple(int(p) for p in parts[:5])
+    except ValueError:
+        sizes = ()
+    if not (4 <= len(parts) <= 6 and len(sizes) == min(len(parts), 5) and min(sizes) >= 1
+            and (len(parts) < 6 or bidirectional)):
+        raise argparse.ArgumentTypeError(
+            f"a shape is T,B,I,H[,layers[,bi]] with positive sizes, got {text!r}")
+    layers = sizes[4] if len(sizes) == 5 else 1
+    return sizes[:4] + (layers, bidirectional)
+
+
+def shape_label(shape):
+    T, B, I, H, layers, bidirectional = shape
+    extra = (f" L{layers}" if layers > 1 else "") + (" bi" if bidirectional else "")
+    return f"({T}, {B}, {I}, {H}){extra}"
 
 
 def machine_name():
@@ -47,9 +67,11 @@ def machine_name():
     return platform.processor() or platform.machine()
 
 
-def flops(T, B, I, H, backward):
+def flops(T, B, I, H, layers, bidirectional, backward):
     """Multiply-adds x 2 of the GEMMs (the gate math is O(T B H), negligible at these sizes)."""
-    forward = 2 * T * B * 4 * H * (I + H)
+    d = 2 if bidirectional else 1
+    forward = sum(2 * T * B * 4 * H * ((I if layer == 0 else d * H) + H) * d
+                  for layer in range(layers))
     # backward: dx, dW_ih, dW_hh and the recurrent dh = 2x the forward GEMM work
     return forward * (3 if backward else 1)
 
@@ -57,14 +79,17 @@ def flops(T, B, I, H, backward):
 class Case:
     """One shape's models and inputs; run(model) does one timed unit of work."""
 
-    def __init__(self, T, B, I, H, device, backward):
+    def __init__(self, T, B, I, H, layers, bidirectional, device, backward):
         torch.manual_seed(0)
-        self.reference = torch.nn.LSTM(I, H, device=device)
-        self.ours = lstm_ext.LSTM(I, H, device=device)
+        options = dict(num_layers=layers, bidirectional=bidirectional, device=device)
+        self.reference = torch.nn.LSTM(I, H, **options)
+        self.ours = lstm_ext.LSTM(I, H, **options)
         self.ours.load_state_dict(self.reference.state_dict())
         self.x = torch.randn(T, B, I, device=device)
-        self.grads = (torch.randn(T, B, H, device=device), torch.randn(1, B, H, device=device),
-                      torch.randn(1, B, H, device=device))
+        d = 2 if bidirectional else 1
+        self.grads = (torch.randn(T, B, d * H, device=device),
+                      torch.randn(layers * d, B, H, device=device),
+                      torch.randn(layers * d, B, H, device=device))
         self.backward = backward
 
     def run(self, model):
@@ -147,11 +172,11 @@ def main(argv=None):
     device_name = (torch.cuda.get_device_name() if args.device == "cuda" else machine_name())
     print(f"# {device_name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"lstm_ext {lstm_ext.__version__} {lstm_ext.build_info}")
-    header = ["T", "B", "I", "H", "mode", "nn_lstm_ms", "lstm_ext_ms", "speedup",
-              "lstm_ext_gflops", "rounds"]
+    header = ["T", "B", "I", "H", "layers", "bidirectional", "mode", "nn_lstm_ms", "lstm_ext_ms",
+              "speedup", "lstm_ext_gflops", "rounds"]
     if args.memory:
         header += ["nn_lstm_peak_mb", "lstm_ext_peak_mb"]
-    print(f"{'shape (T,B,I,H)':<22} {'mode':<8} {'nn.LSTM ms':>11} {'lstm_ext ms':>12} "
+    print(f"{'shape (T,B,I,H)':<26} {'mode':<8} {'nn.LSTM ms':>11} {'lstm_ext ms':>12} "
           f"{'speedup':>8} {'GFLOP/s':>8}" + ("   peak MB nn / ext" if args.memory else ""))
     rows = []
     for shape in shapes:
@@ -161,7 +186,7 @@ def main(argv=None):
             gflops = flops(*shape, case.backward) / ours / 1e9
             row = dict(zip(header, [*shape, mode, theirs * 1e3, ours * 1e3, theirs / ours, gflops,
                                     rounds]))
-            line = (f"{str(shape):<22} {mode:<8} {theirs * 1e3:>11.3f} {ours * 1e3:>12.3f} "
+            line = (f"{shape_label(shape):<26} {mode:<8} {theirs * 1e3:>11.3f} {ours * 1e3:>12.3f} "
                     f"{theirs / ours:>7.2f}x {gflops:>8.1f}")
             if args.memory and args.device == "cpu":
                 row["nn_lstm_peak_mb"] = peak_memory_mb(case, case.reference)
@@ -188,16 +213,17 @@ def plot(rows, path, title):
     import matplotlib.pyplot as plt
 
     modes = sorted({r["mode"] for r in rows})
-    shapes = list(dict.fromkeys((r["T"], r["B"], r["I"], r["H"]) for r in rows))
+    key = lambda r: (r["T"], r["B"], r["I"], r["H"], r["layers"], r["bidirectional"])  # noqa: E731
+    shapes = list(dict.fromkeys(key(r) for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(shapes)), 4))
     width = 0.8 / len(modes)
     for k, mode in enumerate(modes):
-        speed = {(r["T"], r["B"], r["I"], r["H"]): r["speedup"] for r in rows if r["mode"] == mode}
+        speed = {key(r): r["speedup"] for r in rows if r["mode"] == mode}
         xs = [i + (k - (len(modes) - 1) / 2) * width for i in range(len(shapes))]
         bars = ax.bar(xs, [speed.get(s, 0) for s in shapes], width, label=mode)
         ax.bar_label(bars, fmt="%.2fx", fontsize=8)
     ax.axhline(1.0, color="k", linewidth=0.8, linestyle="--")
-    ax.set_xticks(range(len(shapes)), [f"{s}" for s in shapes], rotation=20, fontsize=8)
+    ax.set_xticks(range(len(shapes)), [shape_label(s) for s in shapes], rotation=20, fontsize=8)
     ax.set_xlabel("shape (T, B, I, H)")
     ax.set_ylabel("speedup over nn.LSTM (higher is better)")
     ax.set_title(title, fontsize=9)
