@@ -63,13 +63,18 @@ def extensions():
     sources = ["csrc/lstm.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
     define = [f'-DLSTM_EXT_TORCH_VERSION="{TORCH_VERSION}"']
-    cxx = opt + ["-fvisibility=hidden"] + define
+    # -fopenmp: at::parallel_for is inline in ATen's headers and runs serially unless the extension
+    # itself is compiled with OpenMP. At run time the libgomp that torch already loaded is used.
+    cxx = opt + ["-fvisibility=hidden", "-fopenmp"] + define
+    link = ["-fopenmp"]
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         return [CUDAExtension("lstm_ext._C", sources,
                               extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"],
-                                                  "nvcc": opt + define + ["-DWITH_CUDA"]})]
-    return [CppExtension("lstm_ext._C", sources, extra_compile_args={"cxx": cxx})]
+                                                  "nvcc": opt + define + ["-DWITH_CUDA"]},
+                              extra_link_args=link)]
+    return [CppExtension("lstm_ext._C", sources, extra_compile_args={"cxx": cxx},
+                         extra_link_args=link)]
 
 
 setup(

@@ -33,18 +33,22 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-// A pointwise pass over [B, H] is split across threads only when each task gets at least this many
-// units: below it, waking a thread costs more than the gate math it would do.
-constexpr int64_t kMinUnitsPerTask = 8192;
+// Batch rows are independent through the whole sequence (row b of step t reads only row b of the
+// state), so threads split the batch and each runs every step on its own rows: no synchronisation
+// per step. (Threading each step's small GEMM instead cost a fork/join per step.) A slice gets at
+// least this many multiply-adds of recurrent GEMM per step, or the split is not worth a thread.
+constexpr int64_t kMinStepMacsPerThread = 1 << 15;
 
+// Runs body(b0, b1) over slices of the batch [0, B), in parallel when a step has enough work.
 template <typename F>
-void for_each_batch_row(int64_t B, int64_t H, const F& body) {
-  const int64_t grain = std::max<int64_t>(1, kMinUnitsPerTask / std::max<int64_t>(H, 1));
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      body(b);
-    }
-  });
+void for_each_batch_slice(const LayerSizes& s, const F& body) {
+  const int64_t macs_per_row = 4 * s.H * s.P + (s.P != s.H ? s.P * s.H : 0);
+  const int64_t grain = std::max<int64_t>(1, kMinStepMacsPerThread / std::max<int64_t>(macs_per_row, 1));
+  if (s.B <= grain || at::get_num_threads() == 1) {
+    body(int64_t(0), s.B);
+    return;
+  }
+  at::parallel_for(0, s.B, grain, body);
 }
 
 // The gate pass of one forward step, over a [B, 4H] block of pre-activations z (x W_ih^T + b +
@@ -63,7 +67,7 @@ void gates_forward(int64_t B, int64_t H, T* z, const T* c_prev, T* c_t, T* h_t, 
   for (int64_t b = 0; b < B; ++b) {
     vector_tanh(H, z + b * G + 2 * H, z + b * G + 2 * H);  // g = tanh(z_g), in place
   }
-  for_each_batch_row(B, H, [&](int64_t b) {
+  for (int64_t b = 0; b < B; ++b) {
     T* __restrict__ a = z + b * G;
     const T* __restrict__ e = exp_neg + b * G;
     const T* cp = c_prev + b * H;
@@ -77,15 +81,15 @@ void gates_forward(int64_t B, int64_t H, T* z, const T* c_prev, T* c_t, T* h_t, 
       a[3 * H + j] = o;
       c[j] = next_cell(i, f, a[2 * H + j], cp[j]);
     }
-  });
+  }
   vector_tanh(B * H, c_t, h_t);  // tanh(c_t), then h_t = o ⊙ tanh(c_t)
-  for_each_batch_row(B, H, [&](int64_t b) {
+  for (int64_t b = 0; b < B; ++b) {
     const T* __restrict__ o = z + b * G + 3 * H;
     T* __restrict__ h = h_t + b * H;
     for (int64_t j = 0; j < H; ++j) {
       h[j] *= o[j];
     }
-  });
+  }
 }
 
 // Where each time step's rows are: offset[t] (in rows) and batch[t] (active rows).
@@ -107,15 +111,17 @@ struct Steps {
 
 // Forward of one layer over all steps.
 //   x      [rows, I]     h0 [B, P], c0 [B, H]
-//   w_ih   [4H, I]       w_hh [4H, P]     bias [4H] (b_ih + b_hh) or null   w_hr [P, H] or null
+//   w_ih_t [I, 4H]       w_hh_t [P, 4H]   bias [4H] (b_ih + b_hh) or null   w_hr_t [H, P] or null
+//   (the weights transposed: the per-step GEMMs are then plain row-major A @ B, which MKL runs
+//   1.3-2x faster than A @ B^T at small batch sizes)
 //   y      [rows, P]     h_n [B, P], c_n [B, H] (also the running states)
 //   gates  [rows, 4H]    workspace; on return the activated gates i, f, g, o of every step
 //   cells  [rows, H]     c_t of every step, or null when the backward will not run
 //   exp_scratch [B, 4H]; r_scratch [B, H] (o ⊙ tanh(c_t) before the projection; with w_hr only)
 template <typename T>
 void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const T* x, const T* h0,
-                   const T* c0, const T* w_ih, const T* w_hh, const T* bias, const T* w_hr, T* y,
-                   T* h_n, T* c_n, T* gates, T* cells, T* exp_scratch, T* r_scratch) {
+                   const T* c0, const T* w_ih_t, const T* w_hh_t, const T* bias, const T* w_hr_t,
+                   T* y, T* h_n, T* c_n, T* gates, T* cells, T* exp_scratch, T* r_scratch) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   if (bias != nullptr) {
     for (int64_t r = 0; r < s.N; ++r) {
@@ -123,27 +129,36 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
     }
   }
   // Input projection of all steps at once: gates = x W_ih^T (+ bias).
-  gemm<T>(false, true, s.N, G, s.I, T(1), x, s.I, w_ih, s.I, bias ? T(1) : T(0), gates, G);
+  gemm<T>(false, false, s.N, G, s.I, T(1), x, s.I, w_ih_t, G, bias ? T(1) : T(0), gates, G);
 
   std::memcpy(h_n, h0, s.B * P * sizeof(T));
   std::memcpy(c_n, c0, s.B * H * sizeof(T));
-  for (int64_t k = 0; k < s.T; ++k) {
-    const int64_t t = Steps::time_of(k, s.T, reverse);
-    const int64_t b = steps.batch[t], row = steps.offset[t];
-    T* gates_t = gates + row * G;
-    T* y_t = y + row * P;
-    gemm<T>(false, true, b, G, P, T(1), h_n, P, w_hh, P, T(1), gates_t, G);
-    // c_n holds c_{t-1} and receives c_t (each unit reads before it writes).
-    T* r_t = w_hr ? r_scratch : y_t;
-    gates_forward(b, H, gates_t, c_n, c_n, r_t, exp_scratch);
-    if (cells) {
-      std::memcpy(cells + row * H, c_n, b * H * sizeof(T));
+  // Batch rows [b0, b1), every step. At step t the active rows are [b0, min(b1, batch[t])).
+  for_each_batch_slice(s, [&](int64_t b0, int64_t b1) {
+    T* h_state = h_n + b0 * P;
+    T* c_state = c_n + b0 * H;
+    for (int64_t k = 0; k < s.T; ++k) {
+      const int64_t t = Steps::time_of(k, s.T, reverse);
+      const int64_t n = std::min(b1, steps.batch[t]) - b0;
+      if (n <= 0) {
+        continue;
+      }
+      const int64_t row = steps.offset[t] + b0;
+      T* gates_t = gates + row * G;
+      T* y_t = y + row * P;
+      gemm<T>(false, false, n, G, P, T(1), h_state, P, w_hh_t, G, T(1), gates_t, G);
+      // c_state holds c_{t-1} and receives c_t (each unit reads before it writes).
+      T* r_t = w_hr_t ? r_scratch + b0 * H : y_t;
+      gates_forward(n, H, gates_t, c_state, c_state, r_t, exp_scratch + b0 * G);
+      if (cells) {
+        std::memcpy(cells + row * H, c_state, n * H * sizeof(T));
+      }
+      if (w_hr_t) {
+        gemm<T>(false, false, n, P, H, T(1), r_t, H, w_hr_t, P, T(0), y_t, P);  // h_t = r_t W_hr^T
+      }
+      std::memcpy(h_state, y_t, n * P * sizeof(T));
     }
-    if (w_hr) {
-      gemm<T>(false, true, b, P, H, T(1), r_t, H, w_hr, H, T(0), y_t, P);  // h_t = r_t W_hr^T
-    }
-    std::memcpy(h_n, y_t, b * P * sizeof(T));
-  }
+  });
 }
 
 // Backward of one layer: the steps in reverse processing order, then the weight gradients as
@@ -175,61 +190,74 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
   } else {
     std::fill(dc, dc + s.B * H, T(0));
   }
-  for (int64_t k = s.T - 1; k >= 0; --k) {
-    const int64_t t = Steps::time_of(k, s.T, reverse);
-    const int64_t b = steps.batch[t], row = steps.offset[t];
-    // The step processed before this one in the forward: its first n_prev rows carried h and c
-    // into this step; the rest of this step's rows started from h0 / c0.
-    int64_t n_prev = 0, prev_row = 0;
-    if (k > 0) {
-      const int64_t t_prev = Steps::time_of(k - 1, s.T, reverse);
-      n_prev = std::min(steps.batch[t_prev], b);
-      prev_row = steps.offset[t_prev];
-    }
-    T* h_prev_t = h_prev + row * P;
-    if (n_prev > 0) {
-      std::memcpy(h_prev_t, y + prev_row * P, n_prev * P * sizeof(T));
-    }
-    std::memcpy(h_prev_t + n_prev * P, h0 + n_prev * P, (b - n_prev) * P * sizeof(T));
+  // Batch rows [b0, b1), every step in reverse order (rows are independent, as in the forward).
+  for_each_batch_slice(s, [&](int64_t b0, int64_t b1) {
+    T* dh_state = dh + b0 * P;
+    T* dc_state = dc + b0 * H;
+    for (int64_t k = s.T - 1; k >= 0; --k) {
+      const int64_t t = Steps::time_of(k, s.T, reverse);
+      const int64_t n = std::min(b1, steps.batch[t]) - b0;
+      if (n <= 0) {
+        continue;
+      }
+      const int64_t row = steps.offset[t] + b0;
+      // The step processed before this one in the forward: its first n_prev rows carried h and c
+      // into this step; the other rows of this step started from h0 / c0.
+      int64_t n_prev = 0, prev_row = 0;
+      if (k > 0) {
+        const int64_t t_prev = Steps::time_of(k - 1, s.T, reverse);
+        n_prev = std::max<int64_t>(0, std::min(steps.batch[t_prev], b0 + n) - b0);
+        prev_row = steps.offset[t_prev] + b0;
+      }
+      T* h_prev_t = h_prev + row * P;
+      if (n_prev > 0) {
+        std::memcpy(h_prev_t, y + prev_row * P, n_prev * P * sizeof(T));
+      }
+      std::memcpy(h_prev_t + n_prev * P, h0 + (b0 + n_prev) * P, (n - n_prev) * P * sizeof(T));
 
-    // dL/dh_t: from step t's output and from the step after it (already in dh).
-    if (dy) {
-      const T* dy_t = dy + row * P;
-      for (int64_t u = 0; u < b * P; ++u) {
-        dh[u] += dy_t[u];
-      }
-    }
-    const T* dr = dh;  // dL/d(o ⊙ tanh c_t)
-    if (w_hr) {
-      std::memcpy(dh_all + row * P, dh, b * P * sizeof(T));
-      gemm<T>(false, false, b, H, P, T(1), dh, P, w_hr, H, T(0), dr_scratch, H);  // dh W_hr
-      dr = dr_scratch;
-    }
-    const T* gates_t = gates + row * G;
-    const T* cells_t = cells + row * H;
-    T* dgates_t = dgates + row * G;
-    T* r_t = w_hr ? r_all + row * H : nullptr;
-    vector_tanh(b * H, cells_t, tanh_c);
-    for_each_batch_row(b, H, [&](int64_t r) {
-      const T* __restrict__ a = gates_t + r * G;
-      T* __restrict__ d = dgates_t + r * G;
-      const T* __restrict__ tc = tanh_c + r * H;
-      const T* __restrict__ cp = r < n_prev ? cells + prev_row * H + r * H : c0 + r * H;
-      const T* __restrict__ drr = dr + r * H;
-      T* __restrict__ dcr = dc + r * H;
-      for (int64_t j = 0; j < H; ++j) {
-        dcr[j] = cell_backward(a[j], a[H + j], a[2 * H + j], a[3 * H + j], cp[j], tc[j], drr[j],
-                               dcr[j], &d[j], &d[H + j], &d[2 * H + j], &d[3 * H + j]);
-      }
-      if (r_t) {
-        for (int64_t j = 0; j < H; ++j) {
-          r_t[r * H + j] = a[3 * H + j] * tc[j];
+      // dL/dh_t: from step t's output and from the step after it (already in dh_state).
+      if (dy) {
+        const T* dy_t = dy + row * P;
+        for (int64_t u = 0; u < n * P; ++u) {
+          dh_state[u] += dy_t[u];
         }
       }
-    });
-    // dL/dh of the state this step read = dG_t W_hh
-    gemm<T>(false, false, b, P, G, T(1), dgates_t, G, w_hh, P, T(0), dh, P);
-  }
+      const T* dr = dh_state;  // dL/d(o ⊙ tanh c_t)
+      if (w_hr) {
+        std::memcpy(dh_all + row * P, dh_state, n * P * sizeof(T));
+        T* dr_rows = dr_scratch + b0 * H;
+        gemm<T>(false, false, n, H, P, T(1), dh_state, P, w_hr, H, T(0), dr_rows, H);  // dh W_hr
+        dr = dr_rows;
+      }
+      const T* gates_t = gates + row * G;
+      const T* cells_t = cells + row * H;
+      const T* c_prev_rows = cells + prev_row * H;
+      const T* c0_rows = c0 + b0 * H;
+      T* dgates_t = dgates + row * G;
+      T* r_t = w_hr ? r_all + row * H : nullptr;
+      T* tanh_rows = tanh_c + b0 * H;
+      vector_tanh(n * H, cells_t, tanh_rows);
+      for (int64_t r = 0; r < n; ++r) {
+        const T* __restrict__ a = gates_t + r * G;
+        T* __restrict__ d = dgates_t + r * G;
+        const T* __restrict__ tc = tanh_rows + r * H;
+        const T* __restrict__ cp = r < n_prev ? c_prev_rows + r * H : c0_rows + r * H;
+        const T* __restrict__ drr = dr + r * H;
+        T* __restrict__ dcr = dc_state + r * H;
+        for (int64_t j = 0; j < H; ++j) {
+          dcr[j] = cell_backward(a[j], a[H + j], a[2 * H + j], a[3 * H + j], cp[j], tc[j], drr[j],
+                                 dcr[j], &d[j], &d[H + j], &d[2 * H + j], &d[3 * H + j]);
+        }
+        if (r_t) {
+          for (int64_t j = 0; j < H; ++j) {
+            r_t[r * H + j] = a[3 * H + j] * tc[j];
+          }
+        }
+      }
+      // dL/dh of the state this step read = dG_t W_hh
+      gemm<T>(false, false, n, P, G, T(1), dgates_t, G, w_hh, P, T(0), dh_state, P);
+    }
+  });
 
   // dx = dG W_ih; dW_ih = dG^T x; dW_hh = dG^T h_prev; dW_hr = dH^T r; db = column sums of dG.
   gemm<T>(false, false, s.N, s.I, G, T(1), dgates, G, w_ih, s.I, T(0), dx, s.I);
@@ -274,8 +302,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   const bool packed = batch_sizes.has_value();
   const Steps steps(s, batch_sizes);
   const Tensor x = input.contiguous(), h0c = h0.contiguous(), c0c = c0.contiguous();
-  const Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
-  const auto w_hr = contiguous_or_none(weight_hr);
+  const Tensor w_ih_t = weight_ih.t().contiguous(), w_hh_t = weight_hh.t().contiguous();
+  const Tensor w_hr_t = weight_hr.has_value() ? weight_hr->t().contiguous() : Tensor();
   const Tensor bias = combined_bias(bias_ih, bias_hh);
   const auto opts = x.options();
   Tensor output = at::empty(per_step_shape(s, packed, s.P), opts);
@@ -284,12 +312,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   Tensor gates = at::empty(per_step_shape(s, packed, 4 * s.H), opts);
   Tensor cells = keep_state ? at::empty(per_step_shape(s, packed, s.H), opts) : Tensor();
   Tensor exp_scratch = at::empty({s.B, 4 * s.H}, opts);
-  Tensor r_scratch = at::empty({w_hr ? s.B : 0, s.H}, opts);
+  Tensor r_scratch = at::empty({w_hr_t.defined() ? s.B : 0, s.H}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
     layer_forward<scalar_t>(
         s, steps, reverse, x.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(),
-        c0c.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
-        bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, data_or_null<scalar_t>(w_hr),
+        c0c.data_ptr<scalar_t>(), w_ih_t.data_ptr<scalar_t>(), w_hh_t.data_ptr<scalar_t>(),
+        bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+        w_hr_t.defined() ? w_hr_t.data_ptr<scalar_t>() : nullptr,
         output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
         gates.data_ptr<scalar_t>(), keep_state ? cells.data_ptr<scalar_t>() : nullptr,
         exp_scratch.data_ptr<scalar_t>(), r_scratch.data_ptr<scalar_t>());
@@ -402,7 +431,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
   const LayerSizes s = check_cell_inputs(op, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
   const Steps steps(s, c10::nullopt);
   const Tensor x = input.contiguous(), hxc = hx.contiguous(), cxc = cx.contiguous();
-  const Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
+  const Tensor w_ih_t = weight_ih.t().contiguous(), w_hh_t = weight_hh.t().contiguous();
   const Tensor bias = combined_bias(bias_ih, bias_hh);
   const auto opts = x.options();
   Tensor hy = at::empty({s.B, s.H}, opts);
@@ -413,8 +442,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_forward_cpu", [&] {
     // One step of the layer kernel; its running c state is cy itself.
     layer_forward<scalar_t>(s, steps, false, x.data_ptr<scalar_t>(), hxc.data_ptr<scalar_t>(),
-                            cxc.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
-                            w_hh.data_ptr<scalar_t>(),
+                            cxc.data_ptr<scalar_t>(), w_ih_t.data_ptr<scalar_t>(),
+                            w_hh_t.data_ptr<scalar_t>(),
                             bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, nullptr,
                             hy.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
                             cy.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), nullptr,
