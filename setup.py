@@ -65,7 +65,9 @@ def extensions():
     define = [f'-DLSTM_EXT_TORCH_VERSION="{TORCH_VERSION}"']
     # -fopenmp: at::parallel_for is inline in ATen's headers and runs serially unless the extension
     # itself is compiled with OpenMP. At run time the libgomp that torch already loaded is used.
-    cxx = opt + ["-fvisibility=hidden", "-fopenmp"] + define
+    # -fno-trapping-math -fno-math-errno (as torch itself is built): lets the compiler vectorise
+    # the gate loops' selects and divisions.
+    cxx = opt + ["-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + define
     link = ["-fopenmp"]
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

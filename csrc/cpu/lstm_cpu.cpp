@@ -24,6 +24,7 @@
 #include "../lstm_checks.h"
 #include "../lstm_math.h"
 #include "blas.h"
+#include "vec_math.h"
 #include "vml.h"
 
 namespace lstm_ext {
@@ -51,17 +52,22 @@ void for_each_batch_slice(const LayerSizes& s, const F& body) {
   at::parallel_for(0, s.B, grain, body);
 }
 
-// The gate pass of one forward step, over a [B, 4H] block of pre-activations z (x W_ih^T + b +
-// h_{t-1} W_hh^T), rows contiguous. Transcendentals go through whole-block vector calls; the rest is
-// plain arithmetic the compiler vectorises.
-//   z [B, 4H] in: pre-activations, out: activated gates i, f, g, o
-//   c_prev [B, H]; c_t [B, H] out (may alias c_prev); h_t [B, H] out
-//   exp_neg [B, 4H] scratch
+// The gate pass of one forward step over B rows, generic version (float64, and float32 where the
+// fused pass below is not used): transcendentals through whole-block vector calls (MKL VML), the
+// rest plain arithmetic.
+//   z [B, 4H] in: x W_ih^T + h_{t-1} W_hh^T (no bias yet); out: activated gates i, f, g, o
+//   bias [4H] (b_ih + b_hh, zeros without bias); c [B, H] in: c_{t-1}, out: c_t
+//   r [B, H] out: o ⊙ tanh(c_t) (h_t, before any projection); exp_neg [B, 4H] scratch
 template <typename T>
-void gates_forward(int64_t B, int64_t H, T* z, const T* c_prev, T* c_t, T* h_t, T* exp_neg) {
+void gates_forward(int64_t B, int64_t H, T* z, const T* bias, T* c, T* r, T* exp_neg) {
   const int64_t G = 4 * H;
-  for (int64_t k = 0; k < B * G; ++k) {
-    exp_neg[k] = -z[k];
+  for (int64_t b = 0; b < B; ++b) {
+    T* __restrict__ zb = z + b * G;
+    T* __restrict__ eb = exp_neg + b * G;
+    for (int64_t k = 0; k < G; ++k) {
+      zb[k] += bias[k];
+      eb[k] = -zb[k];
+    }
   }
   vector_exp(B * G, exp_neg, exp_neg);  // e^{-z}: σ(z) = 1 / (1 + e^{-z}) for i, f, o
   for (int64_t b = 0; b < B; ++b) {
@@ -70,8 +76,7 @@ void gates_forward(int64_t B, int64_t H, T* z, const T* c_prev, T* c_t, T* h_t, 
   for (int64_t b = 0; b < B; ++b) {
     T* __restrict__ a = z + b * G;
     const T* __restrict__ e = exp_neg + b * G;
-    const T* cp = c_prev + b * H;
-    T* c = c_t + b * H;
+    T* __restrict__ cb = c + b * H;
     for (int64_t j = 0; j < H; ++j) {
       const T i = sigmoid_from_exp_neg(e[j]);
       const T f = sigmoid_from_exp_neg(e[H + j]);
@@ -79,17 +84,117 @@ void gates_forward(int64_t B, int64_t H, T* z, const T* c_prev, T* c_t, T* h_t, 
       a[j] = i;
       a[H + j] = f;
       a[3 * H + j] = o;
-      c[j] = next_cell(i, f, a[2 * H + j], cp[j]);
+      cb[j] = next_cell(i, f, a[2 * H + j], cb[j]);
     }
   }
-  vector_tanh(B * H, c_t, h_t);  // tanh(c_t), then h_t = o ⊙ tanh(c_t)
+  vector_tanh(B * H, c, r);  // tanh(c_t), then r = o ⊙ tanh(c_t)
   for (int64_t b = 0; b < B; ++b) {
     const T* __restrict__ o = z + b * G + 3 * H;
-    T* __restrict__ h = h_t + b * H;
+    T* __restrict__ rb = r + b * H;
     for (int64_t j = 0; j < H; ++j) {
-      h[j] *= o[j];
+      rb[j] *= o[j];
     }
   }
+}
+
+// float32: the same pass fused into one loop, with inline vectorisable exp and tanh.
+LSTM_EXT_TARGET_CLONES
+void gates_forward_fused(int64_t B, int64_t H, float* z, const float* bias, float* c, float* r) {
+  const int64_t G = 4 * H;
+  for (int64_t b = 0; b < B; ++b) {
+    float* __restrict__ a = z + b * G;
+    float* __restrict__ cb = c + b * H;
+    float* __restrict__ rb = r + b * H;
+    const float* __restrict__ bi = bias;
+    // a[j], a[H + j], ... never overlap for j < H, which GCC cannot prove: without this it does
+    // not vectorise.
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const float i = sigmoid_f32(a[j] + bi[j]);
+      const float f = sigmoid_f32(a[H + j] + bi[H + j]);
+      const float g = tanh_f32(a[2 * H + j] + bi[2 * H + j]);
+      const float o = sigmoid_f32(a[3 * H + j] + bi[3 * H + j]);
+      const float c_t = next_cell(i, f, g, cb[j]);
+      a[j] = i;
+      a[H + j] = f;
+      a[2 * H + j] = g;
+      a[3 * H + j] = o;
+      cb[j] = c_t;
+      rb[j] = o * tanh_f32(c_t);
+    }
+  }
+}
+
+// Overload resolution picks this for float32 (an exact match beats the template).
+inline void gates_forward(int64_t B, int64_t H, float* z, const float* bias, float* c, float* r,
+                          float* /*exp_neg: not needed*/) {
+  gates_forward_fused(B, H, z, bias, c, r);
+}
+
+// The gate pass of one backward step over B rows, generic version (float64): tanh(c_t) through a
+// whole-block vector call, then the gradient arithmetic.
+//   gates [B, 4H] activated gates; cells [B, H] c_t; c_prev: rows r < n_prev from c_prev_rows,
+//   the others from c0_rows (the row started this step from c0); dr [B, H] dL/d(o ⊙ tanh c_t);
+//   dc [B, H] in: dL/dc_t from the next step, out: dL/dc_{t-1}; dgates [B, 4H] out;
+//   r [B, H] out: o ⊙ tanh(c_t) (for dW_hr), or null; tanh_c [B, H] scratch
+template <typename T>
+void gates_backward(int64_t B, int64_t H, const T* gates, const T* cells, const T* c_prev_rows,
+                    const T* c0_rows, int64_t n_prev, const T* dr, T* dc, T* dgates, T* r,
+                    T* tanh_c) {
+  const int64_t G = 4 * H;
+  vector_tanh(B * H, cells, tanh_c);
+  for (int64_t b = 0; b < B; ++b) {
+    const T* __restrict__ a = gates + b * G;
+    T* __restrict__ d = dgates + b * G;
+    const T* __restrict__ tc = tanh_c + b * H;
+    const T* __restrict__ cp = b < n_prev ? c_prev_rows + b * H : c0_rows + b * H;
+    const T* __restrict__ drb = dr + b * H;
+    T* __restrict__ dcb = dc + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      dcb[j] = cell_backward(a[j], a[H + j], a[2 * H + j], a[3 * H + j], cp[j], tc[j], drb[j],
+                             dcb[j], &d[j], &d[H + j], &d[2 * H + j], &d[3 * H + j]);
+    }
+    if (r) {
+      for (int64_t j = 0; j < H; ++j) {
+        r[b * H + j] = a[3 * H + j] * tc[j];
+      }
+    }
+  }
+}
+
+// float32: the same pass fused into one loop, tanh(c_t) inline.
+LSTM_EXT_TARGET_CLONES
+void gates_backward_fused(int64_t B, int64_t H, const float* gates, const float* cells,
+                          const float* c_prev_rows, const float* c0_rows, int64_t n_prev,
+                          const float* dr, float* dc, float* dgates, float* r) {
+  const int64_t G = 4 * H;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* __restrict__ a = gates + b * G;
+    float* __restrict__ d = dgates + b * G;
+    const float* __restrict__ cb = cells + b * H;
+    const float* __restrict__ cp = b < n_prev ? c_prev_rows + b * H : c0_rows + b * H;
+    const float* __restrict__ drb = dr + b * H;
+    float* __restrict__ dcb = dc + b * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const float tc = tanh_f32(cb[j]);
+      dcb[j] = cell_backward(a[j], a[H + j], a[2 * H + j], a[3 * H + j], cp[j], tc, drb[j],
+                             dcb[j], &d[j], &d[H + j], &d[2 * H + j], &d[3 * H + j]);
+    }
+    if (r) {
+      float* __restrict__ rb = r + b * H;
+      for (int64_t j = 0; j < H; ++j) {
+        rb[j] = a[3 * H + j] * tanh_f32(cb[j]);
+      }
+    }
+  }
+}
+
+inline void gates_backward(int64_t B, int64_t H, const float* gates, const float* cells,
+                           const float* c_prev_rows, const float* c0_rows, int64_t n_prev,
+                           const float* dr, float* dc, float* dgates, float* r,
+                           float* /*tanh_c: not needed*/) {
+  gates_backward_fused(B, H, gates, cells, c_prev_rows, c0_rows, n_prev, dr, dc, dgates, r);
 }
 
 // Where each time step's rows are: offset[t] (in rows) and batch[t] (active rows).
@@ -111,7 +216,7 @@ struct Steps {
 
 // Forward of one layer over all steps.
 //   x      [rows, I]     h0 [B, P], c0 [B, H]
-//   w_ih_t [I, 4H]       w_hh_t [P, 4H]   bias [4H] (b_ih + b_hh) or null   w_hr_t [H, P] or null
+//   w_ih_t [I, 4H]       w_hh_t [P, 4H]   bias [4H] (b_ih + b_hh, or zeros)  w_hr_t [H, P] or null
 //   (the weights transposed: the per-step GEMMs are then plain row-major A @ B, which MKL runs
 //   1.3-2x faster than A @ B^T at small batch sizes)
 //   y      [rows, P]     h_n [B, P], c_n [B, H] (also the running states)
@@ -123,13 +228,8 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
                    const T* c0, const T* w_ih_t, const T* w_hh_t, const T* bias, const T* w_hr_t,
                    T* y, T* h_n, T* c_n, T* gates, T* cells, T* exp_scratch, T* r_scratch) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
-  if (bias != nullptr) {
-    for (int64_t r = 0; r < s.N; ++r) {
-      std::memcpy(gates + r * G, bias, G * sizeof(T));
-    }
-  }
-  // Input projection of all steps at once: gates = x W_ih^T (+ bias).
-  gemm<T>(false, false, s.N, G, s.I, T(1), x, s.I, w_ih_t, G, bias ? T(1) : T(0), gates, G);
+  // Input projection of all steps at once: gates = x W_ih^T (the bias is added in the gate pass).
+  gemm<T>(false, false, s.N, G, s.I, T(1), x, s.I, w_ih_t, G, T(0), gates, G);
 
   std::memcpy(h_n, h0, s.B * P * sizeof(T));
   std::memcpy(c_n, c0, s.B * H * sizeof(T));
@@ -147,9 +247,9 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
       T* gates_t = gates + row * G;
       T* y_t = y + row * P;
       gemm<T>(false, false, n, G, P, T(1), h_state, P, w_hh_t, G, T(1), gates_t, G);
-      // c_state holds c_{t-1} and receives c_t (each unit reads before it writes).
+      // c_state holds c_{t-1} and receives c_t.
       T* r_t = w_hr_t ? r_scratch + b0 * H : y_t;
-      gates_forward(n, H, gates_t, c_state, c_state, r_t, exp_scratch + b0 * G);
+      gates_forward(n, H, gates_t, bias, c_state, r_t, exp_scratch + b0 * G);
       if (cells) {
         std::memcpy(cells + row * H, c_state, n * H * sizeof(T));
       }
@@ -229,31 +329,10 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
         gemm<T>(false, false, n, H, P, T(1), dh_state, P, w_hr, H, T(0), dr_rows, H);  // dh W_hr
         dr = dr_rows;
       }
-      const T* gates_t = gates + row * G;
-      const T* cells_t = cells + row * H;
-      const T* c_prev_rows = cells + prev_row * H;
-      const T* c0_rows = c0 + b0 * H;
       T* dgates_t = dgates + row * G;
-      T* r_t = w_hr ? r_all + row * H : nullptr;
-      T* tanh_rows = tanh_c + b0 * H;
-      vector_tanh(n * H, cells_t, tanh_rows);
-      for (int64_t r = 0; r < n; ++r) {
-        const T* __restrict__ a = gates_t + r * G;
-        T* __restrict__ d = dgates_t + r * G;
-        const T* __restrict__ tc = tanh_rows + r * H;
-        const T* __restrict__ cp = r < n_prev ? c_prev_rows + r * H : c0_rows + r * H;
-        const T* __restrict__ drr = dr + r * H;
-        T* __restrict__ dcr = dc_state + r * H;
-        for (int64_t j = 0; j < H; ++j) {
-          dcr[j] = cell_backward(a[j], a[H + j], a[2 * H + j], a[3 * H + j], cp[j], tc[j], drr[j],
-                                 dcr[j], &d[j], &d[H + j], &d[2 * H + j], &d[3 * H + j]);
-        }
-        if (r_t) {
-          for (int64_t j = 0; j < H; ++j) {
-            r_t[r * H + j] = a[3 * H + j] * tc[j];
-          }
-        }
-      }
+      gates_backward(n, H, gates + row * G, cells + row * H, cells + prev_row * H, c0 + b0 * H,
+                     n_prev, dr, dc_state, dgates_t, w_hr ? r_all + row * H : nullptr,
+                     tanh_c + b0 * H);
       // dL/dh of the state this step read = dG_t W_hh
       gemm<T>(false, false, n, P, G, T(1), dgates_t, G, w_hh, P, T(0), dh_state, P);
     }
@@ -287,8 +366,11 @@ optional<Tensor> contiguous_or_none(const optional<Tensor>& t) {
   return c10::nullopt;
 }
 
-Tensor combined_bias(const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh) {
-  return bias_ih.has_value() ? (*bias_ih + *bias_hh).contiguous() : Tensor();
+// b_ih + b_hh [4H], or zeros without bias (the gate pass always adds one).
+Tensor combined_bias(const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
+                     const Tensor& weight_hh) {
+  return bias_ih.has_value() ? (*bias_ih + *bias_hh).contiguous()
+                             : at::zeros({weight_hh.size(0)}, weight_hh.options());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
@@ -304,7 +386,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   const Tensor x = input.contiguous(), h0c = h0.contiguous(), c0c = c0.contiguous();
   const Tensor w_ih_t = weight_ih.t().contiguous(), w_hh_t = weight_hh.t().contiguous();
   const Tensor w_hr_t = weight_hr.has_value() ? weight_hr->t().contiguous() : Tensor();
-  const Tensor bias = combined_bias(bias_ih, bias_hh);
+  const Tensor bias = combined_bias(bias_ih, bias_hh, weight_hh);
   const auto opts = x.options();
   Tensor output = at::empty(per_step_shape(s, packed, s.P), opts);
   Tensor h_n = at::empty({s.B, s.P}, opts);
@@ -317,7 +399,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
     layer_forward<scalar_t>(
         s, steps, reverse, x.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(),
         c0c.data_ptr<scalar_t>(), w_ih_t.data_ptr<scalar_t>(), w_hh_t.data_ptr<scalar_t>(),
-        bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+        bias.data_ptr<scalar_t>(),
         w_hr_t.defined() ? w_hr_t.data_ptr<scalar_t>() : nullptr,
         output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
         gates.data_ptr<scalar_t>(), keep_state ? cells.data_ptr<scalar_t>() : nullptr,
@@ -432,7 +514,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
   const Steps steps(s, c10::nullopt);
   const Tensor x = input.contiguous(), hxc = hx.contiguous(), cxc = cx.contiguous();
   const Tensor w_ih_t = weight_ih.t().contiguous(), w_hh_t = weight_hh.t().contiguous();
-  const Tensor bias = combined_bias(bias_ih, bias_hh);
+  const Tensor bias = combined_bias(bias_ih, bias_hh, weight_hh);
   const auto opts = x.options();
   Tensor hy = at::empty({s.B, s.H}, opts);
   Tensor h_n = at::empty({s.B, s.H}, opts);
@@ -444,7 +526,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
     layer_forward<scalar_t>(s, steps, false, x.data_ptr<scalar_t>(), hxc.data_ptr<scalar_t>(),
                             cxc.data_ptr<scalar_t>(), w_ih_t.data_ptr<scalar_t>(),
                             w_hh_t.data_ptr<scalar_t>(),
-                            bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, nullptr,
+                            bias.data_ptr<scalar_t>(), nullptr,
                             hy.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
                             cy.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), nullptr,
                             exp_scratch.data_ptr<scalar_t>(), nullptr);
