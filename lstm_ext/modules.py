@@ -136,7 +136,36 @@ class LSTM(nn.Module):
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
                     names.append(name)
                 self._all_weights.append(names)
+        self._init_flat_weights()
         self.reset_parameters()
+
+    # As nn.RNNBase: the per-layer argument tuples are cached, and refreshed whenever a parameter
+    # is replaced (assignment, .to(), .double(), load_state_dict(assign=True)), so that forward
+    # does not look up every parameter by name on each call.
+    def _init_flat_weights(self) -> None:
+        self._layer_args = []
+        for names in self._all_weights:
+            p = [getattr(self, name) for name in names]
+            b_ih, b_hh = (p[2], p[3]) if self.bias else (None, None)
+            w_hr = p[-1] if self.proj_size > 0 else None
+            self._layer_args.append((p[0], p[1], b_ih, b_hh, w_hr))
+        self._flat_named = [(name, getattr(self, name))
+                            for names in self._all_weights for name in names]
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if "_all_weights" in self.__dict__ and isinstance(value, nn.Parameter) and any(
+                name in names for names in self._all_weights):
+            self._init_flat_weights()
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._init_flat_weights()
+        return result
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._init_flat_weights()
 
     def reset_parameters(self) -> None:
         """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as nn.LSTM."""
@@ -150,14 +179,6 @@ class LSTM(nn.Module):
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
-
-    def _layer_params(self, index: int):
-        """(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) of one layer and direction."""
-        p = [getattr(self, name) for name in self._all_weights[index]]
-        w_ih, w_hh = p[0], p[1]
-        b_ih, b_hh = (p[2], p[3]) if self.bias else (None, None)
-        w_hr = p[-1] if self.proj_size > 0 else None
-        return w_ih, w_hh, b_ih, b_hh, w_hr
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
         owner = "lstm_ext.LSTM"
@@ -176,8 +197,7 @@ class LSTM(nn.Module):
                              f"(batched), got a {input.dim()}-D tensor of shape {_shape(input)}")
         else:
             batched = input.dim() == 3
-        named = [(name, getattr(self, name)) for names in self._all_weights for name in names]
-        _check_dtypes(owner, named, input)
+        _check_dtypes(owner, self._flat_named, input)
         if input.shape[-1] != self.input_size:
             raise RuntimeError(f"{owner}: input.size(-1) must be equal to input_size. Expected "
                                f"{self.input_size}, got {input.shape[-1]} (input shape "
@@ -222,7 +242,7 @@ class LSTM(nn.Module):
             for direction in range(directions):
                 index = layer * directions + direction
                 output, h, c = lstm_layer(layer_input, h0[index], c0[index],
-                                          *self._layer_params(index), batch_sizes=batch_sizes,
+                                          *self._layer_args[index], batch_sizes=batch_sizes,
                                           reverse=direction == 1)
                 outputs.append(output)
                 h_n.append(h)

@@ -216,20 +216,20 @@ struct Steps {
 
 // Forward of one layer over all steps.
 //   x      [rows, I]     h0 [B, P], c0 [B, H]
-//   w_ih_t [I, 4H]       w_hh_t [P, 4H]   bias [4H] (b_ih + b_hh, or zeros)  w_hr_t [H, P] or null
-//   (the weights transposed: the per-step GEMMs are then plain row-major A @ B, which MKL runs
-//   1.3-2x faster than A @ B^T at small batch sizes)
+//   w_ih   [4H, I]       w_hh_t [P, 4H]   bias [4H] (b_ih + b_hh, or zeros)  w_hr_t [H, P] or null
+//   (the recurrent weights transposed: the per-step GEMMs are then plain row-major A @ B, which
+//   MKL runs 1.3-2x faster than A @ B^T at small batch sizes)
 //   y      [rows, P]     h_n [B, P], c_n [B, H] (also the running states)
 //   gates  [rows, 4H]    workspace; on return the activated gates i, f, g, o of every step
 //   cells  [rows, H]     c_t of every step, or null when the backward will not run
 //   exp_scratch [B, 4H]; r_scratch [B, H] (o ⊙ tanh(c_t) before the projection; with w_hr only)
 template <typename T>
 void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const T* x, const T* h0,
-                   const T* c0, const T* w_ih_t, const T* w_hh_t, const T* bias, const T* w_hr_t,
+                   const T* c0, const T* w_ih, const T* w_hh_t, const T* bias, const T* w_hr_t,
                    T* y, T* h_n, T* c_n, T* gates, T* cells, T* exp_scratch, T* r_scratch) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   // Input projection of all steps at once: gates = x W_ih^T (the bias is added in the gate pass).
-  gemm<T>(false, false, s.N, G, s.I, T(1), x, s.I, w_ih_t, G, T(0), gates, G);
+  gemm<T>(false, true, s.N, G, s.I, T(1), x, s.I, w_ih, s.I, T(0), gates, G);
 
   std::memcpy(h_n, h0, s.B * P * sizeof(T));
   std::memcpy(c_n, c0, s.B * H * sizeof(T));
@@ -366,11 +366,61 @@ optional<Tensor> contiguous_or_none(const optional<Tensor>& t) {
   return c10::nullopt;
 }
 
-// b_ih + b_hh [4H], or zeros without bias (the gate pass always adds one).
-Tensor combined_bias(const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
-                     const Tensor& weight_hh) {
-  return bias_ih.has_value() ? (*bias_ih + *bias_hh).contiguous()
-                             : at::zeros({weight_hh.size(0)}, weight_hh.options());
+// The per-call preparation runs for every call, so at small sizes it must cost little: one
+// allocation for all scratch buffers, and transposes / bias sums as plain loops, not ATen calls
+// (each of which costs about a microsecond of dispatch).
+
+// Hands out consecutive pieces of one allocation.
+template <typename T>
+class Workspace {
+ public:
+  Workspace(int64_t elements, const at::TensorOptions& options)
+      : buffer_(at::empty({elements}, options)), next_(buffer_.data_ptr<T>()) {}
+  T* take(int64_t elements) {
+    T* piece = next_;
+    next_ += elements;
+    return piece;
+  }
+
+ private:
+  Tensor buffer_;
+  T* next_;
+};
+
+// dst [cols, rows] (contiguous) = src^T, for a 2-D src [rows, cols] with any strides; in tiles,
+// so that both sides stay in cache.
+template <typename T>
+void transpose_into(const Tensor& src, T* dst) {
+  const int64_t rows = src.size(0), cols = src.size(1);
+  const int64_t rs = src.stride(0), cs = src.stride(1);
+  const T* p = src.data_ptr<T>();
+  constexpr int64_t tile = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+    for (int64_t c0 = 0; c0 < cols; c0 += tile) {
+      const int64_t r1 = std::min(rows, r0 + tile), c1 = std::min(cols, c0 + tile);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t r = r0; r < r1; ++r) {
+          dst[c * rows + r] = p[r * rs + c * cs];
+        }
+      }
+    }
+  }
+}
+
+// dst [4H] = b_ih + b_hh, or zeros without bias (the gate pass always adds one).
+template <typename T>
+void combined_bias_into(const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
+                        int64_t G, T* dst) {
+  if (!bias_ih.has_value()) {
+    std::fill(dst, dst + G, T(0));
+    return;
+  }
+  const T* a = bias_ih->data_ptr<T>();
+  const T* b = bias_hh->data_ptr<T>();
+  const int64_t sa = bias_ih->stride(0), sb = bias_hh->stride(0);
+  for (int64_t k = 0; k < G; ++k) {
+    dst[k] = a[k * sa] + b[k * sb];
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
@@ -383,27 +433,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
                                           bias_hh, weight_hr, batch_sizes);
   const bool packed = batch_sizes.has_value();
   const Steps steps(s, batch_sizes);
-  const Tensor x = input.contiguous(), h0c = h0.contiguous(), c0c = c0.contiguous();
-  const Tensor w_ih_t = weight_ih.t().contiguous(), w_hh_t = weight_hh.t().contiguous();
-  const Tensor w_hr_t = weight_hr.has_value() ? weight_hr->t().contiguous() : Tensor();
-  const Tensor bias = combined_bias(bias_ih, bias_hh, weight_hh);
-  const auto opts = x.options();
+  const auto x = input.expect_contiguous(), h0c = h0.expect_contiguous(),
+             c0c = c0.expect_contiguous(), w_ih = weight_ih.expect_contiguous();
+  const auto opts = input.options();
+  const int64_t G = 4 * s.H;
   Tensor output = at::empty(per_step_shape(s, packed, s.P), opts);
   Tensor h_n = at::empty({s.B, s.P}, opts);
   Tensor c_n = at::empty({s.B, s.H}, opts);
-  Tensor gates = at::empty(per_step_shape(s, packed, 4 * s.H), opts);
+  Tensor gates = at::empty(per_step_shape(s, packed, G), opts);
   Tensor cells = keep_state ? at::empty(per_step_shape(s, packed, s.H), opts) : Tensor();
-  Tensor exp_scratch = at::empty({s.B, 4 * s.H}, opts);
-  Tensor r_scratch = at::empty({w_hr_t.defined() ? s.B : 0, s.H}, opts);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
-    layer_forward<scalar_t>(
-        s, steps, reverse, x.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(),
-        c0c.data_ptr<scalar_t>(), w_ih_t.data_ptr<scalar_t>(), w_hh_t.data_ptr<scalar_t>(),
-        bias.data_ptr<scalar_t>(),
-        w_hr_t.defined() ? w_hr_t.data_ptr<scalar_t>() : nullptr,
-        output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
-        gates.data_ptr<scalar_t>(), keep_state ? cells.data_ptr<scalar_t>() : nullptr,
-        exp_scratch.data_ptr<scalar_t>(), r_scratch.data_ptr<scalar_t>());
+  const bool proj = weight_hr.has_value();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_forward_cpu", [&] {
+    // w_hh_t [P, 4H], w_hr_t [H, P], bias [4H], exp_scratch [B, 4H], r_scratch [B, H]
+    Workspace<scalar_t> work(s.P * G + (proj ? s.H * s.P : 0) + G + s.B * G +
+                                 (proj ? s.B * s.H : 0), opts);
+    scalar_t* w_hh_t = work.take(s.P * G);
+    transpose_into(weight_hh, w_hh_t);
+    scalar_t* w_hr_t = proj ? work.take(s.H * s.P) : nullptr;
+    if (proj) {
+      transpose_into(*weight_hr, w_hr_t);
+    }
+    scalar_t* bias = work.take(G);
+    combined_bias_into(bias_ih, bias_hh, G, bias);
+    scalar_t* exp_scratch = work.take(s.B * G);
+    scalar_t* r_scratch = proj ? work.take(s.B * s.H) : nullptr;
+    layer_forward<scalar_t>(s, steps, reverse, x->data_ptr<scalar_t>(), h0c->data_ptr<scalar_t>(),
+                            c0c->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh_t, bias,
+                            w_hr_t, output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
+                            c_n.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+                            keep_state ? cells.data_ptr<scalar_t>() : nullptr, exp_scratch,
+                            r_scratch);
   });
   if (!keep_state) {
     // Nothing kept for a backward: both come back with no rows.
@@ -449,37 +508,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   const Steps steps(s, batch_sizes);
   const auto dy = contiguous_or_none(grad_output), dh_n = contiguous_or_none(grad_h_n),
              dc_n = contiguous_or_none(grad_c_n);
-  const Tensor x = input.contiguous(), h0c = h0.contiguous(), c0c = c0.contiguous();
-  const Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
+  const auto x = input.expect_contiguous(), h0c = h0.expect_contiguous(),
+             c0c = c0.expect_contiguous(), w_ih = weight_ih.expect_contiguous(),
+             w_hh = weight_hh.expect_contiguous(), y = output.expect_contiguous(),
+             gates_c = gates.expect_contiguous(), cells_c = cells.expect_contiguous();
   const auto w_hr = contiguous_or_none(weight_hr);
-  const Tensor y = output.contiguous(), gates_c = gates.contiguous(), cells_c = cells.contiguous();
-  const auto opts = x.options();
-  const int64_t proj_rows = w_hr ? s.N : 0;
-  Tensor grad_input = at::empty(x.sizes(), opts);
+  const bool proj = w_hr.has_value();
+  const auto opts = input.options();
+  const int64_t G = 4 * s.H;
+  Tensor grad_input = at::empty(input.sizes(), opts);
   Tensor grad_h0 = at::empty({s.B, s.P}, opts);
   Tensor grad_c0 = at::empty({s.B, s.H}, opts);
-  Tensor grad_w_ih = at::empty({4 * s.H, s.I}, opts);
-  Tensor grad_w_hh = at::empty({4 * s.H, s.P}, opts);
-  Tensor grad_bias = at::empty({4 * s.H}, opts);
-  Tensor grad_w_hr = at::empty({w_hr ? s.P : 0, s.H}, opts);
-  Tensor dgates = at::empty({s.N, 4 * s.H}, opts);
-  Tensor h_prev = at::empty({s.N, s.P}, opts);
-  Tensor dh_all = at::empty({proj_rows, s.P}, opts);
-  Tensor r_all = at::empty({proj_rows, s.H}, opts);
-  Tensor dr_scratch = at::empty({w_hr ? s.B : 0, s.H}, opts);
-  Tensor tanh_c = at::empty({s.B, s.H}, opts);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
+  Tensor grad_w_ih = at::empty({G, s.I}, opts);
+  Tensor grad_w_hh = at::empty({G, s.P}, opts);
+  Tensor grad_bias = at::empty({G}, opts);
+  Tensor grad_w_hr = at::empty({proj ? s.P : 0, s.H}, opts);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_backward_cpu", [&] {
+    // dgates [N, 4H], h_prev [N, P], tanh_c [B, H]; with projection dh_all [N, P], r_all [N, H],
+    // dr [B, H]
+    const int64_t proj_elements = proj ? s.N * (s.P + s.H) + s.B * s.H : 0;
+    Workspace<scalar_t> work(s.N * (G + s.P) + s.B * s.H + proj_elements, opts);
+    scalar_t* dgates = work.take(s.N * G);
+    scalar_t* h_prev = work.take(s.N * s.P);
+    scalar_t* tanh_c = work.take(s.B * s.H);
+    scalar_t* dh_all = proj ? work.take(s.N * s.P) : nullptr;
+    scalar_t* r_all = proj ? work.take(s.N * s.H) : nullptr;
+    scalar_t* dr_scratch = proj ? work.take(s.B * s.H) : nullptr;
     layer_backward<scalar_t>(
         s, steps, reverse, data_or_null<scalar_t>(dy), data_or_null<scalar_t>(dh_n),
-        data_or_null<scalar_t>(dc_n), x.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(),
-        c0c.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
-        data_or_null<scalar_t>(w_hr), y.data_ptr<scalar_t>(), gates_c.data_ptr<scalar_t>(),
-        cells_c.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(),
+        data_or_null<scalar_t>(dc_n), x->data_ptr<scalar_t>(), h0c->data_ptr<scalar_t>(),
+        c0c->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(),
+        data_or_null<scalar_t>(w_hr), y->data_ptr<scalar_t>(), gates_c->data_ptr<scalar_t>(),
+        cells_c->data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(),
         grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(),
         grad_w_ih.data_ptr<scalar_t>(), grad_w_hh.data_ptr<scalar_t>(),
-        grad_w_hr.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
-        dgates.data_ptr<scalar_t>(), h_prev.data_ptr<scalar_t>(), dh_all.data_ptr<scalar_t>(),
-        r_all.data_ptr<scalar_t>(), dr_scratch.data_ptr<scalar_t>(), tanh_c.data_ptr<scalar_t>());
+        proj ? grad_w_hr.data_ptr<scalar_t>() : nullptr, grad_bias.data_ptr<scalar_t>(), dgates,
+        h_prev, dh_all, r_all, dr_scratch, tanh_c);
   });
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
@@ -512,24 +576,27 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
   constexpr const char* op = "lstm_ext::lstm_cell_forward";
   const LayerSizes s = check_cell_inputs(op, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
   const Steps steps(s, c10::nullopt);
-  const Tensor x = input.contiguous(), hxc = hx.contiguous(), cxc = cx.contiguous();
-  const Tensor w_ih_t = weight_ih.t().contiguous(), w_hh_t = weight_hh.t().contiguous();
-  const Tensor bias = combined_bias(bias_ih, bias_hh, weight_hh);
-  const auto opts = x.options();
+  const auto x = input.expect_contiguous(), hxc = hx.expect_contiguous(),
+             cxc = cx.expect_contiguous(), w_ih = weight_ih.expect_contiguous();
+  const auto opts = input.options();
+  const int64_t G = 4 * s.H;
   Tensor hy = at::empty({s.B, s.H}, opts);
-  Tensor h_n = at::empty({s.B, s.H}, opts);
   Tensor cy = at::empty({s.B, s.H}, opts);
-  Tensor gates = at::empty({s.B, 4 * s.H}, opts);
-  Tensor exp_scratch = at::empty({s.B, 4 * s.H}, opts);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_forward_cpu", [&] {
+  Tensor gates = at::empty({s.B, G}, opts);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_cell_forward_cpu", [&] {
+    // w_hh_t [H, 4H], bias [4H], exp_scratch [B, 4H], h_n [B, H] (the layer kernel's copy of hy)
+    Workspace<scalar_t> work(s.H * G + G + s.B * G + s.B * s.H, opts);
+    scalar_t* w_hh_t = work.take(s.H * G);
+    transpose_into(weight_hh, w_hh_t);
+    scalar_t* bias = work.take(G);
+    combined_bias_into(bias_ih, bias_hh, G, bias);
+    scalar_t* exp_scratch = work.take(s.B * G);
+    scalar_t* h_n = work.take(s.B * s.H);
     // One step of the layer kernel; its running c state is cy itself.
-    layer_forward<scalar_t>(s, steps, false, x.data_ptr<scalar_t>(), hxc.data_ptr<scalar_t>(),
-                            cxc.data_ptr<scalar_t>(), w_ih_t.data_ptr<scalar_t>(),
-                            w_hh_t.data_ptr<scalar_t>(),
-                            bias.data_ptr<scalar_t>(), nullptr,
-                            hy.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
-                            cy.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), nullptr,
-                            exp_scratch.data_ptr<scalar_t>(), nullptr);
+    layer_forward<scalar_t>(s, steps, false, x->data_ptr<scalar_t>(), hxc->data_ptr<scalar_t>(),
+                            cxc->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh_t, bias,
+                            nullptr, hy.data_ptr<scalar_t>(), h_n, cy.data_ptr<scalar_t>(),
+                            gates.data_ptr<scalar_t>(), nullptr, exp_scratch, nullptr);
   });
   return {hy, cy, gates};
 }
