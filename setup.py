@@ -42,6 +42,14 @@ def cuda_decision():
     return False, "no GPU visible (set FORCE_CUDA=1 to build anyway)"
 
 
+def pip_cuda_include_dirs():
+    """Headers of the CUDA libraries that a pip-installed CUDA torch brings (nvidia/*/include):
+    ATen's CUDA headers include cuBLAS and cuSPARSE, which a bare nvcc install lacks."""
+    import site
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    return sorted({d for root in roots for d in glob.glob(os.path.join(root, "nvidia", "*", "include"))})
+
+
 def write_build_info(build_cuda):
     # Read by lstm_ext/_ops.py *before* it loads the compiled module, so a torch mismatch is reported
     # as a clear ImportError instead of an undefined-symbol error or a crash.
@@ -71,9 +79,9 @@ def extensions():
     link = ["-fopenmp"]
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        return [CUDAExtension("lstm_ext._C", sources,
+        return [CUDAExtension("lstm_ext._C", sources, include_dirs=pip_cuda_include_dirs(),
                               extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"],
-                                                  "nvcc": opt + define + ["-DWITH_CUDA"]},
+                                                  "nvcc": opt + ["-DWITH_CUDA"]},
                               extra_link_args=link)]
     return [CppExtension("lstm_ext._C", sources, extra_compile_args={"cxx": cxx},
                          extra_link_args=link)]

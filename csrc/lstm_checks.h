@@ -146,11 +146,6 @@ inline LayerSizes check_layer_inputs(const char* op, const at::Tensor& input, co
   return s;
 }
 
-// The shape of a per-step tensor with `width` features: [T, B, width], or [N, width] when packed.
-inline std::vector<int64_t> per_step_shape(const LayerSizes& s, bool packed, int64_t width) {
-  return packed ? std::vector<int64_t>{s.N, width} : std::vector<int64_t>{s.T, s.B, width};
-}
-
 // An optional incoming gradient: absent, or shaped like the output it belongs to.
 inline void check_optional_grad(const char* op, const c10::optional<at::Tensor>& grad,
                                 const char* name, const char* what, std::vector<int64_t> expected,

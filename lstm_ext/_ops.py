@@ -30,6 +30,14 @@ def _load_compiled_module():
             f"{torch.__version__} is installed. Rebuild it against this torch: `{REBUILD_COMMAND}` "
             "in the lstm_ext source tree."
         )
+    import glob
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not glob.glob(os.path.join(here, "_C.*")):
+        raise ImportError(
+            f"lstm_ext's compiled module is not in {here}: this looks like the unbuilt source "
+            "tree. Install the package (`pip install .`) and import it from elsewhere, or run "
+            "the tests with the `pytest` command rather than `python -m pytest`.")
     try:
         from . import _C
     except ImportError as exc:

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../lstm_checks.h"
+#include "../lstm_steps.h"
 #include "../lstm_math.h"
 #include "blas.h"
 #include "vec_math.h"
@@ -196,23 +197,6 @@ inline void gates_backward(int64_t B, int64_t H, const float* gates, const float
                            float* /*tanh_c: not needed*/) {
   gates_backward_fused(B, H, gates, cells, c_prev_rows, c0_rows, n_prev, dr, dc, dgates, r);
 }
-
-// Where each time step's rows are: offset[t] (in rows) and batch[t] (active rows).
-struct Steps {
-  std::vector<int64_t> offset, batch;
-
-  Steps(const LayerSizes& s, const optional<Tensor>& batch_sizes) : offset(s.T), batch(s.T) {
-    const Tensor bs = batch_sizes.has_value() ? batch_sizes->contiguous() : Tensor();
-    int64_t rows = 0;
-    for (int64_t t = 0; t < s.T; ++t) {
-      offset[t] = rows;
-      batch[t] = bs.defined() ? bs.data_ptr<int64_t>()[t] : s.B;
-      rows += batch[t];
-    }
-  }
-  // The time index of the k-th step processed (a reverse layer runs backwards in time).
-  static int64_t time_of(int64_t k, int64_t T, bool reverse) { return reverse ? T - 1 - k : k; }
-};
 
 // Forward of one layer over all steps.
 //   x      [rows, I]     h0 [B, P], c0 [B, H]
