@@ -156,4 +156,78 @@ inline void check_optional_grad(const char* op, const c10::optional<at::Tensor>&
   }
 }
 
+// The shape of a per-step tensor with `width` features: [T, B, width], or [N, width] when packed.
+inline std::vector<int64_t> per_step_shape(const LayerSizes& s, bool packed, int64_t width) {
+  return packed ? std::vector<int64_t>{s.N, width} : std::vector<int64_t>{s.T, s.B, width};
+}
+
+// The layer backward's arguments: the forward's inputs, what it saved, and the incoming gradients.
+inline LayerSizes check_layer_backward_inputs(
+    const char* op, const c10::optional<at::Tensor>& grad_output,
+    const c10::optional<at::Tensor>& grad_h_n, const c10::optional<at::Tensor>& grad_c_n,
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& batch_sizes,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+  const LayerSizes s = check_layer_inputs(op, input, h0, c0, weight_ih, weight_hh, c10::nullopt,
+                                          c10::nullopt, weight_hr, batch_sizes);
+  const bool packed = batch_sizes.has_value();
+  const char* rows_h = packed ? "[N, P]" : "[T, B, P]";
+  check_shape(op, output, "output", rows_h, per_step_shape(s, packed, s.P));
+  check_shape(op, gates, "gates",
+              packed ? "[N, 4*H] (saved by lstm_layer_forward with keep_state=True)"
+                     : "[T, B, 4*H] (saved by lstm_layer_forward with keep_state=True)",
+              per_step_shape(s, packed, 4 * s.H));
+  check_shape(op, cells, "cells",
+              packed ? "[N, H] (saved by lstm_layer_forward with keep_state=True)"
+                     : "[T, B, H] (saved by lstm_layer_forward with keep_state=True)",
+              per_step_shape(s, packed, s.H));
+  check_same_dtype_device(op, weight_ih, "weight_ih", output, "output");
+  check_same_dtype_device(op, weight_ih, "weight_ih", gates, "gates");
+  check_same_dtype_device(op, weight_ih, "weight_ih", cells, "cells");
+  check_optional_grad(op, grad_output, "grad_output", rows_h, per_step_shape(s, packed, s.P),
+                      weight_ih);
+  check_optional_grad(op, grad_h_n, "grad_h_n", "[B, P]", {s.B, s.P}, weight_ih);
+  check_optional_grad(op, grad_c_n, "grad_c_n", "[B, H]", {s.B, s.H}, weight_ih);
+  return s;
+}
+
+// The cell's arguments: input [B, I], hx, cx [B, H] (one step: T = 1, N = B).
+inline LayerSizes check_cell_inputs(const char* op, const at::Tensor& input, const at::Tensor& hx,
+                                    const at::Tensor& cx, const at::Tensor& weight_ih,
+                                    const at::Tensor& weight_hh,
+                                    const c10::optional<at::Tensor>& bias_ih,
+                                    const c10::optional<at::Tensor>& bias_hh) {
+  LayerSizes s = check_weights(op, weight_ih, weight_hh, bias_ih, bias_hh, c10::nullopt);
+  check_rank(op, input, "input", "[B, input_size]", 2);
+  s.T = 1;
+  s.B = input.size(0);
+  s.N = s.B;
+  check_shape(op, input, "input", "[B, I]", {s.B, s.I});
+  check_shape(op, hx, "hx", "[B, H]", {s.B, s.H});
+  check_shape(op, cx, "cx", "[B, H]", {s.B, s.H});
+  check_same_dtype_device(op, weight_ih, "weight_ih", input, "input");
+  check_same_dtype_device(op, weight_ih, "weight_ih", hx, "hx");
+  check_same_dtype_device(op, weight_ih, "weight_ih", cx, "cx");
+  check_fits_int(op, "B*4*H", s.B * 4 * s.H);
+  check_fits_int(op, "input_size", s.I);
+  return s;
+}
+
+inline LayerSizes check_cell_backward_inputs(
+    const char* op, const c10::optional<at::Tensor>& grad_hy,
+    const c10::optional<at::Tensor>& grad_cy, const at::Tensor& input, const at::Tensor& hx,
+    const at::Tensor& cx, const at::Tensor& cy, const at::Tensor& gates,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh) {
+  const LayerSizes s =
+      check_cell_inputs(op, input, hx, cx, weight_ih, weight_hh, c10::nullopt, c10::nullopt);
+  check_shape(op, cy, "cy", "[B, H]", {s.B, s.H});
+  check_shape(op, gates, "gates", "[B, 4*H] (saved by lstm_cell_forward)", {s.B, 4 * s.H});
+  check_same_dtype_device(op, weight_ih, "weight_ih", cy, "cy");
+  check_same_dtype_device(op, weight_ih, "weight_ih", gates, "gates");
+  check_optional_grad(op, grad_hy, "grad_hy", "[B, H]", {s.B, s.H}, weight_ih);
+  check_optional_grad(op, grad_cy, "grad_cy", "[B, H]", {s.B, s.H}, weight_ih);
+  return s;
+}
+
 }  // namespace lstm_ext

@@ -13,11 +13,6 @@
 
 namespace lstm_ext {
 
-// The shape of a per-step tensor with `width` features: [T, B, width], or [N, width] when packed.
-inline std::vector<int64_t> per_step_shape(const LayerSizes& s, bool packed, int64_t width) {
-  return packed ? std::vector<int64_t>{s.N, width} : std::vector<int64_t>{s.T, s.B, width};
-}
-
 // Where each time step's rows are: offset[t] (in rows) and batch[t] (active rows).
 struct Steps {
   std::vector<int64_t> offset, batch;

@@ -120,5 +120,9 @@ def ddp_worker(rank, world, port, out_path):
         ddp_train(model, x[:, rows], y[:, rows])
         if rank == 0:
             torch.save(model.module.state_dict(), out_path)
+        # Leave together: a rank that tears gloo down while its peer is still in a collective or
+        # still saving can make the peer abort.
+        dist.barrier()
+        del model
     finally:
         dist.destroy_process_group()

@@ -105,21 +105,36 @@ def test_float64(architecture, form):
     assert_float64_equal(names, actual, expected)
 
 
-@pytest.mark.parametrize("form", INPUT_FORMS)
-@pytest.mark.parametrize("architecture", ARCHITECTURES[::3], ids=str)
-def test_float32(architecture, form):
+def to_device(x, device):
+    """A tensor or PackedSequence on `device` (batch_sizes stay on the CPU, as PyTorch keeps them)."""
+    if isinstance(x, PackedSequence):
+        move = (lambda t: t.to(device) if t is not None else None)
+        return PackedSequence(x.data.to(device), x.batch_sizes, move(x.sorted_indices),
+                              move(x.unsorted_indices))
+    return x.to(device)
+
+
+def float32_results(architecture, form, device="cpu"):
+    """(names, lstm_ext float32, nn.LSTM float32, nn.LSTM float64 on the CPU), same weights."""
     options = options_for(architecture, form)
     ref32, ext32 = make_pair(torch.float32, **options)
     ref64 = nn.LSTM(I, H, dtype=F64, **options)
-    ref64.load_state_dict(ref32.state_dict())
+    ref64.load_state_dict(ref32.state_dict())  # the same float32 weights, exactly, in float64
     x, batch = make_input(form, torch.float32)
     hx = states(options, batch, torch.float32)
     x64 = (PackedSequence(x.data.double(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
            if isinstance(x, PackedSequence) else x.double())
     names, r64 = run(ref64, form, x64, tuple(t.double() for t in hx))
-    _, t32 = run(ref32, form, x, hx)
-    _, e32 = run(ext32, form, x, hx)
-    assert_float32_close(names, e32, t32, r64)
+    x_dev, hx_dev = to_device(x, device), tuple(t.to(device) for t in hx)
+    _, t32 = run(ref32.to(device), form, x_dev, hx_dev)
+    _, e32 = run(ext32.to(device), form, x_dev, hx_dev)
+    return names, [t.cpu() for t in e32], [t.cpu() for t in t32], r64
+
+
+@pytest.mark.parametrize("form", INPUT_FORMS)
+@pytest.mark.parametrize("architecture", ARCHITECTURES[::3], ids=str)
+def test_float32(architecture, form):
+    assert_float32_close(*float32_results(architecture, form))
 
 
 @pytest.mark.parametrize("form", ["batched", "packed_unsorted", "unbatched"])

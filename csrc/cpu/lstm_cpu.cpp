@@ -5,12 +5,11 @@
 // with proj_size) and one fused pass over the gates. The input projection (forward) and the weight
 // gradients (backward) are single GEMMs over all rows. The cell ops are the layer kernels with T = 1.
 //
-// Rows: every per-step tensor is laid out as rows of the steps one after another: [T, B, .] for a
-// plain sequence, or a PackedSequence's [N, .] where step t has batch_sizes[t] rows (the sequences
-// still running, longest first). A layer keeps running states h [B, P] and c [B, H]; step t reads
-// and updates their first batch_sizes[t] rows, so finished sequences keep their last state, which
-// is what h_n / c_n report. A reverse layer runs the steps from T-1 down to 0; a sequence then
-// joins when its first (last in time) step comes, starting from its h0 / c0 row.
+// Rows are laid out as csrc/lstm_steps.h describes. A layer keeps running states h [B, P] and
+// c [B, H]; step t reads and updates their first batch_sizes[t] rows, so finished sequences keep
+// their last state, which is what h_n / c_n report. A reverse layer runs the steps from T-1 down
+// to 0; a sequence then joins when its first (last in time) step comes, starting from its h0 / c0
+// row. Threads split the batch (for_each_batch_slice) and each runs every step on its rows.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -466,29 +465,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output, const Tensor& gates,
     const Tensor& cells) {
   constexpr const char* op = "lstm_ext::lstm_layer_backward";
-  const LayerSizes s = check_layer_inputs(op, input, h0, c0, weight_ih, weight_hh, c10::nullopt,
-                                          c10::nullopt, weight_hr, batch_sizes);
-  const bool packed = batch_sizes.has_value();
-  const char* rows_h = packed ? "[N, P]" : "[T, B, P]";
-  check_shape(op, output, "output", rows_h, per_step_shape(s, packed, s.P));
-  check_shape(op, gates, "gates",
-              packed ? "[N, 4*H] (saved by lstm_layer_forward with keep_state=True)"
-                     : "[T, B, 4*H] (saved by lstm_layer_forward with keep_state=True)",
-              per_step_shape(s, packed, 4 * s.H));
-  check_shape(op, cells, "cells",
-              packed ? "[N, H] (saved by lstm_layer_forward with keep_state=True)"
-                     : "[T, B, H] (saved by lstm_layer_forward with keep_state=True)",
-              per_step_shape(s, packed, s.H));
-  for (auto [t, name] : {std::pair<const Tensor&, const char*>{output, "output"},
-                         {gates, "gates"},
-                         {cells, "cells"}}) {
-    check_same_dtype_device(op, weight_ih, "weight_ih", t, name);
-  }
-  check_optional_grad(op, grad_output, "grad_output", rows_h, per_step_shape(s, packed, s.P),
-                      weight_ih);
-  check_optional_grad(op, grad_h_n, "grad_h_n", "[B, P]", {s.B, s.P}, weight_ih);
-  check_optional_grad(op, grad_c_n, "grad_c_n", "[B, H]", {s.B, s.H}, weight_ih);
-
+  const LayerSizes s = check_layer_backward_inputs(op, grad_output, grad_h_n, grad_c_n, input, h0,
+                                                   c0, weight_ih, weight_hh, weight_hr,
+                                                   batch_sizes, output, gates, cells);
   const Steps steps(s, batch_sizes);
   const auto dy = contiguous_or_none(grad_output), dh_n = contiguous_or_none(grad_h_n),
              dc_n = contiguous_or_none(grad_c_n);
@@ -532,25 +511,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
-// The cell's own argument checks: input [B, I], hx, cx [B, H].
-LayerSizes check_cell_inputs(const char* op, const Tensor& input, const Tensor& hx,
-                             const Tensor& cx, const Tensor& weight_ih, const Tensor& weight_hh,
-                             const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh) {
-  LayerSizes s = check_weights(op, weight_ih, weight_hh, bias_ih, bias_hh, c10::nullopt);
-  check_rank(op, input, "input", "[B, input_size]", 2);
-  s.T = 1;
-  s.B = input.size(0);
-  s.N = s.B;
-  check_shape(op, input, "input", "[B, I]", {s.B, s.I});
-  check_shape(op, hx, "hx", "[B, H]", {s.B, s.H});
-  check_shape(op, cx, "cx", "[B, H]", {s.B, s.H});
-  check_same_dtype_device(op, weight_ih, "weight_ih", input, "input");
-  check_same_dtype_device(op, weight_ih, "weight_ih", hx, "hx");
-  check_same_dtype_device(op, weight_ih, "weight_ih", cx, "cx");
-  check_fits_int(op, "B*4*H", s.B * 4 * s.H);
-  check_fits_int(op, "input_size", s.I);
-  return s;
-}
 
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, const Tensor& hx,
                                                          const Tensor& cx, const Tensor& weight_ih,
@@ -590,14 +550,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
     const Tensor& hx, const Tensor& cx, const Tensor& cy, const Tensor& gates,
     const Tensor& weight_ih, const Tensor& weight_hh) {
   constexpr const char* op = "lstm_ext::lstm_cell_backward";
-  const LayerSizes s =
-      check_cell_inputs(op, input, hx, cx, weight_ih, weight_hh, c10::nullopt, c10::nullopt);
-  check_shape(op, cy, "cy", "[B, H]", {s.B, s.H});
-  check_shape(op, gates, "gates", "[B, 4*H] (saved by lstm_cell_forward)", {s.B, 4 * s.H});
-  check_same_dtype_device(op, weight_ih, "weight_ih", cy, "cy");
-  check_same_dtype_device(op, weight_ih, "weight_ih", gates, "gates");
-  check_optional_grad(op, grad_hy, "grad_hy", "[B, H]", {s.B, s.H}, weight_ih);
-  check_optional_grad(op, grad_cy, "grad_cy", "[B, H]", {s.B, s.H}, weight_ih);
+  const LayerSizes s = check_cell_backward_inputs(op, grad_hy, grad_cy, input, hx, cx, cy, gates,
+                                                  weight_ih, weight_hh);
 
   const Steps steps(s, c10::nullopt);
   const auto dhy = contiguous_or_none(grad_hy), dcy = contiguous_or_none(grad_cy);

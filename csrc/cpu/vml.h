@@ -1,4 +1,5 @@
-// Elementwise exp and tanh over arrays, for the CPU gate passes.
+// Elementwise exp and tanh over arrays, for the float64 CPU gate passes (float32 uses the fused
+// loop with inline exp/tanh of vec_math.h).
 //
 // Why: the transcendental functions dominate the pointwise part of a step, and a scalar libm call
 // per element does not vectorise. libtorch_cpu on x86 links MKL and exports its vector math

@@ -249,24 +249,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output, const Tensor& gates,
     const Tensor& cells) {
   constexpr const char* op = "lstm_ext::lstm_layer_backward";
-  const LayerSizes s = check_layer_inputs(op, input, h0, c0, weight_ih, weight_hh, c10::nullopt,
-                                          c10::nullopt, weight_hr, batch_sizes);
-  const bool packed = batch_sizes.has_value();
-  check_shape(op, output, "output", packed ? "[N, P]" : "[T, B, P]",
-              per_step_shape(s, packed, s.P));
-  check_shape(op, gates, "gates", "[rows, 4*H] (saved by lstm_layer_forward with keep_state=True)",
-              per_step_shape(s, packed, 4 * s.H));
-  check_shape(op, cells, "cells", "[rows, H] (saved by lstm_layer_forward with keep_state=True)",
-              per_step_shape(s, packed, s.H));
-  for (auto [t, name] : {std::pair<const Tensor&, const char*>{output, "output"},
-                         {gates, "gates"},
-                         {cells, "cells"}}) {
-    check_same_dtype_device(op, weight_ih, "weight_ih", t, name);
-  }
-  check_optional_grad(op, grad_output, "grad_output", packed ? "[N, P]" : "[T, B, P]",
-                      per_step_shape(s, packed, s.P), weight_ih);
-  check_optional_grad(op, grad_h_n, "grad_h_n", "[B, P]", {s.B, s.P}, weight_ih);
-  check_optional_grad(op, grad_c_n, "grad_c_n", "[B, H]", {s.B, s.H}, weight_ih);
+  const LayerSizes s = check_layer_backward_inputs(op, grad_output, grad_h_n, grad_c_n, input, h0,
+                                                   c0, weight_ih, weight_hh, weight_hr,
+                                                   batch_sizes, output, gates, cells);
   const c10::cuda::CUDAGuard guard(input.device());
   const Steps steps(s, batch_sizes);
   const Tensor dy = grad_output.has_value() && grad_output->defined()
@@ -280,22 +265,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   return grads;
 }
 
-LayerSizes check_cell_inputs(const char* op, const Tensor& input, const Tensor& hx,
-                             const Tensor& cx, const Tensor& weight_ih, const Tensor& weight_hh,
-                             const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh) {
-  LayerSizes s = check_weights(op, weight_ih, weight_hh, bias_ih, bias_hh, c10::nullopt);
-  check_rank(op, input, "input", "[B, input_size]", 2);
-  s.T = 1;
-  s.B = input.size(0);
-  s.N = s.B;
-  check_shape(op, input, "input", "[B, I]", {s.B, s.I});
-  check_shape(op, hx, "hx", "[B, H]", {s.B, s.H});
-  check_shape(op, cx, "cx", "[B, H]", {s.B, s.H});
-  check_same_dtype_device(op, weight_ih, "weight_ih", input, "input");
-  check_same_dtype_device(op, weight_ih, "weight_ih", hx, "hx");
-  check_same_dtype_device(op, weight_ih, "weight_ih", cx, "cx");
-  return s;
-}
 
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cuda(const Tensor& input, const Tensor& hx,
                                                           const Tensor& cx,
@@ -317,14 +286,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cu
     const Tensor& hx, const Tensor& cx, const Tensor& cy, const Tensor& gates,
     const Tensor& weight_ih, const Tensor& weight_hh) {
   constexpr const char* op = "lstm_ext::lstm_cell_backward";
-  const LayerSizes s =
-      check_cell_inputs(op, input, hx, cx, weight_ih, weight_hh, c10::nullopt, c10::nullopt);
-  check_shape(op, cy, "cy", "[B, H]", {s.B, s.H});
-  check_shape(op, gates, "gates", "[B, 4*H] (saved by lstm_cell_forward)", {s.B, 4 * s.H});
-  check_same_dtype_device(op, weight_ih, "weight_ih", cy, "cy");
-  check_same_dtype_device(op, weight_ih, "weight_ih", gates, "gates");
-  check_optional_grad(op, grad_hy, "grad_hy", "[B, H]", {s.B, s.H}, weight_ih);
-  check_optional_grad(op, grad_cy, "grad_cy", "[B, H]", {s.B, s.H}, weight_ih);
+  const LayerSizes s = check_cell_backward_inputs(op, grad_hy, grad_cy, input, hx, cx, cy, gates,
+                                                  weight_ih, weight_hh);
   const c10::cuda::CUDAGuard guard(input.device());
   // One step: grad_hy is that step's output gradient and grad_cy its dc; the forward's output is
   // never read (every row's previous h is hx).
