@@ -41,7 +41,12 @@ inline float exp_f32(float x) {
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   // 2^n from its bit pattern (a bit cast, not memcpy: memcpy into a local blocks vectorisation)
+#if defined(__has_builtin) && __has_builtin(__builtin_bit_cast)
   const float scale = __builtin_bit_cast(float, bits);
+#else
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+#endif
   float result = p * scale;
   result = x > hi ? INFINITY : result;
   result = x < -103.972f ? 0.0f : result;
