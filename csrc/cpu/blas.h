@@ -20,6 +20,7 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace lstm_ext {
@@ -39,6 +40,23 @@ inline decltype(&dgemm_) fortran_gemm(double) { return mkl_allowed() ? dgemm_ : 
 inline bool has_direct_blas() {
   return fortran_gemm(float()) != nullptr && fortran_gemm(double()) != nullptr;
 }
+
+// Sets MKL's thread count for this thread within a scope; 0 means "leave it as it is".
+class MklThreadsOnThisThread {
+ public:
+  explicit MklThreadsOnThisThread(int threads)
+      : active_(threads > 0 && MKL_Set_Num_Threads_Local != nullptr),
+        previous_(active_ ? MKL_Set_Num_Threads_Local(threads) : 0) {}
+  ~MklThreadsOnThisThread() {
+    if (active_) MKL_Set_Num_Threads_Local(previous_);
+  }
+  MklThreadsOnThisThread(const MklThreadsOnThisThread&) = delete;
+  MklThreadsOnThisThread& operator=(const MklThreadsOnThisThread&) = delete;
+
+ private:
+  bool active_;
+  int previous_;
+};
 
 // C[M, N] = alpha * op(A) @ op(B) + beta * C, all row-major.
 //   op(A) is [M, K]: A is [M, K] (lda >= K) or, with trans_a, [K, M] (lda >= M).

@@ -40,12 +40,19 @@ using c10::optional;
 // least this many multiply-adds of recurrent GEMM per step, or the split is not worth a thread.
 constexpr int64_t kMinStepMacsPerThread = 1 << 15;
 
+// Below this many multiply-adds a step's GEMMs run on one thread: MKL would otherwise hand even a
+// [1, 128] x [128, 512] product to its threads, and the fork/join per step costs more than it saves.
+constexpr int64_t kMinThreadedStepMacs = 1 << 20;
+
 // Runs body(b0, b1) over slices of the batch [0, B), in parallel when a step has enough work.
 template <typename F>
 void for_each_batch_slice(const LayerSizes& s, const F& body) {
   const int64_t macs_per_row = 4 * s.H * s.P + (s.P != s.H ? s.P * s.H : 0);
-  const int64_t grain = std::max<int64_t>(1, kMinStepMacsPerThread / std::max<int64_t>(macs_per_row, 1));
+  const int64_t grain =
+      std::max<int64_t>(1, kMinStepMacsPerThread / std::max<int64_t>(macs_per_row, 1));
   if (s.B <= grain || at::get_num_threads() == 1) {
+    // One slice: the whole batch on this thread (inside an OpenMP region MKL runs serially anyway).
+    MklThreadsOnThisThread single(s.B * macs_per_row < kMinThreadedStepMacs ? 1 : 0);
     body(int64_t(0), s.B);
     return;
   }

@@ -19,7 +19,6 @@ void vmsExp(const int n, const float* a, float* r, long long mode) __attribute__
 void vmdExp(const int n, const double* a, double* r, long long mode) __attribute__((weak));
 void vmsTanh(const int n, const float* a, float* r, long long mode) __attribute__((weak));
 void vmdTanh(const int n, const double* a, double* r, long long mode) __attribute__((weak));
-int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace lstm_ext {
@@ -37,23 +36,6 @@ inline bool has_vml() {
 // 320-element exp to its OpenMP threads, and waking them costs more than the whole call (measured:
 // the forward op at T=20, B=5, H=16 spent most of its time in the thread hand-off).
 constexpr int64_t kVmlMinThreadedElements = 1 << 16;
-
-// Sets MKL's thread count for this thread within a scope; 0 means "leave it as it is".
-class MklThreadsOnThisThread {
- public:
-  explicit MklThreadsOnThisThread(int threads)
-      : active_(threads > 0 && MKL_Set_Num_Threads_Local != nullptr),
-        previous_(active_ ? MKL_Set_Num_Threads_Local(threads) : 0) {}
-  ~MklThreadsOnThisThread() {
-    if (active_) MKL_Set_Num_Threads_Local(previous_);
-  }
-  MklThreadsOnThisThread(const MklThreadsOnThisThread&) = delete;
-  MklThreadsOnThisThread& operator=(const MklThreadsOnThisThread&) = delete;
-
- private:
-  bool active_;
-  int previous_;
-};
 
 template <typename T, typename Vml>
 void call_vml(Vml fn, int64_t n, const T* a, T* r) {
