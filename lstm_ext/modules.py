@@ -217,11 +217,11 @@ class LSTM(nn.Module):
         h_shape = (self.num_layers * directions, batch, real_hidden)
         c_shape = (self.num_layers * directions, batch, self.hidden_size)
         if hx is None:
-            # One zero state [B, P] / [B, H] read by every layer and direction (the op never
-            # writes its inputs): cheaper per call than zeros [L*D, B, .] and a slice per layer.
+            # One zero state [B, P] and one [B, H], read by every layer and direction (the op
+            # never writes its inputs): cheaper per call than zeros [L*D, B, .] and a slice per
+            # layer. Two tensors, not one: Dynamo refuses the same tensor as two Function inputs.
             zero_h = torch.zeros((batch, real_hidden), dtype=input.dtype, device=input.device)
-            zero_c = zero_h if real_hidden == self.hidden_size else torch.zeros(
-                (batch, self.hidden_size), dtype=input.dtype, device=input.device)
+            zero_c = torch.zeros((batch, self.hidden_size), dtype=input.dtype, device=input.device)
             h0 = c0 = None
         else:
             h0, c0 = _unpack_hx(owner, hx)
