@@ -3,16 +3,17 @@
 # GPU benchmark (lstm_ext vs nn.LSTM on cuDNN), and keep every log under $OUT (default ./gpu_results).
 #   bash tools/gpu_run.sh
 set -uo pipefail
-out="${OUT:-gpu_results}"
-mkdir -p "$out"
+mkdir -p "${OUT:-gpu_results}"
+out="$(cd "${OUT:-gpu_results}" && pwd)"  # absolute: the self-check runs from another folder
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 # --no-deps: the machine's own torch is used as it is, nothing is downloaded.
 if ! pip install --no-build-isolation --no-deps . > "$out/build.log" 2>&1; then
   tail -40 "$out/build.log"
   exit 1
 fi
-cd /tmp && python -m lstm_ext 2>&1 | tee "$OLDPWD/$out/selfcheck.log"; cd "$OLDPWD"
-pytest -q -p no:cacheprovider tests/test_cuda.py  # not python -m: that would import the source tree 2>&1 | tee "$out/test_cuda.log"
+(cd /tmp && python -m lstm_ext) 2>&1 | tee "$out/selfcheck.log"
+# The pytest command, not python -m pytest (which would import the unbuilt source tree).
+pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
 tests_rc=${PIPESTATUS[0]}
 plot=()
 python -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/gpu_speedup.png")
