@@ -104,6 +104,8 @@ def test_lstm_empty_sequence_batch_first():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(hidden_size=0), ValueError, "hidden_size must be greater than zero"),
+    (dict(input_size=0), ValueError, "input_size must be greater than zero"),
+    (dict(input_size=-2), ValueError, "input_size must be greater than zero"),
     (dict(hidden_size=-3), ValueError, "hidden_size must be greater than zero"),
     (dict(num_layers=0), ValueError, "num_layers must be greater than zero"),
     (dict(hidden_size=2.5), TypeError, "hidden_size should be of type int, got: float"),
