@@ -9,6 +9,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.utils.rnn import PackedSequence
 
 FLOAT64_RTOL = 1e-10
 # lstm_ext's float32 error may be at most this multiple of nn.LSTM's float32 error ...
@@ -29,12 +30,16 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def forward_backward(model, x, hx, grad_seed=1234):
     """Run model(x, hx), backprop fixed random gradients of (output, h_n, c_n).
 
-    Returns (names, tensors): output, h_n, c_n, then the gradients of input, h0, c0 (when given)
-    and of every parameter.
+    x may be a PackedSequence: its data is then the input differentiated, and the output's data
+    the output compared. Returns (names, tensors): output, h_n, c_n, then the gradients of input,
+    h0, c0 (when given) and of every parameter.
     """
+    packed = isinstance(x, PackedSequence)
     # detach() keeps the strides (clone() would densify an expanded tensor).
-    x = x.detach().requires_grad_()
-    inputs, names = [x], ["grad input"]
+    leaf = (x.data if packed else x).detach().requires_grad_()
+    model_input = (PackedSequence(leaf, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+                   if packed else leaf)
+    inputs, names = [leaf], ["grad input"]
     if hx is not None:
         hx = tuple(t.detach().requires_grad_() for t in hx)
         inputs += list(hx)
@@ -42,7 +47,8 @@ def forward_backward(model, x, hx, grad_seed=1234):
     params = list(model.named_parameters())
     inputs += [p for _, p in params]
     names += [f"grad {n}" for n, _ in params]
-    out, (h_n, c_n) = model(x, hx) if hx is not None else model(x)
+    out, (h_n, c_n) = model(model_input, hx) if hx is not None else model(model_input)
+    out = out.data if packed else out
     gen = torch.Generator().manual_seed(grad_seed)
     grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
              for t in (out, h_n, c_n)]

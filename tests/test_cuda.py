@@ -9,9 +9,9 @@ import torch
 
 import lstm_ext
 
-from lstm_testing import assert_float32_close, assert_float64_equal
+from lstm_testing import assert_float32_close, assert_float64_equal, forward_backward
 from test_parity_full import (INPUT_FORMS, P, float32_results, make_input, make_pair,
-                              options_for, run, states, to_device)
+                              options_for, states, to_device)
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and lstm_ext.build_info["cuda"]),
@@ -31,9 +31,9 @@ def test_float64_against_nn_lstm_and_our_cpu_op(architecture, form):
     ref, ext = make_pair(F64, **options)
     x, batch = make_input(form, F64)
     hx = states(options, batch, F64)
-    names, on_cpu = run(ext, form, x, hx)
-    _, on_gpu = run(ext.cuda(), form, to_device(x, CUDA), tuple(t.cuda() for t in hx))
-    _, theirs = run(ref.cuda(), form, to_device(x, CUDA), tuple(t.cuda() for t in hx))
+    names, on_cpu = forward_backward(ext, x, hx)
+    _, on_gpu = forward_backward(ext.cuda(), to_device(x, CUDA), tuple(t.cuda() for t in hx))
+    _, theirs = forward_backward(ref.cuda(), to_device(x, CUDA), tuple(t.cuda() for t in hx))
     assert_float64_equal(names, [t.cpu() for t in on_gpu], on_cpu)
     assert_float64_equal(names, [t.cpu() for t in on_gpu], [t.cpu() for t in theirs])
 

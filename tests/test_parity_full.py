@@ -60,26 +60,6 @@ def make_input(form, dtype, seed=1):
     return x, B
 
 
-def run(model, form, x, hx, grad_seed=7):
-    """Forward and backward with fixed random output gradients; PackedSequence-aware.
-
-    Returns (names, tensors): output (data), h_n, c_n, grads of input, h0, c0, every parameter."""
-    packed = isinstance(x, PackedSequence)
-    leaf = (x.data if packed else x).detach().requires_grad_()
-    model_input = PackedSequence(leaf, x.batch_sizes, x.sorted_indices,
-                                 x.unsorted_indices) if packed else leaf
-    hx = tuple(t.detach().requires_grad_() for t in hx)
-    out, (h_n, c_n) = model(model_input, hx)
-    out = out.data if packed else out
-    gen = torch.Generator().manual_seed(grad_seed)
-    grads = [torch.randn(t.shape, generator=gen, dtype=F64).to(t.dtype) for t in (out, h_n, c_n)]
-    params = list(model.named_parameters())
-    results = torch.autograd.grad((out, h_n, c_n), [leaf, *hx, *[p for _, p in params]], grads)
-    names = ["output", "h_n", "c_n", "grad input", "grad h0", "grad c0"] + [
-        f"grad {n}" for n, _ in params]
-    return names, [out, h_n, c_n, *results]
-
-
 def states(options, batch, dtype, seed=2):
     gen = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(s, generator=gen, dtype=F64).to(dtype)
@@ -100,8 +80,8 @@ def test_float64(architecture, form):
     ref, ext = make_pair(F64, **options)
     x, batch = make_input(form, F64)
     hx = states(options, batch, F64)
-    names, expected = run(ref, form, x, hx)
-    _, actual = run(ext, form, x, hx)
+    names, expected = forward_backward(ref, x, hx)
+    _, actual = forward_backward(ext, x, hx)
     assert_float64_equal(names, actual, expected)
 
 
@@ -124,10 +104,10 @@ def float32_results(architecture, form, device="cpu"):
     hx = states(options, batch, torch.float32)
     x64 = (PackedSequence(x.data.double(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
            if isinstance(x, PackedSequence) else x.double())
-    names, r64 = run(ref64, form, x64, tuple(t.double() for t in hx))
+    names, r64 = forward_backward(ref64, x64, tuple(t.double() for t in hx))
     x_dev, hx_dev = to_device(x, device), tuple(t.to(device) for t in hx)
-    _, t32 = run(ref32.to(device), form, x_dev, hx_dev)
-    _, e32 = run(ext32.to(device), form, x_dev, hx_dev)
+    _, t32 = forward_backward(ref32.to(device), x_dev, hx_dev)
+    _, e32 = forward_backward(ext32.to(device), x_dev, hx_dev)
     return names, [t.cpu() for t in e32], [t.cpu() for t in t32], r64
 
 
@@ -148,13 +128,13 @@ def test_dropout_in_training_matches_nn_lstm(architecture, form):
     x, batch = make_input(form, F64)
     hx = states(options, batch, F64)
     torch.manual_seed(11)
-    names, expected = run(ref, form, x, hx)
+    names, expected = forward_backward(ref, x, hx)
     torch.manual_seed(11)
-    _, actual = run(ext, form, x, hx)
+    _, actual = forward_backward(ext, x, hx)
     assert_float64_equal(names, actual, expected)
     # ... and the masks really did something: without dropout the output differs.
     plain = make_pair(F64, **architecture)[1]
-    _, no_dropout = run(plain, form, x, hx)
+    _, no_dropout = forward_backward(plain, x, hx)
     assert not torch.allclose(no_dropout[0], actual[0])
 
 
