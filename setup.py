@@ -68,7 +68,7 @@ def extensions():
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')}")
     write_build_info(build_cuda)
 
-    sources = ["csrc/lstm.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/lstm.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
     define = [f'-DLSTM_EXT_TORCH_VERSION="{TORCH_VERSION}"']
     # -fopenmp: at::parallel_for is inline in ATen's headers and runs serially unless the extension

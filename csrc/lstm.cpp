@@ -24,6 +24,17 @@ bool has_vml_impl();
 }  // namespace lstm_ext
 
 TORCH_LIBRARY(lstm_ext, m) {
+  // The public ops: autograd-aware (csrc/autograd.cpp), one graph node per call.
+  m.def(
+      "lstm_layer(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, Tensor? batch_sizes, bool reverse) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "lstm_cell(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh) -> (Tensor hy, Tensor cy)",
+      {at::Tag::pt2_compliant_tag});
+  // The kernels they run, one per backend (csrc/cpu, csrc/cuda).
   m.def(
       "lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, Tensor? batch_sizes, bool reverse, "
@@ -46,6 +57,15 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
       "Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
+  // The pure-PyTorch reference (lstm_ext/reference.py, registered from Python as a composite
+  // kernel): what a second derivative (create_graph=True) differentiates.
+  m.def(
+      "lstm_layer_reference(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, "
+      "Tensor? batch_sizes, bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n)");
+  m.def(
+      "lstm_cell_reference(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh) -> (Tensor hy, Tensor cy)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -4,11 +4,12 @@
     lstm = lstm_ext.LSTM(input_size=1, hidden_size=16)   # same arguments as torch.nn.LSTM
     output, (h_n, c_n) = lstm(x)                         # x: [T, B, 1]
 
-The ops are registered as torch.ops.lstm_ext.{lstm_layer,lstm_cell}_{forward,backward}.
+The ops are registered as torch.ops.lstm_ext.lstm_layer and lstm_cell (differentiable), and
+their kernels as torch.ops.lstm_ext.{lstm_layer,lstm_cell}_{forward,backward}.
 """
 
 from ._ops import _build_info, _C
-from .functional import LSTMCellFunction, LSTMLayerFunction, lstm_cell, lstm_layer
+from .functional import lstm_cell, lstm_layer
 from .modules import LSTM, LSTMCell
 
 __version__ = "0.1.0"
@@ -23,5 +24,4 @@ build_info = {
     "vector_math": bool(_C.has_vml),
 }
 
-__all__ = ["LSTM", "LSTMCell", "lstm_layer", "lstm_cell", "LSTMLayerFunction",
-           "LSTMCellFunction", "build_info", "__version__"]
+__all__ = ["LSTM", "LSTMCell", "lstm_layer", "lstm_cell", "build_info", "__version__"]

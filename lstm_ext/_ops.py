@@ -10,6 +10,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .reference import lstm_cell_reference, lstm_layer_reference
+
 REBUILD_COMMAND = "pip install --no-build-isolation --force-reinstall --no-deps ."
 
 
@@ -61,6 +63,18 @@ _ops = torch.ops.lstm_ext
 # ---- fake kernels: shapes only, for torch.compile / opcheck / meta tensors ----------------------
 
 
+@torch.library.register_fake("lstm_ext::lstm_layer")
+def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, reverse):
+    P = weight_hh.shape[1]
+    return input.new_empty(tuple(input.shape[:-1]) + (P,)), h0.new_empty(h0.shape), \
+        c0.new_empty(c0.shape)
+
+
+@torch.library.register_fake("lstm_ext::lstm_cell")
+def _(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh):
+    return hx.new_empty(hx.shape), cx.new_empty(cx.shape)
+
+
 @torch.library.register_fake("lstm_ext::lstm_layer_forward")
 def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, reverse,
       keep_state):
@@ -106,7 +120,35 @@ def _(grad_hy, grad_cy, input, hx, cx, cy, gates, weight_ih, weight_hh):
     )
 
 
+# ---- the reference as kernels of lstm_*_reference: what a second derivative differentiates -----
+
+_reference_library = torch.library.Library("lstm_ext", "IMPL")
+
+
+# CompositeImplicitAutograd: made of differentiable torch ops, so autograd sees through it.
+_reference_library.impl("lstm_layer_reference", lstm_layer_reference, "CompositeImplicitAutograd")
+_reference_library.impl("lstm_cell_reference", lstm_cell_reference, "CompositeImplicitAutograd")
+
+
 # ---- typed wrappers ------------------------------------------------------------------------------
+
+
+def lstm_layer(
+    input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+    bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], weight_hr: Optional[Tensor],
+    batch_sizes: Optional[Tensor], reverse: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """One layer over all steps, differentiable -> (output [.., P], h_n [B,P], c_n [B,H])."""
+    return _ops.lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                           batch_sizes, reverse)
+
+
+def lstm_cell(
+    input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+    bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    """One step, differentiable -> (hy [B,H], cy [B,H])."""
+    return _ops.lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)
 
 
 def lstm_layer_forward(

@@ -65,11 +65,11 @@ def test_gradcheck_on_cuda():
                    torch.randn(4 * H_), torch.randn(4 * H_)]
         tensors = [t.to(CUDA, F64).requires_grad_() for t in tensors]
         for reverse in (False, True):
-            fn = lambda *a: lstm_ext.LSTMLayerFunction.apply(*a, None, batch_sizes, reverse)  # noqa
+            fn = lambda *a: lstm_ext.lstm_layer(*a, None, batch_sizes, reverse)  # noqa
             assert torch.autograd.gradcheck(fn, tensors)
     cell_args = [torch.randn(s, device=CUDA, dtype=F64, requires_grad=True)
                  for s in ((3, 2), (3, 4), (3, 4), (16, 2), (16, 4), (16,), (16,))]
-    assert torch.autograd.gradcheck(lstm_ext.LSTMCellFunction.apply, cell_args)
+    assert torch.autograd.gradcheck(lstm_ext.lstm_cell, cell_args)
 
 
 @pytest.mark.parametrize("keep_state", [True, False])
@@ -85,6 +85,10 @@ def test_opcheck_on_cuda(keep_state):
                           [torch.randn_like(out), None, torch.randn_like(c_n), x, h, c, w_ih, w_hh,
                            None, None, False, out, gates, cells])
     torch.library.opcheck(ops.lstm_cell_forward.default, [x[0], h, c, w_ih, w_hh, b, b])
+    # the differentiable ops (C++ autograd over the CUDA kernels), forward and backward
+    grad_args = [t.detach().requires_grad_() if t is not None else None for t in args[:8]]
+    torch.library.opcheck(ops.lstm_layer.default, grad_args + [None, False])
+    torch.library.opcheck(ops.lstm_cell.default, [x[0].detach().requires_grad_()] + grad_args[1:7])
     hy, cy, g = ops.lstm_cell_forward(x[0], h, c, w_ih, w_hh, b, b)
     torch.library.opcheck(ops.lstm_cell_backward.default,
                           [torch.randn_like(hy), None, x[0], h, c, cy, g, w_ih, w_hh])

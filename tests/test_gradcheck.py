@@ -1,5 +1,5 @@
-"""torch.autograd.gradcheck (float64) on the autograd Functions and modules, torch.library.opcheck
-on every op."""
+"""torch.autograd.gradcheck (float64) on the differentiable ops (C++ autograd) and modules,
+torch.library.opcheck on every op."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from torch.autograd import gradcheck
 
 import lstm_ext
 from lstm_ext import _ops
-from lstm_ext.functional import LSTMCellFunction, LSTMLayerFunction
+from lstm_ext.functional import lstm_cell, lstm_layer
 
 DT = torch.float64
 
@@ -36,23 +36,60 @@ def cell_args(B, I, H, bias=True, requires_grad=True):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("T,B,I,H", [(1, 1, 1, 1), (4, 3, 2, 5), (6, 2, 3, 1)])
 def test_gradcheck_layer(T, B, I, H, bias):
-    assert gradcheck(lambda *a: LSTMLayerFunction.apply(*a, None, None, False),
-                     layer_args(T, B, I, H, bias))
+    assert gradcheck(lstm_layer, layer_args(T, B, I, H, bias))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradcheck_layer_projection(bias, reverse):
+    torch.manual_seed(0)
+    args = layer_args(4, 3, 2, 5, bias)
+    args[1] = rand(3, 2)  # h0 [B, P]
+    args[4] = (rand(20, 2) * 0.5).detach().requires_grad_()  # weight_hh [4H, P]
+    weight_hr = (rand(2, 5) * 0.5).detach().requires_grad_()
+    assert gradcheck(lambda *a: lstm_layer(*a[:-1], weight_hr=a[-1], reverse=reverse),
+                     args + [weight_hr])
+
+
+@pytest.mark.parametrize("wanted", [(7,), (0, 7), (5,), (6,), (2, 4)], ids=str)
+def test_gradcheck_layer_some_inputs_need_grad(wanted):
+    """Only some arguments require grad, some optional ones are None: each gradient still lands on
+    its own argument (the autograd node numbers only the tensors that were given)."""
+    torch.manual_seed(0)
+    x, h0, c0, w_ih, _, b_ih, b_hh = [a.detach() for a in layer_args(3, 2, 2, 4)]
+    w_hh, h0, w_hr = rand(16, 3).detach() * 0.5, rand(2, 3).detach(), rand(3, 4).detach() * 0.5
+    full = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
+    if 5 not in wanted and 6 not in wanted:
+        full[5] = full[6] = None  # no biases: w_hr's position shifts among the given tensors
+    for i in wanted:
+        full[i].requires_grad_()
+    inputs = [full[i] for i in wanted]
+
+    def run(*chosen):
+        args = list(full)
+        for i, t in zip(wanted, chosen):
+            args[i] = t
+        return lstm_layer(*args)
+
+    assert gradcheck(run, inputs)
+    out, h_n, c_n = lstm_layer(*full)
+    grads = torch.autograd.grad((out.sum() + h_n.sum() + c_n.sum()), inputs)
+    assert [g.shape for g in grads] == [t.shape for t in inputs]
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("B,I,H", [(1, 1, 1), (3, 2, 5)])
 def test_gradcheck_cell(B, I, H, bias):
-    assert gradcheck(LSTMCellFunction.apply, cell_args(B, I, H, bias))
+    assert gradcheck(lstm_cell, cell_args(B, I, H, bias))
 
 
 def test_gradcheck_layer_partial_outputs():
     """Only some outputs reach the loss: the others' gradients arrive as None."""
     args = layer_args(3, 2, 2, 3)
-    assert gradcheck(lambda *a: LSTMLayerFunction.apply(*a, None, None, False)[0], args)
-    assert gradcheck(lambda *a: LSTMLayerFunction.apply(*a, None, None, False)[2], args)
-    assert gradcheck(lambda *a: LSTMCellFunction.apply(*[t[0] if i == 0 else t
-                                                          for i, t in enumerate(a)])[1], args)
+    assert gradcheck(lambda *a: lstm_layer(*a)[0], args)
+    assert gradcheck(lambda *a: lstm_layer(*a)[2], args)
+    assert gradcheck(lambda *a: lstm_cell(*[t[0] if i == 0 else t for i, t in enumerate(a)])[1],
+                     args)
 
 
 @pytest.mark.parametrize("options", [dict(num_layers=2), dict(num_layers=2, batch_first=True),
@@ -85,6 +122,22 @@ def test_gradcheck_cell_module():
 
 def _detached(args):
     return [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_layer(bias, requires_grad):
+    """The differentiable op: its autograd kernel, fake kernel, and torch.compile's tracing of its
+    forward and backward."""
+    args = layer_args(5, 3, 4, 6, bias, requires_grad)
+    torch.library.opcheck(torch.ops.lstm_ext.lstm_layer.default, args + [None, None, False])
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_cell(bias, requires_grad):
+    torch.library.opcheck(torch.ops.lstm_ext.lstm_cell.default,
+                          cell_args(3, 4, 6, bias, requires_grad))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
