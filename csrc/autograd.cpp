@@ -137,17 +137,17 @@ bool needs_grad(AutogradContext* ctx, const std::vector<Tensor>& inputs, size_t 
   return ctx->needs_input_grad(edge);
 }
 
-// The kernels return one bias gradient; it belongs to bias_ih and bias_hh alike. Positions
-// `ih` and `hh` of `grads` receive it where needed, as separate tensors so that the two .grad
-// fields never share storage.
+// The kernels return one bias gradient; it belongs to bias_ih and bias_hh alike. Both positions
+// get the same tensor, as PyTorch's own nodes do (AddBackward): gradient accumulation copies a
+// tensor that another input still holds rather than adopting it, so the two .grad fields never
+// share storage.
 void set_bias_grads(AutogradContext* ctx, const std::vector<Tensor>& inputs, variable_list& grads,
                     size_t ih, size_t hh, const Tensor& grad_bias) {
-  const bool need_ih = needs_grad(ctx, inputs, ih), need_hh = needs_grad(ctx, inputs, hh);
-  if (need_ih) {
+  if (needs_grad(ctx, inputs, ih)) {
     grads[ih] = grad_bias;
   }
-  if (need_hh) {
-    grads[hh] = need_ih ? grad_bias.clone() : grad_bias;
+  if (needs_grad(ctx, inputs, hh)) {
+    grads[hh] = grad_bias;
   }
 }
 

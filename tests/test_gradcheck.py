@@ -173,3 +173,18 @@ def test_opcheck_cell_backward(with_grads):
     grads = [torch.randn_like(t) if use else None for t, use in zip((hy, cy), with_grads)]
     torch.library.opcheck(torch.ops.lstm_ext.lstm_cell_backward.default,
                           grads + [x, hx, cx, cy, gates, w_ih, w_hh])
+
+
+def test_bias_gradients_are_separate_tensors():
+    """The kernels compute one bias gradient for both biases; the two .grad fields must still be
+    independent tensors (an in-place update of one must not change the other)."""
+    torch.manual_seed(0)
+    model = lstm_ext.LSTM(2, 4)
+    out, (h, c) = model(torch.randn(3, 2, 2))
+    (out.sum() + h.sum()).backward()
+    b_ih, b_hh = model.bias_ih_l0.grad, model.bias_hh_l0.grad
+    assert torch.equal(b_ih, b_hh)
+    assert b_ih.data_ptr() != b_hh.data_ptr()
+    before = b_hh.clone()
+    b_ih.add_(1.0)
+    assert torch.equal(b_hh, before)

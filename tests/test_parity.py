@@ -11,7 +11,8 @@ from lstm_testing import assert_float32_close, assert_float64_equal, forward_bac
 
 SEQ_LENS = [1, 7, 50]
 BATCHES = [1, 5, 32]
-SIZES = [(1, 1), (3, 17), (17, 3), (129, 129)]  # (input_size, hidden_size)
+SIZES = [(1, 1), (3, 17), (17, 3), (129, 129),  # (input_size, hidden_size): odd sizes, and
+         (1, 16), (8, 8), (24, 32)]  # 4H and H multiples of 8 or 16 (the small-GEMM path)
 
 
 def make_pair(input_size, hidden_size, dtype, seed=0, **options):
