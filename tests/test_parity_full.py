@@ -272,6 +272,38 @@ def test_first_order_backward_stays_on_the_cpp_op():
     assert not any(n.startswith("aten::sigmoid") for n in names)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backward_pipeline_matches_nn_lstm(packed, dtype):
+    """Sizes where the batch is too small to split over threads and the weight gradients are large:
+    the backward then computes them on a second thread, chunk of steps by chunk, while the first
+    runs the recurrence. Both directions, a projection, packed (unsorted) or not."""
+    sizes = dict(input_size=200, hidden_size=40, proj_size=20, bidirectional=True)
+    steps, lengths = 30, [30, 17, 29, 4]
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the pipeline needs a second thread
+    try:
+        torch.manual_seed(0)
+        ref = nn.LSTM(**sizes, dtype=dtype)
+        ext = lstm_ext.LSTM(**sizes, dtype=dtype)
+        ext.load_state_dict(ref.state_dict())
+        x = torch.randn(steps, len(lengths), 200, dtype=dtype)
+        if packed:
+            x = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+        names, expected = forward_backward(ref, x, None)
+        _, actual = forward_backward(ext, x, None)
+    finally:
+        torch.set_num_threads(previous_threads)
+    if dtype == torch.float64:
+        assert_float64_equal(names, actual, expected)
+    else:  # float32: as close as nn.LSTM's float32 is to the exact (float64) result
+        ref64 = nn.LSTM(**sizes, dtype=F64)
+        ref64.load_state_dict(ref.state_dict())
+        x64 = (PackedSequence(x.data.double(), *x[1:]) if packed else x.double())
+        _, exact = forward_backward(ref64, x64, None)
+        assert_float32_close(names, actual, expected, exact)
+
+
 # ---- interop ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES, ids=str)

@@ -16,7 +16,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -44,12 +46,19 @@ constexpr int64_t kMinStepMacsPerThread = 1 << 15;
 // [1, 128] x [128, 512] product to its threads, and the fork/join per step costs more than it saves.
 constexpr int64_t kMinThreadedStepMacs = 1 << 20;
 
+int64_t step_macs_per_row(const LayerSizes& s) {
+  return 4 * s.H * s.P + (s.P != s.H ? s.P * s.H : 0);
+}
+
+int64_t batch_slice_grain(const LayerSizes& s) {
+  return std::max<int64_t>(1, kMinStepMacsPerThread / std::max<int64_t>(step_macs_per_row(s), 1));
+}
+
 // Runs body(b0, b1) over slices of the batch [0, B), in parallel when a step has enough work.
 template <typename F>
 void for_each_batch_slice(const LayerSizes& s, const F& body) {
-  const int64_t macs_per_row = 4 * s.H * s.P + (s.P != s.H ? s.P * s.H : 0);
-  const int64_t grain =
-      std::max<int64_t>(1, kMinStepMacsPerThread / std::max<int64_t>(macs_per_row, 1));
+  const int64_t macs_per_row = step_macs_per_row(s);
+  const int64_t grain = batch_slice_grain(s);
   if (s.B <= grain || at::get_num_threads() == 1) {
     // One slice: the whole batch on this thread (inside an OpenMP region MKL runs serially anyway).
     MklThreadsOnThisThread single(s.B * macs_per_row < kMinThreadedStepMacs ? 1 : 0);
@@ -57,6 +66,27 @@ void for_each_batch_slice(const LayerSizes& s, const F& body) {
     return;
   }
   at::parallel_for(0, s.B, grain, body);
+}
+
+// How many chunks of steps the backward hands to a second thread for their weight gradients
+// while the first runs the recurrence (1: no such pipeline). Only when the batch is not split
+// (otherwise every thread already runs the recurrence on its rows) and the weight gradients are
+// enough work to pay for waking a thread: at B = 1, H = 128 they are a third of the backward.
+constexpr int64_t kPipelineChunks = 8;
+constexpr int64_t kMinPipelinedMacs = int64_t(1) << 21;
+
+int64_t backward_pipeline_chunks(const LayerSizes& s) {
+  const int64_t weight_grad_macs = s.N * 4 * s.H * (2 * s.I + s.P);  // dx, dW_ih, dW_hh
+  const bool split = s.B > batch_slice_grain(s);
+  return !split && s.T >= 2 && weight_grad_macs >= kMinPipelinedMacs ? kPipelineChunks : 1;
+}
+
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
 }
 
 // The gate pass of one forward step over B rows, generic version (float64, and float32 where the
@@ -286,7 +316,7 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
                     const T* w_ih, const T* w_hh, const T* w_hr, const T* y, const T* gates,
                     const T* cells, T* dx, T* dh0, T* dc0, T* dw_ih, T* dw_hh, T* dw_hr, T* db,
                     T* dgates, bool fuse_x, T* xh, T* dw_cat, T* dh_all, T* r_all,
-                    T* dr_scratch, T* tanh_c) {
+                    T* dr_scratch, T* tanh_c, int64_t pipeline_chunks) {
   const int64_t xw = fuse_x ? s.I : 0, K = xw + s.P;  // xh: [x (xw columns) | h (P columns)]
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   T* dh = dh0;
@@ -301,8 +331,9 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
   } else {
     std::fill(dc, dc + s.B * H, T(0));
   }
-  // Batch rows [b0, b1), every step in reverse order (rows are independent, as in the forward).
-  for_each_batch_slice(s, [&](int64_t b0, int64_t b1) {
+  // The reverse loop over batch rows [b0, b1), every step (rows are independent, as in the
+  // forward). With `done`, it publishes how many steps it has finished (all rows).
+  auto recurrence = [&](int64_t b0, int64_t b1, std::atomic<int64_t>* done) {
     T* dh_state = dh + b0 * P;
     T* dc_state = dc + b0 * H;
     for (int64_t k = s.T - 1; k >= 0; --k) {
@@ -349,33 +380,80 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
                      tanh_c + b0 * H);
       // dL/dh of the state this step read = dG_t W_hh
       gemm<T>(false, false, n, P, G, T(1), dgates_t, G, w_hh, P, T(0), dh_state, P);
+      if (done) {
+        done->store(s.T - k, std::memory_order_release);
+      }
     }
-  });
+  };
 
-  // dx = dG W_ih; [dW_ih | dW_hh] = dG^T [x | h] (or dW_ih = dG^T x, dW_hh = dG^T h);
-  // dW_hr = dH^T r; db = column sums of dG.
-  gemm<T>(false, false, s.N, s.I, G, T(1), dgates, G, w_ih, s.I, T(0), dx, s.I);
+  // The weight gradients and dx of rows [r0, r1) (their dG and xh complete): dx = dG W_ih;
+  // [dW_ih | dW_hh] (+)= dG^T [x | h] (or dW_ih = dG^T x, dW_hh = dG^T h); dW_hr (+)= dH^T r;
+  // db (+)= column sums of dG. accumulate: add to what earlier rows left.
+  auto row_gradients = [&](int64_t r0, int64_t r1, bool accumulate) {
+    const int64_t rows = r1 - r0;
+    const T beta = accumulate ? T(1) : T(0);
+    const T* dg = dgates + r0 * G;
+    gemm<T>(false, false, rows, s.I, G, T(1), dg, G, w_ih, s.I, T(0), dx + r0 * s.I, s.I);
+    if (fuse_x) {
+      gemm<T>(true, false, G, K, rows, T(1), dg, G, xh + r0 * K, K, beta, dw_cat, K);
+    } else {
+      gemm<T>(true, false, G, s.I, rows, T(1), dg, G, x + r0 * s.I, s.I, beta, dw_ih, s.I);
+      gemm<T>(true, false, G, P, rows, T(1), dg, G, xh + r0 * K, K, beta, dw_hh, P);
+    }
+    if (w_hr) {
+      gemm<T>(true, false, P, H, rows, T(1), dh_all + r0 * P, P, r_all + r0 * H, H, beta, dw_hr,
+              H);
+    }
+    if (!accumulate) {
+      std::fill(db, db + G, T(0));
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* d = dg + r * G;
+      for (int64_t j = 0; j < G; ++j) {
+        db[j] += d[j];
+      }
+    }
+  };
+
+  if (pipeline_chunks > 1 && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    // One slice (the batch is too small to split) and a second thread: it computes the weight
+    // gradients of each finished chunk of steps while the first runs the rest of the recurrence.
+    // Only the second thread waits (for the first's progress), so running the two tasks one after
+    // the other, as a serial parallel_for does, is also correct.
+    std::atomic<int64_t> done{0};
+    const int64_t chunk = (s.T + pipeline_chunks - 1) / pipeline_chunks;
+    at::parallel_for(0, 2, 1, [&](int64_t task0, int64_t task1) {
+      for (int64_t task = task0; task < task1; ++task) {
+        if (task == 0) {
+          recurrence(0, s.B, &done);
+          continue;
+        }
+        // Chunks in processing order: steps k = T-1 down to 0.
+        for (int64_t k_hi = s.T - 1, first = 1; k_hi >= 0; k_hi -= chunk, first = 0) {
+          const int64_t k_lo = std::max<int64_t>(0, k_hi - chunk + 1);
+          while (done.load(std::memory_order_acquire) < s.T - k_lo) {
+            spin_pause();
+          }
+          const int64_t t_a = Steps::time_of(k_lo, s.T, reverse);
+          const int64_t t_b = Steps::time_of(k_hi, s.T, reverse);
+          const int64_t t_first = std::min(t_a, t_b), t_last = std::max(t_a, t_b);
+          row_gradients(steps.offset[t_first], steps.offset[t_last] + steps.batch[t_last],
+                        !first);
+        }
+      }
+    });
+  } else {
+    for_each_batch_slice(s, [&](int64_t b0, int64_t b1) { recurrence(b0, b1, nullptr); });
+    row_gradients(0, s.N, false);
+  }
   if (fuse_x) {
-    gemm<T>(true, false, G, K, s.N, T(1), dgates, G, xh, K, T(0), dw_cat, K);
     for (int64_t g = 0; g < G; ++g) {
       std::memcpy(dw_ih + g * s.I, dw_cat + g * K, s.I * sizeof(T));
       std::memcpy(dw_hh + g * P, dw_cat + g * K + s.I, P * sizeof(T));
     }
-  } else {
-    gemm<T>(true, false, G, s.I, s.N, T(1), dgates, G, x, s.I, T(0), dw_ih, s.I);
-    gemm<T>(true, false, G, P, s.N, T(1), dgates, G, xh, P, T(0), dw_hh, P);
-  }
-  if (w_hr) {
-    gemm<T>(true, false, P, H, s.N, T(1), dh_all, P, r_all, H, T(0), dw_hr, H);
-  }
-  std::fill(db, db + G, T(0));
-  for (int64_t r = 0; r < s.N; ++r) {
-    const T* d = dgates + r * G;
-    for (int64_t j = 0; j < G; ++j) {
-      db[j] += d[j];
-    }
   }
 }
+
 
 template <typename T>
 T* data_or_null(const optional<Tensor>& t) {
@@ -563,7 +641,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
         grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(),
         grad_w_ih.data_ptr<scalar_t>(), grad_w_hh.data_ptr<scalar_t>(),
         proj ? grad_w_hr.data_ptr<scalar_t>() : nullptr, grad_bias.data_ptr<scalar_t>(), dgates,
-        fuse_x, xh, dw_cat, dh_all, r_all, dr_scratch, tanh_c);
+        fuse_x, xh, dw_cat, dh_all, r_all, dr_scratch, tanh_c, backward_pipeline_chunks(s));
   });
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
@@ -639,7 +717,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
         grad_w_ih.data_ptr<scalar_t>(), grad_w_hh.data_ptr<scalar_t>(), nullptr,
         grad_bias.data_ptr<scalar_t>(), dgates.data_ptr<scalar_t>(), /*fuse_x=*/true,
         xh.data_ptr<scalar_t>(), dw_cat.data_ptr<scalar_t>(),
-        nullptr, nullptr, nullptr, tanh_c.data_ptr<scalar_t>());
+        nullptr, nullptr, nullptr, tanh_c.data_ptr<scalar_t>(), /*pipeline_chunks=*/1);
   });
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
