@@ -292,8 +292,13 @@ def test_backward_pipeline_matches_nn_lstm(packed, dtype):
             x = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
         names, expected = forward_backward(ref, x, None)
         _, actual = forward_backward(ext, x, None)
+        with torch.no_grad():  # inference: the forward keeps no state, pipelined all the same
+            inference = [t.data if isinstance(t, PackedSequence) else t
+                         for t in (ext(x)[0],) + ext(x)[1]]
     finally:
         torch.set_num_threads(previous_threads)
+    for name, a, b in zip(names, inference, actual):
+        assert torch.equal(a, b), f"{name}: inference differs from the training forward"
     if dtype == torch.float64:
         assert_float64_equal(names, actual, expected)
     else:  # float32: as close as nn.LSTM's float32 is to the exact (float64) result

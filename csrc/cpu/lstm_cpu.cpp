@@ -75,18 +75,35 @@ void for_each_batch_slice(const LayerSizes& s, const F& body) {
 constexpr int64_t kPipelineChunks = 8;
 constexpr int64_t kMinPipelinedMacs = int64_t(1) << 21;
 
+// The forward's counterpart: a second thread projects the inputs of the next chunks of steps
+// while the first runs the recurrence. Inference then holds every step's gates (not one chunk):
+// only up to kMaxPipelinedGates values.
+constexpr int64_t kMaxPipelinedGates = int64_t(1) << 22;
+
+bool forward_pipelined(const LayerSizes& s) {
+  const int64_t projection_macs = s.N * 4 * s.H * s.I;
+  const bool split = s.B > batch_slice_grain(s);
+  return !split && s.T >= 2 && projection_macs >= kMinPipelinedMacs / 2 &&
+         s.N * 4 * s.H <= kMaxPipelinedGates;
+}
+
 int64_t backward_pipeline_chunks(const LayerSizes& s) {
   const int64_t weight_grad_macs = s.N * 4 * s.H * (2 * s.I + s.P);  // dx, dW_ih, dW_hh
   const bool split = s.B > batch_slice_grain(s);
   return !split && s.T >= 2 && weight_grad_macs >= kMinPipelinedMacs ? kPipelineChunks : 1;
 }
 
-inline void spin_pause() {
+// Spins until counter >= target (published with release by another thread); yields now and then,
+// in case there are more threads than cores.
+inline void wait_until_at_least(const std::atomic<int64_t>& counter, int64_t target) {
+  for (int64_t spins = 1; counter.load(std::memory_order_acquire) < target; ++spins) {
 #if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
+    __builtin_ia32_pause();
 #endif
+    if (spins % 1024 == 0) {
+      std::this_thread::yield();
+    }
+  }
 }
 
 // The gate pass of one forward step over B rows, generic version (float64, and float32 where the
@@ -252,50 +269,79 @@ template <typename T>
 void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const T* x, const T* h0,
                    const T* c0, const T* w_ih, const T* w_hh_t, const T* bias, const T* w_hr_t,
                    T* y, T* h_n, T* c_n, T* gates, bool gates_all_rows, int64_t chunk_steps,
-                   T* cells, T* exp_scratch, T* r_scratch) {
+                   bool pipelined, T* cells, T* exp_scratch, T* r_scratch) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   std::memcpy(h_n, h0, s.B * P * sizeof(T));
   std::memcpy(c_n, c0, s.B * H * sizeof(T));
-  for (int64_t k0 = 0; k0 < s.T; k0 += chunk_steps) {
-    const int64_t k1 = std::min(s.T, k0 + chunk_steps);
-    // The chunk's steps are consecutive in time either way, so their rows are one range.
-    const int64_t t_first = std::min(Steps::time_of(k0, s.T, reverse),
-                                     Steps::time_of(k1 - 1, s.T, reverse));
-    const int64_t t_last = std::max(Steps::time_of(k0, s.T, reverse),
-                                    Steps::time_of(k1 - 1, s.T, reverse));
-    const int64_t row_begin = steps.offset[t_first];
-    const int64_t row_end = steps.offset[t_last] + steps.batch[t_last];
-    T* chunk_gates = gates_all_rows ? gates + row_begin * G : gates;
-    // Input projection of the chunk's steps at once: x W_ih^T (the bias is added in the gate pass).
+  // The rows of the chunk of steps [k0, k1): consecutive in time either way, so one range.
+  auto chunk_rows = [&](int64_t k0, int64_t k1) {
+    const int64_t t_a = Steps::time_of(k0, s.T, reverse), t_b = Steps::time_of(k1 - 1, s.T, reverse);
+    const int64_t t_first = std::min(t_a, t_b), t_last = std::max(t_a, t_b);
+    return std::make_pair(steps.offset[t_first], steps.offset[t_last] + steps.batch[t_last]);
+  };
+  auto chunk_gates = [&](int64_t row_begin) { return gates_all_rows ? gates + row_begin * G : gates; };
+  // Input projection of a chunk's steps at once: x W_ih^T (the bias is added in the gate pass).
+  auto project = [&](int64_t k0, int64_t k1) {
+    const auto [row_begin, row_end] = chunk_rows(k0, k1);
     gemm<T>(false, true, row_end - row_begin, G, s.I, T(1), x + row_begin * s.I, s.I, w_ih, s.I,
-            T(0), chunk_gates, G);
+            T(0), chunk_gates(row_begin), G);
+  };
+  // Steps [k0, k1) on batch rows [b0, b1). At step t the active rows are [b0, min(b1, batch[t])).
+  auto run_steps = [&](int64_t k0, int64_t k1, int64_t b0, int64_t b1) {
+    const int64_t row_begin = chunk_rows(k0, k1).first;
+    T* gates_chunk = chunk_gates(row_begin);
+    T* h_state = h_n + b0 * P;
+    T* c_state = c_n + b0 * H;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t t = Steps::time_of(k, s.T, reverse);
+      const int64_t n = std::min(b1, steps.batch[t]) - b0;
+      if (n <= 0) {
+        continue;
+      }
+      const int64_t row = steps.offset[t] + b0;
+      T* gates_t = gates_chunk + (row - row_begin) * G;
+      T* y_t = y + row * P;
+      gemm<T>(false, false, n, G, P, T(1), h_state, P, w_hh_t, G, T(1), gates_t, G);
+      // c_state holds c_{t-1} and receives c_t.
+      T* r_t = w_hr_t ? r_scratch + b0 * H : y_t;
+      gates_forward(n, H, gates_t, bias, c_state, r_t, exp_scratch + b0 * G);
+      if (cells) {
+        std::memcpy(cells + row * H, c_state, n * H * sizeof(T));
+      }
+      if (w_hr_t) {
+        gemm<T>(false, false, n, P, H, T(1), r_t, H, w_hr_t, P, T(0), y_t, P);  // r W_hr^T
+      }
+      std::memcpy(h_state, y_t, n * P * sizeof(T));
+    }
+  };
 
-    // Batch rows [b0, b1), every step. At step t the active rows are [b0, min(b1, batch[t])).
-    for_each_batch_slice(s, [&](int64_t b0, int64_t b1) {
-      T* h_state = h_n + b0 * P;
-      T* c_state = c_n + b0 * H;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t t = Steps::time_of(k, s.T, reverse);
-        const int64_t n = std::min(b1, steps.batch[t]) - b0;
-        if (n <= 0) {
-          continue;
+  if (pipelined && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    // The whole batch on one thread (too small to split) while a second projects the next
+    // chunks' inputs (gates_all_rows: each chunk has its own rows). Only the recurrence waits
+    // (for the projection's progress), so a serial parallel_for, which runs task 0 first, is
+    // also correct.
+    std::atomic<int64_t> projected{0};  // steps whose inputs are projected, in processing order
+    at::parallel_for(0, 2, 1, [&](int64_t task0, int64_t task1) {
+      for (int64_t task = task0; task < task1; ++task) {
+        for (int64_t k0 = 0; k0 < s.T; k0 += chunk_steps) {
+          const int64_t k1 = std::min(s.T, k0 + chunk_steps);
+          if (task == 0) {
+            project(k0, k1);
+            projected.store(k1, std::memory_order_release);
+          } else {
+            wait_until_at_least(projected, k1);
+            run_steps(k0, k1, 0, s.B);
+          }
         }
-        const int64_t row = steps.offset[t] + b0;
-        T* gates_t = chunk_gates + (row - row_begin) * G;
-        T* y_t = y + row * P;
-        gemm<T>(false, false, n, G, P, T(1), h_state, P, w_hh_t, G, T(1), gates_t, G);
-        // c_state holds c_{t-1} and receives c_t.
-        T* r_t = w_hr_t ? r_scratch + b0 * H : y_t;
-        gates_forward(n, H, gates_t, bias, c_state, r_t, exp_scratch + b0 * G);
-        if (cells) {
-          std::memcpy(cells + row * H, c_state, n * H * sizeof(T));
-        }
-        if (w_hr_t) {
-          gemm<T>(false, false, n, P, H, T(1), r_t, H, w_hr_t, P, T(0), y_t, P);  // r W_hr^T
-        }
-        std::memcpy(h_state, y_t, n * P * sizeof(T));
       }
     });
+    return;
+  }
+  // Project a chunk, then run its steps while those gates are still in cache.
+  for (int64_t k0 = 0; k0 < s.T; k0 += chunk_steps) {
+    const int64_t k1 = std::min(s.T, k0 + chunk_steps);
+    project(k0, k1);
+    for_each_batch_slice(s, [&](int64_t b0, int64_t b1) { run_steps(k0, k1, b0, b1); });
   }
 }
 
@@ -431,9 +477,7 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
         // Chunks in processing order: steps k = T-1 down to 0.
         for (int64_t k_hi = s.T - 1, first = 1; k_hi >= 0; k_hi -= chunk, first = 0) {
           const int64_t k_lo = std::max<int64_t>(0, k_hi - chunk + 1);
-          while (done.load(std::memory_order_acquire) < s.T - k_lo) {
-            spin_pause();
-          }
+          wait_until_at_least(done, s.T - k_lo);
           const int64_t t_a = Steps::time_of(k_lo, s.T, reverse);
           const int64_t t_b = Steps::time_of(k_hi, s.T, reverse);
           const int64_t t_first = std::min(t_a, t_b), t_last = std::max(t_a, t_b);
@@ -549,15 +593,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   Tensor cells = keep_state ? at::empty(per_step_shape(s, packed, s.H), opts) : Tensor();
   const bool proj = weight_hr.has_value();
   // Steps go in chunks of about kChunkElements gate values (at least one step); without a
-  // backward the projection buffer holds one chunk only.
+  // backward the projection buffer holds one chunk only. Pipelined (a second thread projects
+  // while the first runs the steps): kPipelineChunks chunks, each with its own rows.
+  const bool pipelined = forward_pipelined(s);
   const int64_t chunk_steps =
-      std::clamp<int64_t>(kChunkElements / std::max<int64_t>(s.B * G, 1), 1, s.T);
-  const int64_t chunk_rows = keep_state ? 0 : chunk_steps * s.B;
+      pipelined ? (s.T + kPipelineChunks - 1) / kPipelineChunks
+                : std::clamp<int64_t>(kChunkElements / std::max<int64_t>(s.B * G, 1), 1, s.T);
+  const bool gates_all_rows = keep_state || pipelined;
+  const int64_t buffer_rows = keep_state ? 0 : (pipelined ? s.N : chunk_steps * s.B);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_forward_cpu", [&] {
     // w_hh_t [P, 4H], w_hr_t [H, P], bias [4H], exp_scratch [B, 4H], r_scratch [B, H],
-    // gates for one chunk [chunk rows, 4H] (inference)
+    // gates for one chunk [chunk rows, 4H] or, pipelined, all rows (inference)
     Workspace<scalar_t> work(s.P * G + (proj ? s.H * s.P : 0) + G + s.B * G +
-                                 (proj ? s.B * s.H : 0) + chunk_rows * G,
+                                 (proj ? s.B * s.H : 0) + buffer_rows * G,
                              opts);
     scalar_t* w_hh_t = work.take(s.P * G);
     transpose_into(weight_hh, w_hh_t);
@@ -569,13 +617,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
     combined_bias_into(bias_ih, bias_hh, G, bias);
     scalar_t* exp_scratch = work.take(s.B * G);
     scalar_t* r_scratch = proj ? work.take(s.B * s.H) : nullptr;
-    scalar_t* gates_buffer = keep_state ? gates.data_ptr<scalar_t>() : work.take(chunk_rows * G);
+    scalar_t* gates_buffer = keep_state ? gates.data_ptr<scalar_t>() : work.take(buffer_rows * G);
     layer_forward<scalar_t>(s, steps, reverse, x->data_ptr<scalar_t>(), h0c->data_ptr<scalar_t>(),
                             c0c->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh_t, bias,
                             w_hr_t, output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
-                            c_n.data_ptr<scalar_t>(), gates_buffer, keep_state, chunk_steps,
-                            keep_state ? cells.data_ptr<scalar_t>() : nullptr, exp_scratch,
-                            r_scratch);
+                            c_n.data_ptr<scalar_t>(), gates_buffer, gates_all_rows, chunk_steps,
+                            pipelined, keep_state ? cells.data_ptr<scalar_t>() : nullptr,
+                            exp_scratch, r_scratch);
   });
   if (!keep_state) {
     // Nothing kept for a backward: both come back with no rows.
@@ -676,7 +724,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
                             cxc->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh_t, bias,
                             nullptr, hy.data_ptr<scalar_t>(), h_n, cy.data_ptr<scalar_t>(),
                             gates.data_ptr<scalar_t>(), /*gates_all_rows=*/true,
-                            /*chunk_steps=*/1, nullptr, exp_scratch, nullptr);
+                            /*chunk_steps=*/1, /*pipelined=*/false, nullptr, exp_scratch,
+                            nullptr);
   });
   return {hy, cy, gates};
 }
