@@ -136,11 +136,18 @@ def peak_memory_mb(case, model):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         case.run(model)
+    # Each op's own allocations net of its own frees ("self": an op's total includes its
+    # children's, which would count a nested allocation once per level). Net growth is placed at
+    # the op's start, net release at its end (a kernel frees its work space after its children
+    # allocated their outputs); frees outside any op come as "[memory]" events.
+    timeline = []
+    for e in prof.events():
+        usage = e.self_cpu_memory_usage
+        if usage:
+            timeline.append((e.time_range.start if usage > 0 else e.time_range.end, usage))
     peak = current = 0
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0),
-                    key=lambda e: e.time_range.start)
-    for e in events:
-        current += e.cpu_memory_usage
+    for _, usage in sorted(timeline):
+        current += usage
         peak = max(peak, current)
     return peak / 2**20
 
