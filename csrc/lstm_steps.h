@@ -7,6 +7,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "lstm_checks.h"
@@ -29,6 +31,15 @@ struct Steps {
   }
   // The time index of the k-th step processed (a reverse layer runs backwards in time).
   static int64_t time_of(int64_t k, int64_t T, bool reverse) { return reverse ? T - 1 - k : k; }
+
+  // The rows [first, end) of the steps processed k0 .. k1-1: consecutive in time either way, so
+  // one range.
+  std::pair<int64_t, int64_t> rows_of_steps(int64_t k0, int64_t k1, bool reverse) const {
+    const int64_t T = static_cast<int64_t>(offset.size());
+    const int64_t t_a = time_of(k0, T, reverse), t_b = time_of(k1 - 1, T, reverse);
+    const int64_t t_first = std::min(t_a, t_b), t_last = std::max(t_a, t_b);
+    return {offset[t_first], offset[t_last] + batch[t_last]};
+  }
 };
 
 }  // namespace lstm_ext

@@ -54,18 +54,20 @@ int64_t batch_slice_grain(const LayerSizes& s) {
   return std::max<int64_t>(1, kMinStepMacsPerThread / std::max<int64_t>(step_macs_per_row(s), 1));
 }
 
+// Whether the batch is large enough to split over threads (with more than one thread).
+bool batch_is_split(const LayerSizes& s) { return s.B > batch_slice_grain(s); }
+
 // Runs body(b0, b1) over slices of the batch [0, B), in parallel when a step has enough work.
 template <typename F>
 void for_each_batch_slice(const LayerSizes& s, const F& body) {
   const int64_t macs_per_row = step_macs_per_row(s);
-  const int64_t grain = batch_slice_grain(s);
-  if (s.B <= grain || at::get_num_threads() == 1) {
+  if (!batch_is_split(s) || at::get_num_threads() == 1) {
     // One slice: the whole batch on this thread (inside an OpenMP region MKL runs serially anyway).
     MklThreadsOnThisThread single(s.B * macs_per_row < kMinThreadedStepMacs ? 1 : 0);
     body(int64_t(0), s.B);
     return;
   }
-  at::parallel_for(0, s.B, grain, body);
+  at::parallel_for(0, s.B, batch_slice_grain(s), body);
 }
 
 // How many chunks of steps the backward hands to a second thread for their weight gradients
@@ -82,15 +84,13 @@ constexpr int64_t kMaxPipelinedGates = int64_t(1) << 22;
 
 bool forward_pipelined(const LayerSizes& s) {
   const int64_t projection_macs = s.N * 4 * s.H * s.I;
-  const bool split = s.B > batch_slice_grain(s);
-  return !split && s.T >= 2 && projection_macs >= kMinPipelinedMacs / 2 &&
+  return !batch_is_split(s) && s.T >= 2 && projection_macs >= kMinPipelinedMacs / 2 &&
          s.N * 4 * s.H <= kMaxPipelinedGates;
 }
 
 int64_t backward_pipeline_chunks(const LayerSizes& s) {
   const int64_t weight_grad_macs = s.N * 4 * s.H * (2 * s.I + s.P);  // dx, dW_ih, dW_hh
-  const bool split = s.B > batch_slice_grain(s);
-  return !split && s.T >= 2 && weight_grad_macs >= kMinPipelinedMacs ? kPipelineChunks : 1;
+  return !batch_is_split(s) && s.T >= 2 && weight_grad_macs >= kMinPipelinedMacs ? kPipelineChunks : 1;
 }
 
 // Spins until counter >= target (published with release by another thread); yields now and then,
@@ -273,22 +273,18 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   std::memcpy(h_n, h0, s.B * P * sizeof(T));
   std::memcpy(c_n, c0, s.B * H * sizeof(T));
-  // The rows of the chunk of steps [k0, k1): consecutive in time either way, so one range.
-  auto chunk_rows = [&](int64_t k0, int64_t k1) {
-    const int64_t t_a = Steps::time_of(k0, s.T, reverse), t_b = Steps::time_of(k1 - 1, s.T, reverse);
-    const int64_t t_first = std::min(t_a, t_b), t_last = std::max(t_a, t_b);
-    return std::make_pair(steps.offset[t_first], steps.offset[t_last] + steps.batch[t_last]);
+  auto chunk_gates = [&](int64_t row_begin) {
+    return gates_all_rows ? gates + row_begin * G : gates;
   };
-  auto chunk_gates = [&](int64_t row_begin) { return gates_all_rows ? gates + row_begin * G : gates; };
   // Input projection of a chunk's steps at once: x W_ih^T (the bias is added in the gate pass).
   auto project = [&](int64_t k0, int64_t k1) {
-    const auto [row_begin, row_end] = chunk_rows(k0, k1);
+    const auto [row_begin, row_end] = steps.rows_of_steps(k0, k1, reverse);
     gemm<T>(false, true, row_end - row_begin, G, s.I, T(1), x + row_begin * s.I, s.I, w_ih, s.I,
             T(0), chunk_gates(row_begin), G);
   };
   // Steps [k0, k1) on batch rows [b0, b1). At step t the active rows are [b0, min(b1, batch[t])).
   auto run_steps = [&](int64_t k0, int64_t k1, int64_t b0, int64_t b1) {
-    const int64_t row_begin = chunk_rows(k0, k1).first;
+    const int64_t row_begin = steps.rows_of_steps(k0, k1, reverse).first;
     T* gates_chunk = chunk_gates(row_begin);
     T* h_state = h_n + b0 * P;
     T* c_state = c_n + b0 * H;
@@ -478,11 +474,8 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
         for (int64_t k_hi = s.T - 1, first = 1; k_hi >= 0; k_hi -= chunk, first = 0) {
           const int64_t k_lo = std::max<int64_t>(0, k_hi - chunk + 1);
           wait_until_at_least(done, s.T - k_lo);
-          const int64_t t_a = Steps::time_of(k_lo, s.T, reverse);
-          const int64_t t_b = Steps::time_of(k_hi, s.T, reverse);
-          const int64_t t_first = std::min(t_a, t_b), t_last = std::max(t_a, t_b);
-          row_gradients(steps.offset[t_first], steps.offset[t_last] + steps.batch[t_last],
-                        !first);
+          const auto [row_begin, row_end] = steps.rows_of_steps(k_lo, k_hi + 1, reverse);
+          row_gradients(row_begin, row_end, !first);
         }
       }
     });
