@@ -14,6 +14,12 @@
 // when asked for.
 //
 // Without autograd (no_grad, or no input requires grad) the kernels keep no state.
+//
+// lstm, the whole module (every layer and direction, dropout between layers), is one node too:
+// torch.nn.LSTM's forward written in C++ over the layer kernels, with one backward that runs the
+// layers' backward kernels in reverse. Why one node rather than one lstm_layer per layer: at small
+// sizes each Python step of a module's forward (zero states, a call per layer, stacking h_n) and
+// each extra graph node of the backward costs about as much as a layer's arithmetic.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -296,6 +302,315 @@ class CellFunction : public torch::autograd::Function<CellFunction> {
   }
 };
 
+// ---- lstm: the whole module ---------------------------------------------------------------------
+
+// The configuration of an lstm call (everything but its tensors).
+struct ModuleConfig {
+  bool has_biases;
+  bool has_projections;
+  int64_t num_layers;
+  double dropout;
+  bool train;
+  bool bidirectional;
+  optional<Tensor> batch_sizes;
+
+  int64_t directions() const { return bidirectional ? 2 : 1; }
+  // Parameters per layer and direction: weight_ih, weight_hh, (bias_ih, bias_hh), (weight_hr).
+  int64_t params_per_layer() const { return 2 + (has_biases ? 2 : 0) + (has_projections ? 1 : 0); }
+  bool dropout_after(int64_t layer) const {
+    return train && dropout > 0 && layer < num_layers - 1;
+  }
+};
+
+// One layer-direction's parameters, picked out of the flat list.
+struct LayerParams {
+  Tensor weight_ih, weight_hh;
+  optional<Tensor> bias_ih, bias_hh, weight_hr;
+};
+
+LayerParams layer_params(at::TensorList params, const ModuleConfig& config, int64_t index) {
+  const int64_t first = index * config.params_per_layer();
+  LayerParams p{params[first], params[first + 1], c10::nullopt, c10::nullopt, c10::nullopt};
+  if (config.has_biases) {
+    p.bias_ih = params[first + 2];
+    p.bias_hh = params[first + 3];
+  }
+  if (config.has_projections) {
+    p.weight_hr = params[first + config.params_per_layer() - 1];
+  }
+  return p;
+}
+
+void check_module_args(const Tensor& input, const optional<Tensor>& h0, const optional<Tensor>& c0,
+                       at::TensorList params, const ModuleConfig& config) {
+  constexpr const char* op = "lstm_ext::lstm";
+  TORCH_CHECK(config.num_layers >= 1, op, ": num_layers must be at least 1, got ",
+              config.num_layers);
+  TORCH_CHECK(config.dropout >= 0 && config.dropout <= 1, op,
+              ": dropout must be a probability in [0, 1], got ", config.dropout);
+  const int64_t expected = config.num_layers * config.directions() * config.params_per_layer();
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == expected, op, ": expected ", expected,
+              " parameters (", config.num_layers, " layers x ", config.directions(),
+              " directions x ", config.params_per_layer(), " each), got ", params.size());
+  const bool has_h0 = h0.has_value() && h0->defined(), has_c0 = c0.has_value() && c0->defined();
+  TORCH_CHECK(has_h0 == has_c0, op, ": give both h0 and c0 or neither");
+  if (has_h0) {
+    const int64_t states = config.num_layers * config.directions();
+    TORCH_CHECK(h0->dim() == 3 && h0->size(0) == states, op, ": h0 must have shape [",
+                states, ", B, P] (num_layers * directions first), got ", h0->sizes());
+    TORCH_CHECK(c0->dim() == 3 && c0->size(0) == states, op, ": c0 must have shape [",
+                states, ", B, H] (num_layers * directions first), got ", c0->sizes());
+  }
+  TORCH_CHECK(input.dim() == (config.batch_sizes ? 2 : 3), op, ": input must be ",
+              config.batch_sizes ? "2-D [N, I] (packed)" : "3-D [T, B, I]", ", got ",
+              input.dim(), "-D ", input.sizes());
+  // What zero_states reads; each layer's kernel checks the rest of its arguments.
+  TORCH_CHECK(params[1].dim() == 2, op, ": the first layer's weight_hh must be 2-D [4*H, P], got ",
+              params[1].sizes());
+  TORCH_CHECK(!config.batch_sizes || (config.batch_sizes->dim() == 1 &&
+                                      config.batch_sizes->numel() > 0),
+              op, ": batch_sizes must be 1-D with at least one step, got ",
+              config.batch_sizes ? config.batch_sizes->sizes() : at::IntArrayRef());
+}
+
+// What the backward needs of each layer: its input, the masks of dropout, and per direction the
+// kernel's output and kept state.
+struct ForwardResult {
+  Tensor output, h_n, c_n;
+  Tensor zero_h, zero_c;  // the states every layer started from when h0, c0 were not given
+  std::vector<Tensor> kept;  // per layer: layer input, dropout mask (or undefined), then per
+                             // direction: output, gates, cells
+};
+
+constexpr int64_t kKeptPerLayer = 2;
+constexpr int64_t kKeptPerDirection = 3;
+
+int64_t kept_index(const ModuleConfig& config, int64_t layer) {
+  return layer * (kKeptPerLayer + kKeptPerDirection * config.directions());
+}
+
+// Zero states [B, P] and [B, H] for every layer and direction when h0 and c0 are not given.
+std::pair<Tensor, Tensor> zero_states(const Tensor& input, const ModuleConfig& config,
+                                      const LayerParams& first) {
+  const int64_t batch =
+      config.batch_sizes ? config.batch_sizes->select(0, 0).item<int64_t>() : input.size(1);
+  const int64_t hidden = first.weight_hh.size(0) / 4, real_hidden = first.weight_hh.size(1);
+  return {at::zeros({batch, real_hidden}, input.options()),
+          at::zeros({batch, hidden}, input.options())};
+}
+
+// The layers in order, through the kernels (below autograd). keep_state: keep what the backward
+// needs (in `kept`). Dropout between layers draws its mask as at::dropout does on CPU (one
+// bernoulli_ over the layer's output), so a seeded run matches torch.nn.LSTM's.
+ForwardResult module_forward(const Tensor& input, const optional<Tensor>& h0,
+                             const optional<Tensor>& c0, at::TensorList params,
+                             const ModuleConfig& config, bool keep_state) {
+  check_module_args(input, h0, c0, params, config);
+  const int64_t directions = config.directions();
+  const bool has_states = h0.has_value() && h0->defined();
+  ForwardResult result;
+  if (!has_states) {
+    std::tie(result.zero_h, result.zero_c) =
+        zero_states(input, config, layer_params(params, config, 0));
+  }
+  const Tensor &zero_h = result.zero_h, &zero_c = result.zero_c;
+  std::vector<Tensor> h_n, c_n;
+  Tensor layer_input = input;
+  for (int64_t layer = 0; layer < config.num_layers; ++layer) {
+    if (keep_state) {
+      result.kept.push_back(layer_input);
+      result.kept.emplace_back();  // the mask, set below
+    }
+    std::vector<Tensor> outputs;
+    for (int64_t direction = 0; direction < directions; ++direction) {
+      const int64_t index = layer * directions + direction;
+      const LayerParams p = layer_params(params, config, index);
+      auto [output, h, c, gates, cells] = layer_forward_op().call(
+          layer_input, has_states ? h0->select(0, index) : zero_h,
+          has_states ? c0->select(0, index) : zero_c, p.weight_ih, p.weight_hh, p.bias_ih,
+          p.bias_hh, p.weight_hr, config.batch_sizes, /*reverse=*/direction == 1, keep_state);
+      if (keep_state) {
+        result.kept.insert(result.kept.end(), {output, gates, cells});
+      }
+      outputs.push_back(output);
+      h_n.push_back(h);
+      c_n.push_back(c);
+    }
+    layer_input = directions == 1 ? outputs[0] : at::cat(outputs, -1);
+    if (config.dropout_after(layer)) {
+      Tensor mask = at::empty_like(layer_input).bernoulli_(1 - config.dropout);
+      if (config.dropout == 1) {
+        mask.zero_();
+      } else {
+        mask.div_(1 - config.dropout);
+      }
+      layer_input = layer_input * mask;
+      if (keep_state) {
+        result.kept[kept_index(config, layer) + 1] = mask;
+      }
+    }
+  }
+  result.output = layer_input;
+  // One layer-direction (the common case): a view, no copy.
+  result.h_n = h_n.size() == 1 ? h_n[0].unsqueeze(0) : at::stack(h_n);
+  result.c_n = c_n.size() == 1 ? c_n[0].unsqueeze(0) : at::stack(c_n);
+  return result;
+}
+
+// The same forward with the pure-PyTorch reference of each layer and autograd on: what a second
+// derivative differentiates. The dropout masks are the first forward's.
+variable_list module_reference(const Tensor& input, const Tensor& h0, const Tensor& c0,
+                               at::TensorList params, const ModuleConfig& config,
+                               const std::vector<Tensor>& kept) {
+  const int64_t directions = config.directions();
+  std::vector<Tensor> h_n, c_n;
+  Tensor layer_input = input;
+  for (int64_t layer = 0; layer < config.num_layers; ++layer) {
+    std::vector<Tensor> outputs;
+    for (int64_t direction = 0; direction < directions; ++direction) {
+      const int64_t index = layer * directions + direction;
+      const LayerParams p = layer_params(params, config, index);
+      auto [output, h, c] = layer_reference_op().call(
+          layer_input, h0.select(0, index), c0.select(0, index), p.weight_ih, p.weight_hh,
+          p.bias_ih, p.bias_hh, p.weight_hr, config.batch_sizes, /*reverse=*/direction == 1);
+      outputs.push_back(output);
+      h_n.push_back(h);
+      c_n.push_back(c);
+    }
+    layer_input = directions == 1 ? outputs[0] : at::cat(outputs, -1);
+    const Tensor& mask = kept[kept_index(config, layer) + 1];
+    if (mask.defined()) {
+      layer_input = layer_input * mask;
+    }
+  }
+  return {layer_input, at::stack(h_n), at::stack(c_n)};
+}
+
+// Argument positions of lstm: input, h0, c0, then each parameter, then the configuration (one
+// position each: has_biases, has_projections, num_layers, dropout, train, bidirectional,
+// batch_sizes).
+constexpr size_t kModuleConfigArgs = 7;
+
+class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input,
+                               const optional<Tensor>& h0, const optional<Tensor>& c0,
+                               at::TensorList params, bool has_biases, bool has_projections,
+                               int64_t num_layers, double dropout, bool train, bool bidirectional,
+                               const optional<Tensor>& batch_sizes) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
+                              train,      bidirectional,   batch_sizes};
+    ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/true);
+    std::vector<Tensor> to_save = {input, h0.value_or(Tensor()), c0.value_or(Tensor())};
+    to_save.insert(to_save.end(), params.begin(), params.end());
+    ctx->save_for_backward(to_save);
+    // Intermediate results of our own (no graph behind them): kept outside the saved variables.
+    ctx->saved_data["kept"] = result.kept;
+    ctx->saved_data["zero_states"] = std::vector<Tensor>{result.zero_h, result.zero_c};
+    ctx->saved_data["config"] = std::vector<int64_t>{
+        has_biases, has_projections, num_layers, train, bidirectional};
+    ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["batch_sizes"] = batch_sizes;
+    ctx->set_materialize_grads(false);
+    return {result.output, result.h_n, result.c_n};
+  }
+
+  // grad_outputs: d output, d h_n, d c_n, each possibly undefined (not used by the loss).
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &h0 = saved[1], &c0 = saved[2];
+    const std::vector<Tensor> params(saved.begin() + 3, saved.end());
+    const std::vector<Tensor> kept = ctx->saved_data["kept"].toTensorVector();
+    const std::vector<Tensor> zeros = ctx->saved_data["zero_states"].toTensorVector();
+    const Tensor &zero_h = zeros[0], &zero_c = zeros[1];  // undefined when h0, c0 were given
+    const auto flags = ctx->saved_data["config"].toIntVector();
+    const ModuleConfig config{flags[0] != 0, flags[1] != 0, flags[2],
+                              ctx->saved_data["dropout"].toDouble(), flags[3] != 0,
+                              flags[4] != 0, ctx->saved_data["batch_sizes"].toOptional<Tensor>()};
+    const std::vector<Tensor>& inputs = saved;  // positions 0 .. 3 + params - 1
+    variable_list grads(saved.size() + kModuleConfigArgs);
+
+    if (torch::autograd::GradMode::is_enabled()) {  // create_graph=True
+      Tensor h0_or_zeros = h0, c0_or_zeros = c0;
+      if (!h0.defined()) {
+        const int64_t states = config.num_layers * config.directions();
+        h0_or_zeros = zero_h.expand({states, zero_h.size(0), zero_h.size(1)});
+        c0_or_zeros = zero_c.expand({states, zero_c.size(0), zero_c.size(1)});
+      }
+      const variable_list outputs =
+          module_reference(input, h0_or_zeros, c0_or_zeros, params, config, kept);
+      differentiable_grads(ctx, inputs, outputs, grad_outputs, grads);
+      return grads;
+    }
+
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int64_t directions = config.directions();
+    const int64_t per_layer = config.params_per_layer();
+    const Tensor& grad_output = grad_outputs[0];
+    const Tensor &grad_h_n = grad_outputs[1], &grad_c_n = grad_outputs[2];
+    std::vector<Tensor> grad_h0(config.num_layers * directions),
+        grad_c0(config.num_layers * directions);
+    Tensor grad_layer_output = grad_output;  // d(output of the layer being processed)
+    for (int64_t layer = config.num_layers - 1; layer >= 0; --layer) {
+      const int64_t at_layer = kept_index(config, layer);
+      const Tensor& layer_input = kept[at_layer];
+      Tensor grad_layer_input;
+      for (int64_t direction = 0; direction < directions; ++direction) {
+        const int64_t index = layer * directions + direction;
+        const LayerParams p = layer_params(params, config, index);
+        const Tensor* state = &kept[at_layer + kKeptPerLayer + kKeptPerDirection * direction];
+        const Tensor &output = state[0], &gates = state[1], &cells = state[2];
+        const int64_t real_hidden = p.weight_hh.size(1);
+        optional<Tensor> dy;
+        if (grad_layer_output.defined()) {
+          dy = directions == 1 ? grad_layer_output
+                               : grad_layer_output.narrow(-1, direction * real_hidden, real_hidden);
+        }
+        const optional<Tensor> dh_n =
+            grad_h_n.defined() ? optional<Tensor>(grad_h_n.select(0, index)) : c10::nullopt;
+        const optional<Tensor> dc_n =
+            grad_c_n.defined() ? optional<Tensor>(grad_c_n.select(0, index)) : c10::nullopt;
+        auto [grad_in, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
+            layer_backward_op().call(dy, dh_n, dc_n, layer_input,
+                                     h0.defined() ? h0.select(0, index) : zero_h,
+                                     c0.defined() ? c0.select(0, index) : zero_c, p.weight_ih,
+                                     p.weight_hh, p.weight_hr, config.batch_sizes,
+                                     /*reverse=*/direction == 1, output, gates, cells);
+        grad_layer_input = grad_layer_input.defined() ? grad_layer_input.add_(grad_in) : grad_in;
+        grad_h0[index] = grad_h;
+        grad_c0[index] = grad_c;
+        const size_t first = 3 + index * per_layer;
+        const Tensor computed[] = {grad_w_ih, grad_w_hh};
+        for (size_t i = 0; i < 2; ++i) {
+          if (needs_grad(ctx, inputs, first + i)) {
+            grads[first + i] = computed[i];
+          }
+        }
+        if (config.has_biases) {
+          set_bias_grads(ctx, inputs, grads, first + 2, first + 3, grad_bias);
+        }
+        if (config.has_projections && needs_grad(ctx, inputs, first + per_layer - 1)) {
+          grads[first + per_layer - 1] = grad_w_hr;
+        }
+      }
+      if (layer > 0) {
+        const Tensor& mask = kept[kept_index(config, layer - 1) + 1];
+        grad_layer_output = mask.defined() ? grad_layer_input.mul_(mask) : grad_layer_input;
+      } else if (needs_grad(ctx, inputs, 0)) {
+        grads[0] = grad_layer_input;
+      }
+    }
+    if (needs_grad(ctx, inputs, 1)) {
+      grads[1] = at::stack(grad_h0);
+    }
+    if (needs_grad(ctx, inputs, 2)) {
+      grads[2] = at::stack(grad_c0);
+    }
+    return grads;
+  }
+};
+
 // ---- kernels of lstm_layer and lstm_cell ---------------------------------------------------------
 
 std::tuple<Tensor, Tensor, Tensor> lstm_layer_autograd(
@@ -360,15 +675,56 @@ std::tuple<Tensor, Tensor> lstm_cell_no_state(const Tensor& input, const Tensor&
   return {hy, cy};
 }
 
+// ---- kernels of lstm -----------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor> lstm_no_state(const Tensor& input, const optional<Tensor>& h0,
+                                                 const optional<Tensor>& c0,
+                                                 at::TensorList params, bool has_biases,
+                                                 bool has_projections, int64_t num_layers,
+                                                 double dropout, bool train, bool bidirectional,
+                                                 const optional<Tensor>& batch_sizes) {
+  const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
+                            train,      bidirectional,   batch_sizes};
+  ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/false);
+  return {result.output, result.h_n, result.c_n};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_autograd(const Tensor& input, const optional<Tensor>& h0,
+                                                 const optional<Tensor>& c0,
+                                                 at::TensorList params, bool has_biases,
+                                                 bool has_projections, int64_t num_layers,
+                                                 double dropout, bool train, bool bidirectional,
+                                                 const optional<Tensor>& batch_sizes) {
+  bool track = false;
+  if (torch::autograd::GradMode::is_enabled()) {
+    const Tensor none;
+    track = any_requires_grad({&input, h0 ? &*h0 : &none, c0 ? &*c0 : &none});
+    for (const Tensor& p : params) {
+      track = track || p.requires_grad();
+    }
+  }
+  if (!track) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return lstm_no_state(input, h0, c0, params, has_biases, has_projections, num_layers, dropout,
+                         train, bidirectional, batch_sizes);
+  }
+  const variable_list out =
+      ModuleFunction::apply(input, h0, c0, params, has_biases, has_projections, num_layers,
+                            dropout, train, bidirectional, batch_sizes);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 }  // namespace lstm_ext
 
 TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
+  m.impl("lstm", &lstm_ext::lstm_autograd);
   m.impl("lstm_layer", &lstm_ext::lstm_layer_autograd);
   m.impl("lstm_cell", &lstm_ext::lstm_cell_autograd);
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, CompositeExplicitAutograd, m) {
+  m.impl("lstm", &lstm_ext::lstm_no_state);
   m.impl("lstm_layer", &lstm_ext::lstm_layer_no_state);
   m.impl("lstm_cell", &lstm_ext::lstm_cell_no_state);
 }

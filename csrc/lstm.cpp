@@ -25,6 +25,16 @@ bool has_vml_impl();
 
 TORCH_LIBRARY(lstm_ext, m) {
   // The public ops: autograd-aware (csrc/autograd.cpp), one graph node per call.
+  // lstm: the whole of torch.nn.LSTM's computation (every layer and direction, dropout between
+  // layers): input [T, B, I] or packed [N, I]; h0 [L*D, B, P] and c0 [L*D, B, H], or both None
+  // (zeros); params per layer and direction in nn.LSTM's order: weight_ih, weight_hh,
+  // (bias_ih, bias_hh if has_biases), (weight_hr if has_projections).
+  // -> output [T, B, D*P] (or [N, D*P]), h_n [L*D, B, P], c_n [L*D, B, H].
+  m.def(
+      "lstm(Tensor input, Tensor? h0, Tensor? c0, Tensor[] params, bool has_biases, "
+      "bool has_projections, int num_layers, float dropout, bool train, bool bidirectional, "
+      "Tensor? batch_sizes) -> (Tensor output, Tensor h_n, Tensor c_n)",
+      {at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded});
   m.def(
       "lstm_layer(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, Tensor? batch_sizes, bool reverse) -> "

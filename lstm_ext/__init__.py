@@ -4,8 +4,8 @@
     lstm = lstm_ext.LSTM(input_size=1, hidden_size=16)   # same arguments as torch.nn.LSTM
     output, (h_n, c_n) = lstm(x)                         # x: [T, B, 1]
 
-The ops are registered as torch.ops.lstm_ext.lstm_layer and lstm_cell (differentiable), and
-their kernels as torch.ops.lstm_ext.{lstm_layer,lstm_cell}_{forward,backward}.
+The ops are registered as torch.ops.lstm_ext.lstm (the whole module), lstm_layer and lstm_cell
+(differentiable), and their kernels as torch.ops.lstm_ext.{lstm_layer,lstm_cell}_{forward,backward}.
 """
 
 from ._ops import _build_info, _C

@@ -5,7 +5,7 @@ Shapes (gate order i, f, g, o): input [T, B, I] or packed [N, I] with batch_size
 weight_hr [P, H] (P = H without projection).
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -61,6 +61,20 @@ _ops = torch.ops.lstm_ext
 
 
 # ---- fake kernels: shapes only, for torch.compile / opcheck / meta tensors ----------------------
+
+
+@torch.library.register_fake("lstm_ext::lstm")
+def _(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
+      bidirectional, batch_sizes):
+    directions = 2 if bidirectional else 1
+    H, P = params[1].shape[0] // 4, params[1].shape[1]
+    if h0 is not None:
+        B = h0.shape[1]
+    else:
+        B = input.shape[1] if batch_sizes is None else int(batch_sizes[0])
+    return (input.new_empty(tuple(input.shape[:-1]) + (directions * P,)),
+            input.new_empty(num_layers * directions, B, P),
+            input.new_empty(num_layers * directions, B, H))
 
 
 @torch.library.register_fake("lstm_ext::lstm_layer")
@@ -131,6 +145,16 @@ _reference_library.impl("lstm_cell_reference", lstm_cell_reference, "CompositeIm
 
 
 # ---- typed wrappers ------------------------------------------------------------------------------
+
+
+def lstm(
+    input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], params: List[Tensor],
+    has_biases: bool, has_projections: bool, num_layers: int, dropout: float, train: bool,
+    bidirectional: bool, batch_sizes: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The whole module, differentiable -> (output [.., D*P], h_n [L*D,B,P], c_n [L*D,B,H])."""
+    return _ops.lstm(input, h0, c0, params, has_biases, has_projections, num_layers, dropout,
+                     train, bidirectional, batch_sizes)
 
 
 def lstm_layer(

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .functional import lstm_cell, lstm_layer
+from ._ops import lstm
+from .functional import lstm_cell
 
 _GATES = 4  # i, f, g, o
 
@@ -139,18 +140,14 @@ class LSTM(nn.Module):
         self._init_flat_weights()
         self.reset_parameters()
 
-    # As nn.RNNBase: the per-layer argument tuples are cached, and refreshed whenever a parameter
-    # is replaced (assignment, .to(), .double(), load_state_dict(assign=True)), so that forward
-    # does not look up every parameter by name on each call.
+    # As nn.RNNBase: the flat parameter list (nn.LSTM's order, what the op takes) is cached, and
+    # refreshed whenever a parameter is replaced (assignment, .to(), .double(),
+    # load_state_dict(assign=True)), so that forward does not look up every parameter by name on
+    # each call.
     def _init_flat_weights(self) -> None:
-        self._layer_args = []
-        for names in self._all_weights:
-            p = [getattr(self, name) for name in names]
-            b_ih, b_hh = (p[2], p[3]) if self.bias else (None, None)
-            w_hr = p[-1] if self.proj_size > 0 else None
-            self._layer_args.append((p[0], p[1], b_ih, b_hh, w_hr))
         self._flat_named = [(name, getattr(self, name))
                             for names in self._all_weights for name in names]
+        self._flat_weights = [p for _, p in self._flat_named]
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -202,9 +199,7 @@ class LSTM(nn.Module):
             raise RuntimeError(f"{owner}: input.size(-1) must be equal to input_size. Expected "
                                f"{self.input_size}, got {input.shape[-1]} (input shape "
                                f"{_shape(input)})")
-        if packed:
-            batch = int(batch_sizes[0])
-        else:
+        if not packed:
             if not batched:
                 input = input.unsqueeze(1)  # [T, 1, I]
             elif self.batch_first:
@@ -212,17 +207,9 @@ class LSTM(nn.Module):
             if input.shape[0] == 0:
                 raise RuntimeError(f"{owner}: Expected sequence length to be larger than 0, got "
                                    f"input of shape {_shape(input if batched else input[:, 0])}")
-            batch = input.shape[1]
 
-        h_shape = (self.num_layers * directions, batch, real_hidden)
-        c_shape = (self.num_layers * directions, batch, self.hidden_size)
         if hx is None:
-            # One zero state [B, P] and one [B, H], read by every layer and direction (the op
-            # never writes its inputs): cheaper per call than zeros [L*D, B, .] and a slice per
-            # layer. Two tensors, not one: Dynamo refuses the same tensor as two Function inputs.
-            zero_h = torch.zeros((batch, real_hidden), dtype=input.dtype, device=input.device)
-            zero_c = torch.zeros((batch, self.hidden_size), dtype=input.dtype, device=input.device)
-            h0 = c0 = None
+            h0 = c0 = None  # the op starts every layer from zeros
         else:
             h0, c0 = _unpack_hx(owner, hx)
             rank = 3 if batched else 2
@@ -232,32 +219,17 @@ class LSTM(nn.Module):
                                    f"but got ({h0.dim()}-D, {c0.dim()}-D) tensors")
             if not batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            _check_state(owner, "hx[0] (h_0)", h0, h_shape, input)
-            _check_state(owner, "hx[1] (c_0)", c0, c_shape, input)
+            states = self.num_layers * directions
+            batch = int(batch_sizes[0]) if packed else input.shape[1]
+            _check_state(owner, "hx[0] (h_0)", h0, (states, batch, real_hidden), input)
+            _check_state(owner, "hx[1] (c_0)", c0, (states, batch, self.hidden_size), input)
             if sorted_indices is not None:  # the packed batch is sorted by length
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
 
-        layer_input = input
-        h_n: List[Tensor] = []
-        c_n: List[Tensor] = []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
-                index = layer * directions + direction
-                output, h, c = lstm_layer(layer_input,
-                                          zero_h if h0 is None else h0[index],
-                                          zero_c if c0 is None else c0[index],
-                                          *self._layer_args[index], batch_sizes=batch_sizes,
-                                          reverse=direction == 1)
-                outputs.append(output)
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, -1)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
-        output = layer_input
-        h_n_t = torch.stack(h_n) if len(h_n) > 1 else h_n[0].unsqueeze(0)
-        c_n_t = torch.stack(c_n) if len(c_n) > 1 else c_n[0].unsqueeze(0)
+        # One C++ op (and one graph node) for every layer and direction.
+        output, h_n_t, c_n_t = lstm(input, h0, c0, self._flat_weights, self.bias,
+                                    self.proj_size > 0, self.num_layers, self.dropout,
+                                    self.training, self.bidirectional, batch_sizes)
         if packed:
             if unsorted_indices is not None:
                 h_n_t = h_n_t.index_select(1, unsorted_indices)

@@ -276,3 +276,44 @@ def test_op_cell_checks():
         _ops.lstm_cell_backward(hy, cy, *args[:3], cy, gates[:, :8], *args[3:5])
     with pytest.raises(RuntimeError, match=r"lstm_cell_backward: grad_hy must have shape"):
         _ops.lstm_cell_backward(hy[:2], cy, *args[:3], cy, gates, *args[3:5])
+
+
+# ---- the whole-module op ------------------------------------------------------------------------
+
+def module_op_args():
+    """torch.ops.lstm_ext.lstm arguments: 2 layers, one direction, I = 2, H = 4, T = 5, B = 3."""
+    params = [p.detach() for p in lstm_ext.LSTM(2, 4, num_layers=2).parameters()]
+    return [x(5, 3, 2), x(2, 3, 4), x(2, 3, 4), params, True, False, 2, 0.0, False, False, None]
+
+
+MODULE_OP_BAD = [
+    (3, "drop one", r"lstm: expected 8 parameters \(2 layers x 1 directions x 4 each\), got 7"),
+    (2, None, r"lstm: give both h0 and c0 or neither"),
+    (1, x(1, 3, 4),
+     r"lstm: h0 must have shape \[2, B, P\] \(num_layers \* directions first\), got \[1, 3, 4\]"),
+    (2, x(3, 4), r"lstm: c0 must have shape \[2, B, H\]"),
+    (0, x(5, 2), r"lstm: input must be 3-D \[T, B, I\], got 2-D \[5, 2\]"),
+    (7, 1.5, r"lstm: dropout must be a probability in \[0, 1\], got 1.5"),
+    (6, 0, r"lstm: num_layers must be at least 1, got 0"),
+    (1, x(2, 2, 4), r"lstm_layer_forward: h0 must have shape \[B, P\] = \[3, 4\], got \[2, 4\]"),
+]
+
+
+@pytest.mark.parametrize("index,bad,match", MODULE_OP_BAD)
+def test_op_module_checks(index, bad, match):
+    args = module_op_args()
+    args[index] = args[3][:-1] if isinstance(bad, str) else bad
+    with pytest.raises(RuntimeError, match=r"lstm_ext::" + match):
+        torch.ops.lstm_ext.lstm(*args)
+
+
+def test_op_module_bad_first_weight_and_batch_sizes():
+    args = module_op_args()
+    args[1] = args[2] = None
+    args[3][1] = x(16)
+    with pytest.raises(RuntimeError, match=r"first layer's weight_hh must be 2-D \[4\*H, P\]"):
+        torch.ops.lstm_ext.lstm(*args)
+    args = module_op_args()
+    args[0], args[10] = x(6, 2), torch.zeros(0, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"batch_sizes must be 1-D with at least one step"):
+        torch.ops.lstm_ext.lstm(*args)

@@ -111,6 +111,80 @@ def test_gradcheck_module(options):
     assert gradcheck(run, [x, h0, c0, *[p.detach().clone().requires_grad_() for p in params]])
 
 
+def module_op_args(layers=2, bidirectional=True, proj=0, bias=True, with_states=True,
+                   requires_grad=True):
+    """Arguments of torch.ops.lstm_ext.lstm (I = 2, H = 3, T = 4, B = 3), without dropout."""
+    torch.manual_seed(0)
+    model = lstm_ext.LSTM(2, 3, num_layers=layers, bidirectional=bidirectional, proj_size=proj,
+                          bias=bias, dtype=DT)
+    params = [p.detach().clone().requires_grad_(requires_grad) for p in model.parameters()]
+    states = layers * (2 if bidirectional else 1)
+    h0 = rand(states, 3, proj or 3, requires_grad=requires_grad) if with_states else None
+    c0 = rand(states, 3, 3, requires_grad=requires_grad) if with_states else None
+    return [rand(4, 3, 2, requires_grad=requires_grad), h0, c0, params, bias, proj > 0, layers,
+            0.0, True, bidirectional, None]
+
+
+MODULE_OP_CASES = [dict(), dict(with_states=False), dict(layers=1, bidirectional=False),
+                   dict(layers=3, bidirectional=False, proj=2, bias=False),
+                   dict(layers=1, proj=1, with_states=False)]
+
+
+@pytest.mark.parametrize("case", MODULE_OP_CASES, ids=str)
+def test_gradcheck_module_op(case):
+    """The whole-module op's one backward (layers in reverse, directions, projections), directly."""
+    args = module_op_args(**case)
+    tensors = [args[0]] + [t for t in args[1:3] if t is not None] + args[3]
+    positions = [0] + [i for i in (1, 2) if args[i] is not None]
+
+    def run(*given):
+        call = list(args)
+        for i, t in zip(positions, given):
+            call[i] = t
+        call[3] = list(given[len(positions):])
+        return torch.ops.lstm_ext.lstm(*call)
+
+    assert gradcheck(run, tensors)
+
+
+@pytest.mark.parametrize("wanted", ["weights", "input", "states"])
+def test_gradcheck_module_op_some_inputs_need_grad(wanted):
+    args = module_op_args(proj=1, requires_grad=False)
+    if wanted == "weights":
+        args[3] = [p.requires_grad_() for p in args[3]]
+        free = list(args[3])
+    elif wanted == "input":
+        free = [args[0].requires_grad_()]
+    else:
+        free = [args[1].requires_grad_(), args[2].requires_grad_()]
+
+    def run(*given):
+        call = list(args)
+        if wanted == "weights":
+            call[3] = list(given)
+        elif wanted == "input":
+            call[0] = given[0]
+        else:
+            call[1], call[2] = given
+        return torch.ops.lstm_ext.lstm(*call)
+
+    assert gradcheck(run, free)
+
+
+def test_module_op_dropout_masks_are_nn_lstm_s():
+    """Dropout between layers inside the op draws the same masks as torch.nn.LSTM from the same
+    seed; the gradient goes through the masks (compared with nn.LSTM in test_parity_full)."""
+    args = module_op_args(layers=3, bidirectional=False)
+    args[7] = 0.5
+    torch.manual_seed(5)
+    out_a = torch.ops.lstm_ext.lstm(*args)[0]
+    torch.manual_seed(5)
+    out_b = torch.ops.lstm_ext.lstm(*args)[0]
+    torch.manual_seed(6)
+    out_c = torch.ops.lstm_ext.lstm(*args)[0]
+    assert torch.equal(out_a, out_b) and not torch.equal(out_a, out_c)
+
+
 def test_gradcheck_cell_module():
     torch.manual_seed(0)
     cell = lstm_ext.LSTMCell(2, 3, dtype=DT)
@@ -131,6 +205,13 @@ def test_opcheck_layer(bias, requires_grad):
     forward and backward."""
     args = layer_args(5, 3, 4, 6, bias, requires_grad)
     torch.library.opcheck(torch.ops.lstm_ext.lstm_layer.default, args + [None, None, False])
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+@pytest.mark.parametrize("case", MODULE_OP_CASES, ids=str)
+def test_opcheck_module_op(case, requires_grad):
+    torch.library.opcheck(torch.ops.lstm_ext.lstm.default,
+                          module_op_args(**case, requires_grad=requires_grad))
 
 
 @pytest.mark.parametrize("requires_grad", [True, False])
