@@ -502,12 +502,14 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
     const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
                               train,      bidirectional,   batch_sizes};
     ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/true);
+    // Everything goes through save_for_backward, intermediate results included: the last layer's
+    // output is also this node's output, and a tensor held anywhere else in the context would
+    // hold the node through its grad_fn, a reference cycle that is never freed.
     std::vector<Tensor> to_save = {input, h0.value_or(Tensor()), c0.value_or(Tensor())};
     to_save.insert(to_save.end(), params.begin(), params.end());
+    to_save.insert(to_save.end(), {result.zero_h, result.zero_c});
+    to_save.insert(to_save.end(), result.kept.begin(), result.kept.end());
     ctx->save_for_backward(to_save);
-    // Intermediate results of our own (no graph behind them): kept outside the saved variables.
-    ctx->saved_data["kept"] = result.kept;
-    ctx->saved_data["zero_states"] = std::vector<Tensor>{result.zero_h, result.zero_c};
     ctx->saved_data["config"] = std::vector<int64_t>{
         has_biases, has_projections, num_layers, train, bidirectional};
     ctx->saved_data["dropout"] = dropout;
@@ -518,18 +520,20 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
 
   // grad_outputs: d output, d h_n, d c_n, each possibly undefined (not used by the loss).
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor &input = saved[0], &h0 = saved[1], &c0 = saved[2];
-    const std::vector<Tensor> params(saved.begin() + 3, saved.end());
-    const std::vector<Tensor> kept = ctx->saved_data["kept"].toTensorVector();
-    const std::vector<Tensor> zeros = ctx->saved_data["zero_states"].toTensorVector();
-    const Tensor &zero_h = zeros[0], &zero_c = zeros[1];  // undefined when h0, c0 were given
     const auto flags = ctx->saved_data["config"].toIntVector();
     const ModuleConfig config{flags[0] != 0, flags[1] != 0, flags[2],
                               ctx->saved_data["dropout"].toDouble(), flags[3] != 0,
                               flags[4] != 0, ctx->saved_data["batch_sizes"].toOptional<Tensor>()};
-    const std::vector<Tensor>& inputs = saved;  // positions 0 .. 3 + params - 1
-    variable_list grads(saved.size() + kModuleConfigArgs);
+    // saved: input, h0, c0, the parameters, the zero states, then `kept`.
+    const variable_list saved = ctx->get_saved_variables();
+    const size_t n_inputs = 3 + config.num_layers * config.directions() * config.params_per_layer();
+    const std::vector<Tensor> inputs(saved.begin(), saved.begin() + n_inputs);
+    const Tensor &input = inputs[0], &h0 = inputs[1], &c0 = inputs[2];
+    const std::vector<Tensor> params(inputs.begin() + 3, inputs.end());
+    // undefined when h0, c0 were given
+    const Tensor &zero_h = saved[n_inputs], &zero_c = saved[n_inputs + 1];
+    const std::vector<Tensor> kept(saved.begin() + n_inputs + 2, saved.end());
+    variable_list grads(n_inputs + kModuleConfigArgs);
 
     if (torch::autograd::GradMode::is_enabled()) {  // create_graph=True
       Tensor h0_or_zeros = h0, c0_or_zeros = c0;

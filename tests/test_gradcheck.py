@@ -1,6 +1,9 @@
 """torch.autograd.gradcheck (float64) on the differentiable ops (C++ autograd) and modules,
 torch.library.opcheck on every op."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -169,6 +172,19 @@ def test_gradcheck_module_op_some_inputs_need_grad(wanted):
         return torch.ops.lstm_ext.lstm(*call)
 
     assert gradcheck(run, free)
+
+
+@pytest.mark.parametrize("case", [dict(layers=1, bidirectional=False),
+                                  dict(layers=2, bidirectional=False), dict()], ids=str)
+def test_module_op_graph_is_freed(case):
+    """The node keeps what its backward needs without holding its own outputs: a saved output
+    held outside save_for_backward is a reference cycle through grad_fn that is never freed (it
+    leaked every call's graph)."""
+    output, h_n, c_n = torch.ops.lstm_ext.lstm(*module_op_args(**case))
+    alive = [weakref.ref(t) for t in (output, h_n, c_n)]
+    del output, h_n, c_n
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True, True, True]
 
 
 def test_module_op_dropout_masks_are_nn_lstm_s():
