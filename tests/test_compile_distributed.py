@@ -60,6 +60,25 @@ def test_compile_fullgraph_aot_eager(options):
         assert torch.allclose(g_c, g, rtol=1e-10, atol=1e-12)
 
 
+def test_compile_fullgraph_training_dropout_draws_eager_masks():
+    """In training mode the op draws its dropout masks inside (nondeterministic_seeded): compiled
+    and eager runs from the same seed draw the same masks, and give the same gradients."""
+    model = Model(num_layers=3, dropout=0.4).double().train()
+    x = torch.randn(4, 6, 3, dtype=F64)
+    results = []
+    for fn in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        torch._dynamo.reset()
+        torch.manual_seed(7)
+        loss = fn(x)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (loss, grads), (loss_c, grads_c) = results
+    assert torch.allclose(loss_c, loss, rtol=1e-12)
+    for g, g_c in zip(grads, grads_c):
+        assert torch.allclose(g_c, g, rtol=1e-10, atol=1e-12)
+    torch.manual_seed(8)
+    assert not torch.allclose(model(x), loss)  # another seed, other masks
+
+
 def test_compile_fullgraph_unbatched_with_state():
     torch.manual_seed(0)
     model = Model(num_layers=2, bidirectional=True).double()
