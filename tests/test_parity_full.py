@@ -272,14 +272,26 @@ def test_first_order_backward_stays_on_the_cpp_op():
     assert not any(n.startswith("aten::sigmoid") for n in names)
 
 
+PIPELINED = {
+    # the batch is too small to split over threads (4 rows, 4000 multiply-adds per row and step)
+    "unsplit": (dict(input_size=200, hidden_size=40, proj_size=20, bidirectional=True),
+                [30, 17, 29, 4]),
+    # split (12 rows > 8 per thread), but a step is small (12 x 4096 multiply-adds)
+    "small_steps": (dict(input_size=64, hidden_size=32, bidirectional=True),
+                    [30, 17, 29, 4, 30, 1, 12, 30, 8, 30, 22, 5]),
+}
+
+
+@pytest.mark.parametrize("batch", PIPELINED)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_backward_pipeline_matches_nn_lstm(packed, dtype):
-    """Sizes where the batch is too small to split over threads and the weight gradients are large:
-    the backward then computes them on a second thread, chunk of steps by chunk, while the first
-    runs the recurrence. Both directions, a projection, packed (unsorted) or not."""
-    sizes = dict(input_size=200, hidden_size=40, proj_size=20, bidirectional=True)
-    steps, lengths = 30, [30, 17, 29, 4]
+def test_backward_pipeline_matches_nn_lstm(packed, dtype, batch):
+    """Sizes where the backward computes the weight gradients on a second thread, chunk of steps by
+    chunk, while the first runs the recurrence: the weight gradients are large, and the batch is
+    too small to split over threads or its steps too small to split well. Both directions, with
+    and without a projection, packed (unsorted) or not."""
+    sizes, lengths = PIPELINED[batch]
+    steps = max(lengths)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the pipeline needs a second thread
     try:
@@ -287,7 +299,7 @@ def test_backward_pipeline_matches_nn_lstm(packed, dtype):
         ref = nn.LSTM(**sizes, dtype=dtype)
         ext = lstm_ext.LSTM(**sizes, dtype=dtype)
         ext.load_state_dict(ref.state_dict())
-        x = torch.randn(steps, len(lengths), 200, dtype=dtype)
+        x = torch.randn(steps, len(lengths), sizes["input_size"], dtype=dtype)
         if packed:
             x = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
         names, expected = forward_backward(ref, x, None)

@@ -71,11 +71,16 @@ void for_each_batch_slice(const LayerSizes& s, const F& body) {
 }
 
 // How many chunks of steps the backward hands to a second thread for their weight gradients
-// while the first runs the recurrence (1: no such pipeline). Only when the batch is not split
-// (otherwise every thread already runs the recurrence on its rows) and the weight gradients are
-// enough work to pay for waking a thread: at B = 1, H = 128 they are a third of the backward.
+// while the first runs the recurrence (1: no such pipeline). When the weight gradients are enough
+// work to pay for waking a thread (at B = 1, H = 128 they are a third of the backward), and the
+// batch is not split, or is but a whole step is at most kMaxPipelinedStepMacs: each thread's
+// slice would then run GEMMs too small to be efficient, and one thread running the recurrence on
+// every row beside one computing the weight gradients is faster. Measured (backward, 2 threads):
+// -10..17% at (T, B, I, H) = (200, 8, 32, 64), -15% at (200, 16, 32, 64), -9% at (100, 4, 64, 128);
+// +5% at (100, 8, 64, 128) (2^19 multiply-adds per step), so the split stays from there up.
 constexpr int64_t kPipelineChunks = 8;
 constexpr int64_t kMinPipelinedMacs = int64_t(1) << 21;
+constexpr int64_t kMaxPipelinedStepMacs = int64_t(1) << 18;
 
 // The forward's counterpart: a second thread projects the inputs of the next chunks of steps
 // while the first runs the recurrence. Inference then holds every step's gates (not one chunk):
@@ -90,7 +95,9 @@ bool forward_pipelined(const LayerSizes& s) {
 
 int64_t backward_pipeline_chunks(const LayerSizes& s) {
   const int64_t weight_grad_macs = s.N * 4 * s.H * (2 * s.I + s.P);  // dx, dW_ih, dW_hh
-  return !batch_is_split(s) && s.T >= 2 && weight_grad_macs >= kMinPipelinedMacs ? kPipelineChunks : 1;
+  const bool small_steps =
+      !batch_is_split(s) || s.B * step_macs_per_row(s) <= kMaxPipelinedStepMacs;
+  return small_steps && s.T >= 2 && weight_grad_macs >= kMinPipelinedMacs ? kPipelineChunks : 1;
 }
 
 // Spins until counter >= target (published with release by another thread); yields now and then,
@@ -458,8 +465,9 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
   };
 
   if (pipeline_chunks > 1 && at::get_num_threads() > 1 && !at::in_parallel_region()) {
-    // One slice (the batch is too small to split) and a second thread: it computes the weight
-    // gradients of each finished chunk of steps while the first runs the rest of the recurrence.
+    // One slice (the batch is too small to split, or its steps too small to split well) and a
+    // second thread: it computes the weight gradients of each finished chunk of steps while the
+    // first runs the rest of the recurrence.
     // Only the second thread waits (for the first's progress), so running the two tasks one after
     // the other, as a serial parallel_for does, is also correct.
     std::atomic<int64_t> done{0};
