@@ -373,8 +373,8 @@ void check_module_args(const Tensor& input, const optional<Tensor>& h0, const op
               config.batch_sizes ? config.batch_sizes->sizes() : at::IntArrayRef());
 }
 
-// What the backward needs of each layer: its input, the masks of dropout, and per direction the
-// kernel's output and kept state.
+// The module's outputs and, with keep_state, what the backward needs of each layer: its input,
+// the mask of the dropout after it, and per direction the kernel's output and kept state.
 struct ForwardResult {
   Tensor output, h_n, c_n;
   Tensor zero_h, zero_c;  // the states every layer started from when h0, c0 were not given
