@@ -11,7 +11,6 @@ import warnings
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
@@ -65,7 +64,7 @@ def _unpack_hx(owner: str, hx) -> Tuple[Tensor, Tensor]:
 class LSTM(nn.Module):
     r"""A multi-layer LSTM with the interface of :class:`torch.nn.LSTM`, computed by lstm_ext's
     fused C++ kernels: one C++ call runs a layer's whole time loop in one direction, forward or
-    backward.
+    backward, and the whole module (every layer and direction) is one op and one autograd node.
 
     Args (as torch.nn.LSTM): input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
     dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None.
