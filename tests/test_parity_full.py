@@ -321,6 +321,42 @@ def test_backward_pipeline_matches_nn_lstm(packed, dtype, batch):
         assert_float32_close(names, actual, expected, exact)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bidirectional_directions_on_two_threads_match_nn_lstm(packed, dtype):
+    """Small bidirectional layers run their two directions at the same time on two threads (one
+    each), forward and backward: the same numbers as nn.LSTM, and the profiler still sees every
+    kernel call (the worker thread gets the caller's thread-local state)."""
+    sizes = dict(input_size=5, hidden_size=8, proj_size=3, num_layers=2, bidirectional=True)
+    lengths = [9, 4, 7]
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the second direction needs a second thread
+    try:
+        torch.manual_seed(0)
+        ref = nn.LSTM(**sizes, dtype=dtype)
+        ext = lstm_ext.LSTM(**sizes, dtype=dtype)
+        ext.load_state_dict(ref.state_dict())
+        x = torch.randn(max(lengths), len(lengths), 5, dtype=dtype)
+        if packed:
+            x = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+        names, expected = forward_backward(ref, x, None)
+        with torch.profiler.profile() as prof:
+            _, actual = forward_backward(ext, x, None)
+    finally:
+        torch.set_num_threads(previous_threads)
+    calls = [e.name for e in prof.events()]
+    assert calls.count("lstm_ext::lstm_layer_forward") == 4  # 2 layers x 2 directions
+    assert calls.count("lstm_ext::lstm_layer_backward") == 4
+    if dtype == torch.float64:
+        assert_float64_equal(names, actual, expected)
+    else:
+        ref64 = nn.LSTM(**sizes, dtype=F64)
+        ref64.load_state_dict(ref.state_dict())
+        x64 = (PackedSequence(x.data.double(), *x[1:]) if packed else x.double())
+        _, exact = forward_backward(ref64, x64, None)
+        assert_float32_close(names, actual, expected, exact)
+
+
 # ---- interop ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES, ids=str)
