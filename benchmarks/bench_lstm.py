@@ -132,22 +132,19 @@ def measure(case, timed, min_seconds, max_rounds, warmup):
 
 
 def peak_memory_mb(case, model):
-    """Peak extra CPU memory (torch's allocator is the system's: measured with the profiler)."""
+    """Peak extra CPU memory of one run (torch's allocator is the system's: measured with the
+    profiler). Every allocation and free the profiler records, in time order, on any thread: an
+    op's totals would place a free at the op's end and miss frees, on the calling thread, of
+    memory a worker thread allocated (the two directions of a bidirectional layer run on two
+    threads)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         case.run(model)
-    # Each op's own allocations net of its own frees ("self": an op's total includes its
-    # children's, which would count a nested allocation once per level). Net growth is placed at
-    # the op's start, net release at its end (a kernel frees its work space after its children
-    # allocated their outputs); frees outside any op come as "[memory]" events.
-    timeline = []
-    for e in prof.events():
-        usage = e.self_cpu_memory_usage
-        if usage:
-            timeline.append((e.time_range.start if usage > 0 else e.time_range.end, usage))
+    timeline = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]")
     peak = current = 0
-    for _, usage in sorted(timeline):
-        current += usage
+    for _, nbytes in timeline:
+        current += nbytes
         peak = max(peak, current)
     return peak / 2**20
 
