@@ -393,11 +393,15 @@ int64_t kept_index(const ModuleConfig& config, int64_t layer) {
   return layer * (kKeptPerLayer + kKeptPerDirection * config.directions());
 }
 
+// The batch size B: input [T, B, I], or the first step's rows of a packed input.
+int64_t batch_of(const Tensor& input, const ModuleConfig& config) {
+  return config.batch_sizes ? config.batch_sizes->select(0, 0).item<int64_t>() : input.size(1);
+}
+
 // Zero states [B, P] and [B, H] for every layer and direction when h0 and c0 are not given.
 std::pair<Tensor, Tensor> zero_states(const Tensor& input, const ModuleConfig& config,
                                       const LayerParams& first) {
-  const int64_t batch =
-      config.batch_sizes ? config.batch_sizes->select(0, 0).item<int64_t>() : input.size(1);
+  const int64_t batch = batch_of(input, config);
   const int64_t hidden = first.weight_hh.size(0) / 4, real_hidden = first.weight_hh.size(1);
   return {at::zeros({batch, real_hidden}, input.options()),
           at::zeros({batch, hidden}, input.options())};
@@ -432,9 +436,8 @@ bool directions_concurrently(const Tensor& input, const optional<Tensor>& h0,
     }
   }
   const Tensor& weight_hh = params[1];  // [4H, P], checked 2-D
-  const int64_t batch = config.batch_sizes ? config.batch_sizes->select(0, 0).item<int64_t>()
-                                           : input.size(1);
-  return batch * weight_hh.size(0) * weight_hh.size(1) <= kMaxConcurrentDirectionsStepMacs;
+  return batch_of(input, config) * weight_hh.size(0) * weight_hh.size(1) <=
+         kMaxConcurrentDirectionsStepMacs;
 }
 
 // Runs body(direction) for each direction of a layer: on two threads when `concurrently`, with
