@@ -78,8 +78,34 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh) -> (Tensor hy, Tensor cy)");
 }
 
+namespace lstm_ext {
+namespace {
+
+// lstm_ext::lstm called through its typed handle: the same dispatcher op as torch.ops.lstm_ext.lstm
+// (autograd, every backend), without torch.ops' conversion of each argument into a boxed stack.
+// Measured at the trainer's shape, each call right after an nn.LSTM call: forward 24 -> 17 us,
+// forward + backward 164 -> 146 us. torch.compile traces torch.ops instead (modules.py).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_typed(
+    const at::Tensor& input, const c10::optional<at::Tensor>& h0,
+    const c10::optional<at::Tensor>& c0, const std::vector<at::Tensor>& params, bool has_biases,
+    bool has_projections, int64_t num_layers, double dropout, bool train, bool bidirectional,
+    const c10::optional<at::Tensor>& batch_sizes) {
+  using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+      at::TensorList, bool, bool, int64_t, double, bool, bool, const c10::optional<at::Tensor>&);
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::lstm", "").typed<Signature>();
+  return op.call(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
+                 bidirectional, batch_sizes);
+}
+
+}  // namespace
+}  // namespace lstm_ext
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lstm_ext compiled kernels; the ops live under torch.ops.lstm_ext";
+  m.def("lstm", &lstm_ext::lstm_typed,
+        "torch.ops.lstm_ext.lstm through its typed handle (same op, less per-call cost)");
   // Checked by lstm_ext/_ops.py against the running torch (C++ ABI is per torch version).
   m.attr("torch_version") = LSTM_EXT_TORCH_VERSION;
   m.attr("has_direct_blas") = lstm_ext::cpu::has_direct_blas_impl();

@@ -187,6 +187,29 @@ def test_module_op_graph_is_freed(case):
     assert [ref() is None for ref in alive] == [True, True, True]
 
 
+@pytest.mark.parametrize("case", [dict(), dict(with_states=False, proj=1)], ids=str)
+def test_module_op_typed_binding_is_the_same_op(case):
+    """lstm_ext._C.lstm (what eager modules call) and torch.ops.lstm_ext.lstm (what torch.compile
+    traces) are one op: the same outputs, the same gradients, the same argument checks."""
+    args = module_op_args(**case)
+    results = []
+    for op in (lstm_ext._C.lstm, torch.ops.lstm_ext.lstm):
+        outputs = op(*args)
+        leaves = [args[0]] + [t for t in args[1:3] if t is not None] + args[3]
+        grads = torch.autograd.grad([o.sum() for o in outputs], leaves)
+        results.append((outputs, grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    for a, b in zip(out_a + grads_a, out_b + grads_b):
+        assert torch.equal(a, b)
+    bad = list(args)
+    bad[6] = 0
+    with pytest.raises(RuntimeError, match=r"lstm_ext::lstm: num_layers must be at least 1"):
+        lstm_ext._C.lstm(*bad)
+    bad[3] = args[3][:-1] + ["not a tensor"]
+    with pytest.raises(TypeError):
+        lstm_ext._C.lstm(*bad)
+
+
 def test_module_op_dropout_masks_are_nn_lstm_s():
     """Dropout between layers inside the op draws the same masks as torch.nn.LSTM from the same
     seed; the gradient goes through the masks (compared with nn.LSTM in test_parity_full)."""
