@@ -99,6 +99,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_typed(
                  bidirectional, batch_sizes);
 }
 
+// lstm_ext::lstm_cell the same way (a cell is called once per step: per-call cost is most of it).
+std::tuple<at::Tensor, at::Tensor> lstm_cell_typed(const at::Tensor& input, const at::Tensor& hx,
+                                                   const at::Tensor& cx,
+                                                   const at::Tensor& weight_ih,
+                                                   const at::Tensor& weight_hh,
+                                                   const c10::optional<at::Tensor>& bias_ih,
+                                                   const c10::optional<at::Tensor>& bias_hh) {
+  using Signature = std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&);
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::lstm_cell", "").typed<Signature>();
+  return op.call(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
+}
+
 }  // namespace
 }  // namespace lstm_ext
 
@@ -106,6 +121,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lstm_ext compiled kernels; the ops live under torch.ops.lstm_ext";
   m.def("lstm", &lstm_ext::lstm_typed,
         "torch.ops.lstm_ext.lstm through its typed handle (same op, less per-call cost)");
+  m.def("lstm_cell", &lstm_ext::lstm_cell_typed,
+        "torch.ops.lstm_ext.lstm_cell through its typed handle (same op, less per-call cost)");
   // Checked by lstm_ext/_ops.py against the running torch (C++ ABI is per torch version).
   m.attr("torch_version") = LSTM_EXT_TORCH_VERSION;
   m.attr("has_direct_blas") = lstm_ext::cpu::has_direct_blas_impl();

@@ -299,7 +299,10 @@ class LSTMCell(nn.Module):
         if input.dim() not in (1, 2):
             raise ValueError(f"{owner}: Expected input to be 1-D (unbatched) or 2-D [B, input_size],"
                              f" got a {input.dim()}-D tensor of shape {_shape(input)}")
-        _check_dtypes(owner, [(n, p) for n, p in self.named_parameters()], input)
+        params = [("weight_ih", self.weight_ih), ("weight_hh", self.weight_hh)]
+        if self.bias:  # named here: named_parameters() costs microseconds per call
+            params += [("bias_ih", self.bias_ih), ("bias_hh", self.bias_hh)]
+        _check_dtypes(owner, params, input)
         if input.shape[-1] != self.input_size:
             raise RuntimeError(f"{owner}: input.size(-1) must be equal to input_size. Expected "
                                f"{self.input_size}, got {input.shape[-1]} (input shape "
@@ -321,8 +324,9 @@ class LSTMCell(nn.Module):
                 hx_t, cx_t = hx_t.unsqueeze(0), cx_t.unsqueeze(0)
             _check_state(owner, "hx[0] (h_0)", hx_t, state_shape, input)
             _check_state(owner, "hx[1] (c_0)", cx_t, state_shape, input)
-        hy, cy = lstm_cell(input, hx_t, cx_t, self.weight_ih, self.weight_hh, self.bias_ih,
-                           self.bias_hh)
+        # As LSTM.forward: the typed binding in eager, torch.ops under torch.compile.
+        op = lstm_cell if torch.compiler.is_compiling() else _C.lstm_cell
+        hy, cy = op(input, hx_t, cx_t, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         if not batched:
             return hy.squeeze(0), cy.squeeze(0)
         return hy, cy
