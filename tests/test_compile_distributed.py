@@ -79,6 +79,29 @@ def test_compile_fullgraph_training_dropout_draws_eager_masks():
     assert not torch.allclose(model(x), loss)  # another seed, other masks
 
 
+def test_compile_fullgraph_cell():
+    """LSTMCell under torch.compile traces torch.ops.lstm_ext.lstm_cell (eager calls the typed
+    binding): no graph break, eager's numbers."""
+    torch.manual_seed(0)
+    cell = lstm_ext.LSTMCell(3, 5, dtype=F64)
+    x = torch.randn(4, 3, dtype=F64)
+
+    def loss(fn, x):
+        h, c = fn(x)
+        return h.square().sum() + c.sum()
+
+    results = []
+    for fn in (cell, torch.compile(cell, backend="aot_eager", fullgraph=True)):
+        torch._dynamo.reset()
+        leaf = x.detach().requires_grad_()
+        value = loss(fn, leaf)
+        results.append((value, torch.autograd.grad(value, [leaf] + list(cell.parameters()))))
+    (value, grads), (value_c, grads_c) = results
+    assert torch.allclose(value_c, value, rtol=1e-12)
+    for g, g_c in zip(grads, grads_c):
+        assert torch.allclose(g_c, g, rtol=1e-10, atol=1e-12)
+
+
 def test_compile_fullgraph_unbatched_with_state():
     torch.manual_seed(0)
     model = Model(num_layers=2, bidirectional=True).double()

@@ -210,6 +210,20 @@ def test_module_op_typed_binding_is_the_same_op(case):
         lstm_ext._C.lstm(*bad)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_op_typed_binding_is_the_same_op(bias):
+    """lstm_ext._C.lstm_cell (what the eager LSTMCell calls) and torch.ops.lstm_ext.lstm_cell."""
+    args = cell_args(3, 4, 6, bias)
+    results = []
+    for op in (lstm_ext._C.lstm_cell, torch.ops.lstm_ext.lstm_cell):
+        outputs = op(*args)
+        leaves = [a for a in args if a is not None]
+        results.append((outputs, torch.autograd.grad([o.sum() for o in outputs], leaves)))
+    (out_a, grads_a), (out_b, grads_b) = results
+    for a, b in zip(out_a + grads_a, out_b + grads_b):
+        assert torch.equal(a, b)
+
+
 def test_module_op_dropout_masks_are_nn_lstm_s():
     """Dropout between layers inside the op draws the same masks as torch.nn.LSTM from the same
     seed; the gradient goes through the masks (compared with nn.LSTM in test_parity_full)."""
