@@ -14,8 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ._ops import _C, lstm
-from .functional import lstm_cell
+from ._ops import _C, lstm, lstm_cell
 
 _GATES = 4  # i, f, g, o
 
