@@ -9,7 +9,7 @@ from torch import nn
 
 import lstm_ext
 
-from lstm_testing import assert_float64_equal, forward_backward
+from lstm_testing import assert_float32_close, assert_float64_equal, forward_backward
 
 F64 = torch.float64
 
@@ -88,6 +88,46 @@ def test_nan_propagates_like_nn_lstm(where):
         assert torch.equal(a.isnan(), e.isnan())
         assert a.isnan().any()
         assert torch.allclose(a[~a.isnan()], e[~e.isnan()], rtol=1e-10, atol=1e-12)
+
+
+def float32_pair(I, H, weight_scale=1.0):
+    """nn.LSTM float32 and float64 and lstm_ext float32 with the same (float32) weights."""
+    torch.manual_seed(0)
+    ref32 = nn.LSTM(I, H)
+    with torch.no_grad():
+        for p in ref32.parameters():
+            p.mul_(weight_scale)
+    ext32 = lstm_ext.LSTM(I, H)
+    ext32.load_state_dict(ref32.state_dict())
+    ref64 = nn.LSTM(I, H, dtype=F64)
+    ref64.load_state_dict(ref32.state_dict())
+    return ref32, ext32, ref64
+
+
+# H = 37: the float32 gate pass runs whole 16-wide vectors and a remainder.
+def test_nan_and_inf_propagate_like_nn_lstm_float32():
+    ref32, ext32, _ = float32_pair(6, 37)
+    x = torch.randn(5, 4, 6)
+    x[1, 0, 2] = math.nan
+    x[2, 1, 3] = math.inf
+    x[3, 2, 4] = -math.inf
+    with torch.no_grad():
+        expected, actual = ref32(x), ext32(x)
+    for e, a in zip((expected[0], *expected[1]), (actual[0], *actual[1])):
+        assert torch.equal(a.isnan(), e.isnan())
+        assert a.isnan().any() and not a.isinf().any()
+        assert torch.allclose(a[~a.isnan()], e[~e.isnan()], rtol=1e-5, atol=1e-6)
+
+
+def test_saturated_gates_float32():
+    """Pre-activations far out on both sides (|z| up to a few hundred): sigmoid and tanh at
+    their limits, outputs and gradients as close to float64 as nn.LSTM's own float32."""
+    ref32, ext32, ref64 = float32_pair(6, 37, weight_scale=30.0)
+    x = 4 * torch.randn(7, 3, 6)
+    names, r64 = forward_backward(ref64, x.double(), None)
+    _, t32 = forward_backward(ref32, x, None)
+    _, e32 = forward_backward(ext32, x, None)
+    assert_float32_close(names, e32, t32, r64)
 
 
 def test_inference_path_equals_training_path():
