@@ -272,28 +272,35 @@ def test_first_order_backward_stays_on_the_cpp_op():
     assert not any(n.startswith("aten::sigmoid") for n in names)
 
 
-PIPELINED = {
-    # the batch is too small to split over threads (4 rows, 4000 multiply-adds per row and step)
+TWO_THREAD_BACKWARD = {
+    # Pipelined: the second thread computes the weight gradients chunk of steps by chunk while the
+    # first runs the recurrence. The batch is too small to split over threads (4 rows, 4000
+    # multiply-adds per row and step) ...
     "unsplit": (dict(input_size=200, hidden_size=40, proj_size=20, bidirectional=True),
                 [30, 17, 29, 4]),
-    # split (12 rows > 8 per thread), but a step is small (12 x 4096 multiply-adds)
+    # ... or split (12 rows > 8 per thread), but a step is small (12 x 4096 multiply-adds).
     "small_steps": (dict(input_size=64, hidden_size=32, bidirectional=True),
                     [30, 17, 29, 4, 30, 1, 12, 30, 8, 30, 22, 5]),
+    # Split batch, large steps: after the recurrence, one thread computes dx and the first gate
+    # rows of dW_cat = dG^T [x | h], the other the remaining rows (x narrow enough to copy next
+    # to h: 2 I <= P). With a projection, layer 2 (I = P) takes MKL's threading instead.
+    "split_gradients": (dict(input_size=16, hidden_size=64),
+                        [(7 * i) % 30 + 1 for i in range(40)]),
+    "split_gradients_proj": (dict(input_size=8, hidden_size=64, proj_size=32, num_layers=2),
+                             [(11 * i) % 30 + 1 for i in range(40)]),
 }
 
 
-@pytest.mark.parametrize("batch", PIPELINED)
+@pytest.mark.parametrize("batch", TWO_THREAD_BACKWARD)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_backward_pipeline_matches_nn_lstm(packed, dtype, batch):
-    """Sizes where the backward computes the weight gradients on a second thread, chunk of steps by
-    chunk, while the first runs the recurrence: the weight gradients are large, and the batch is
-    too small to split over threads or its steps too small to split well. Both directions, with
-    and without a projection, packed (unsorted) or not."""
-    sizes, lengths = PIPELINED[batch]
+def test_two_thread_backward_matches_nn_lstm(packed, dtype, batch):
+    """Sizes where the backward's weight gradients are large and run on both threads in one of
+    the ways of TWO_THREAD_BACKWARD: the same numbers as nn.LSTM. Packed (unsorted) or not."""
+    sizes, lengths = TWO_THREAD_BACKWARD[batch]
     steps = max(lengths)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the pipeline needs a second thread
+    torch.set_num_threads(2)  # both ways need a second thread
     try:
         torch.manual_seed(0)
         ref = nn.LSTM(**sizes, dtype=dtype)
