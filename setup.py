@@ -1,4 +1,8 @@
-"""Build lstm_ext: a C++ (and optionally CUDA) LSTM compiled against the torch in the build environment.
+"""Build lstm_ext: a C++ (and optionally CUDA) LSTM compiled against the torch that is installed.
+
+`pip install .` runs this through tools/build_backend.py, which makes the torch of the environment
+being installed into importable here (or, where there is none, has pip fetch one): the module is
+compiled against that torch and pins it exactly at run time, so pip leaves it as it is.
 
 Environment variables:
   FORCE_CUDA=1         build the CUDA kernels even when no GPU is visible (needs nvcc and a CUDA torch)
@@ -10,14 +14,32 @@ Environment variables:
 
 import glob
 import os
+import re
+import sys
 
 import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from build_backend import MIN_TORCH, NEXT_UNTESTED_TORCH  # noqa: E402  (the supported range)
+
 TORCH_VERSION = torch.__version__
 TORCH_PUBLIC_VERSION = TORCH_VERSION.split("+")[0]
+
+
+def check_torch_version():
+    release = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", TORCH_VERSION).groups())
+    where = os.path.dirname(torch.__file__)
+    if release < MIN_TORCH:
+        sys.exit(f"lstm_ext needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}, but the torch it would be "
+                 f"built against is {TORCH_VERSION} ({where}). Upgrade torch first "
+                 f"(https://pytorch.org/get-started), then install lstm_ext again.")
+    if release >= NEXT_UNTESTED_TORCH:
+        print(f"lstm_ext setup: warning: torch {TORCH_VERSION} is newer than the releases lstm_ext "
+              f"is tested with ({MIN_TORCH[0]}.{MIN_TORCH[1]} to {NEXT_UNTESTED_TORCH[0]}."
+              f"{NEXT_UNTESTED_TORCH[1] - 1}); building anyway")
 
 
 def env_flag(name):
@@ -50,23 +72,41 @@ def pip_cuda_include_dirs():
     return sorted({d for root in roots for d in glob.glob(os.path.join(root, "nvidia", "*", "include"))})
 
 
-def write_build_info(build_cuda):
-    # Read by lstm_ext/_ops.py *before* it loads the compiled module, so a torch mismatch is reported
-    # as a clear ImportError instead of an undefined-symbol error or a crash.
-    path = os.path.join(ROOT, "lstm_ext", "_build_info.py")
-    with open(path, "w") as f:
-        f.write("# Written by setup.py; do not edit.\n")
-        f.write(f"torch_version = {TORCH_VERSION!r}\n")
-        f.write(f"cuda = {build_cuda!r}\n")
+class BuildWithInfo(BuildExtension):
+    """torch's BuildExtension that always rebuilds and records what it built against.
+
+    Always: setuptools skips an extension whose module is newer than its sources, and so reused a
+    module built against another torch (which then failed to import). With ninja only the
+    objects whose compile command or inputs changed are rebuilt; the command names torch's
+    headers and version, so a change of torch rebuilds everything."""
+
+    build_cuda = False
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.force = True
+
+    def run(self):
+        super().run()
+        # Read by lstm_ext/_ops.py *before* it loads the compiled module, so a torch mismatch is
+        # reported as a clear ImportError instead of an undefined-symbol error or a crash. Written
+        # next to the module: into the wheel, or into the source tree for an editable install.
+        folder = os.path.dirname(self.get_ext_fullpath("lstm_ext._C"))
+        with open(os.path.join(folder, "_build_info.py"), "w") as f:
+            f.write("# Written by setup.py; do not edit.\n")
+            f.write(f"torch_version = {TORCH_VERSION!r}\n")
+            f.write(f"cuda = {self.build_cuda!r}\n")
 
 
 def extensions():
+    check_torch_version()
     build_cuda, reason = cuda_decision()
+    BuildWithInfo.build_cuda = build_cuda
     debug = env_flag("DEBUG")
-    print(f"lstm_ext setup: torch {TORCH_VERSION}, CUDA kernels: {'yes' if build_cuda else 'no'} "
-          f"({reason}), DEBUG={int(debug)}, MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}, "
+    print(f"lstm_ext setup: torch {TORCH_VERSION} ({os.path.dirname(torch.__file__)}), "
+          f"CUDA kernels: {'yes' if build_cuda else 'no'} ({reason}), DEBUG={int(debug)}, "
+          f"MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')}")
-    write_build_info(build_cuda)
 
     sources = ["csrc/lstm.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -93,9 +133,10 @@ setup(
     description="A fused C++ LSTM for PyTorch: a drop-in replacement for torch.nn.LSTM",
     packages=find_packages(include=["lstm_ext", "lstm_ext.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension},
-    # The compiled module is tied to the exact torch it was built against (C++ ABI).
+    cmdclass={"build_ext": BuildWithInfo},
+    # The compiled module is tied to the exact torch it was built against (C++ ABI): the torch
+    # that is installed, which this pin therefore leaves as it is.
     install_requires=[f"torch=={TORCH_PUBLIC_VERSION}", "numpy", "matplotlib"],
     entry_points={"console_scripts": ["lstm-sincos=lstm_ext.sincos:main"]},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
 )

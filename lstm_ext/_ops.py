@@ -12,18 +12,19 @@ from torch import Tensor
 
 from .reference import lstm_cell_reference, lstm_layer_reference
 
-REBUILD_COMMAND = "pip install --no-build-isolation --force-reinstall --no-deps ."
+REBUILD_COMMAND = "pip install --force-reinstall --no-deps ."
 
 
 def _load_compiled_module():
-    try:
-        from . import _build_info
-    except ImportError as exc:
+    import glob
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not glob.glob(os.path.join(here, "_C.*")):
         raise ImportError(
-            "lstm_ext is not built: its compiled module is missing. Install it with "
-            f"`pip install .` (or `{REBUILD_COMMAND}` against the torch you have) from the "
-            "source tree; running from inside the source tree imports the unbuilt sources."
-        ) from exc
+            f"lstm_ext is not built: {here} holds its sources but not the compiled module, and no "
+            "installed lstm_ext was found on sys.path. Install it: `pip install .` in the "
+            "repository root.")
+    from . import _build_info
     if _build_info.torch_version != torch.__version__:
         # Checked before loading: a module built for another torch can fail with undefined symbols
         # or, worse, load and crash.
@@ -32,14 +33,6 @@ def _load_compiled_module():
             f"{torch.__version__} is installed. Rebuild it against this torch: `{REBUILD_COMMAND}` "
             "in the lstm_ext source tree."
         )
-    import glob
-    import os
-    here = os.path.dirname(os.path.abspath(__file__))
-    if not glob.glob(os.path.join(here, "_C.*")):
-        raise ImportError(
-            f"lstm_ext's compiled module is not in {here}: this looks like the unbuilt source "
-            "tree. Install the package (`pip install .`) and import it from elsewhere, or run "
-            "the tests with the `pytest` command rather than `python -m pytest`.")
     try:
         from . import _C
     except ImportError as exc:

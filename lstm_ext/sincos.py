@@ -162,17 +162,18 @@ def plot(path: str, data: Dataset, predictions: Dict[str, Dict[str, np.ndarray]]
     top.set_title("dataset: the first 60 points")
     top.legend(loc="upper right")
 
-    bottom.plot(t[:split], data.sin[:split], "g", label="sin_trn")
-    bottom.plot(t[:split], data.cos[:split], "b", label="ref_cos_trn")
-    bottom.plot(t[split:], data.sin[split:], "c", label="sin_tst")
-    bottom.plot(t[split:], data.cos[split:], "k", label="ref_cos_tst")
+    bottom.plot(t[:split], data.sin[:split], "g", label="sin(t), training input")
+    bottom.plot(t[:split], data.cos[:split], "b", label="cos(t), training target")
+    bottom.plot(t[split:], data.sin[split:], "c", label="sin(t), test input")
+    bottom.plot(t[split:], data.cos[split:], "k", label="cos(t), test target")
     styles = {"ext": ("y--", "m--"), "torch": ("y:", "m:")}
     for backend, pred in predictions.items():
-        suffix = f" ({BACKEND_NAMES[backend]})" if len(predictions) > 1 else ""
+        suffix = f", {BACKEND_NAMES[backend]}" if len(predictions) > 1 else ""
         train_style, test_style = styles[backend]
-        bottom.plot(t[:split], pred["train"], train_style, label="pre_cos_trn" + suffix)
-        bottom.plot(t[split:], pred["test"], test_style, label="pre_cos_tst" + suffix)
-    bottom.plot([t[split], t[split]], [-1.2, 4.0], "r--", label="separation line")
+        bottom.plot(t[:split], pred["train"], train_style,
+                    label=f"predicted cos(t), training{suffix}")
+        bottom.plot(t[split:], pred["test"], test_style, label=f"predicted cos(t), test{suffix}")
+    bottom.plot([t[split], t[split]], [-1.2, 4.0], "r--", label="training | test")
     bottom.set_xlabel("t")
     bottom.set_ylabel("sin(t) and cos(t)")
     bottom.set_xlim(t[0], t[-1])
@@ -207,39 +208,68 @@ class _Parser(argparse.ArgumentParser):
 
 
 def positive_int(text):
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a whole number greater than 0, got {text!r}")
     return value
 
 
 def positive_float(text):
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a number greater than 0, got {text!r}")
     return value
+
+
+def writable_path_problem(path: str) -> Optional[str]:
+    """Why `path` cannot be written (checked before training, not after it), or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "is a folder; give a file name"
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {folder} is not writable"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "the file exists and is not writable"
+    return None
 
 
 def parse_args(argv):
     parser = _Parser(prog="lstm-sincos", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="ext",
-                        help="ext: lstm_ext.LSTM (default); torch: torch.nn.LSTM")
+                        help="ext: lstm_ext.LSTM, torch: torch.nn.LSTM (default: %(default)s)")
     parser.add_argument("--compare", action="store_true",
                         help="train both backends from the same seed and weights, print a table")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=positive_int, default=10000, help="at most this many")
-    parser.add_argument("--hidden", type=positive_int, default=16, help="hidden size")
-    parser.add_argument("--layers", type=positive_int, default=1, help="LSTM layers")
-    parser.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the initial weights (default: %(default)s)")
+    parser.add_argument("--epochs", type=positive_int, default=10000,
+                        help="train at most this many epochs (default: %(default)s)")
+    parser.add_argument("--hidden", type=positive_int, default=16,
+                        help="LSTM hidden size (default: %(default)s)")
+    parser.add_argument("--layers", type=positive_int, default=1,
+                        help="LSTM layers (default: %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=1e-2,
+                        help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--target-loss", type=positive_float, default=1e-4,
-                        help="stop once the training loss is below this")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--plot", default="sincos.png", help="PNG to write (default sincos.png)")
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--save", help="write the trained model's state_dict here")
-    parser.add_argument("--load", help="start from this state_dict (from either backend)")
-    parser.add_argument("--json", help="write the summary as JSON here")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+                        help="stop once the training loss is below this (default: %(default)s)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where to train (default: %(default)s)")
+    parser.add_argument("--plot", default="sincos.png", metavar="PATH",
+                        help="write the figures to this PNG (default: %(default)s)")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
+    parser.add_argument("--save", metavar="PATH",
+                        help="write the trained model's state_dict to this file")
+    parser.add_argument("--load", metavar="PATH",
+                        help="start from this state_dict (saved with --save by either backend)")
+    parser.add_argument("--json", metavar="PATH", help="write the summary as JSON to this file")
+    parser.add_argument("--quiet", action="store_true", help="print no progress")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -251,33 +281,80 @@ def parse_args(argv):
         parser.error(f"--load: no such file: {args.load}")
     if args.compare and args.save:
         parser.error("--save takes one model: use it without --compare")
+    outputs = [("--save", args.save), ("--json", args.json)]
+    if not args.no_plot:
+        outputs.append(("--plot", args.plot))
+    for option, path in outputs:
+        problem = writable_path_problem(path) if path else None
+        if problem:
+            parser.error(f"{option} {path}: cannot write there: {problem}")
     return parser, args
 
 
-def build_model(backend: str, args, load_state: Optional[dict]) -> SinCosModel:
+def saved_sizes(state: dict) -> Optional[Tuple[int, int]]:
+    """(hidden size, layers) of the SinCosModel a state_dict was saved from, if it is one."""
+    weight_hh = state.get("lstm.weight_hh_l0")
+    if not isinstance(weight_hh, torch.Tensor) or weight_hh.dim() != 2:
+        return None
+    layers = sum(1 for key in state if key.startswith("lstm.weight_ih_l"))
+    return weight_hh.shape[1], layers
+
+
+def load_state(path: str, hidden: int, layers: int, device: str) -> dict:
+    """The state_dict in `path`, checked against the model this run builds; ValueError otherwise,
+    with a message that says what does not match and what to do."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        reason = str(exc).split(". ")[0].strip() or type(exc).__name__
+        raise ValueError("not a file written by torch.save (as --save writes): torch.load "
+                         f"failed: {type(exc).__name__}: {reason}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"holds a {type(state).__name__}, not a state_dict (a dict of parameter "
+                         "names to tensors, as --save writes)")
+    sizes = saved_sizes(state)
+    if sizes is not None and sizes != (hidden, layers):
+        raise ValueError(f"it holds a model with hidden size {sizes[0]} and {sizes[1]} layer(s), "
+                         f"but this run builds hidden size {hidden} and {layers} layer(s): pass "
+                         f"--hidden {sizes[0]} --layers {sizes[1]}")
+    expected = SinCosModel("torch", hidden, layers).state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        raise ValueError("not a state_dict of this model (LSTM + Linear): "
+                         + "; ".join(f"{what} keys: {', '.join(keys)}" for what, keys in
+                                     (("missing", missing), ("unexpected", unexpected)) if keys))
+    wrong = [f"{key} is {list(state[key].shape)}, expected {list(value.shape)}"
+             for key, value in expected.items()
+             if not isinstance(state[key], torch.Tensor) or state[key].shape != value.shape]
+    if wrong:
+        raise ValueError("shapes differ from this model's: " + "; ".join(wrong))
+    return state
+
+
+def build_model(backend: str, args, state: Optional[dict]) -> SinCosModel:
     torch.manual_seed(args.seed)  # same seed, same initial weights on both backends
     model = SinCosModel(backend, args.hidden, args.layers).to(args.device)
-    if load_state is not None:
-        model.load_state_dict(load_state)
+    if state is not None:
+        model.load_state_dict(state)
     return model
 
 
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
     data = make_dataset()
-    load_state = None
+    start = None
     if args.load:
         try:
-            load_state = torch.load(args.load, map_location=args.device, weights_only=True)
-            SinCosModel("torch", args.hidden, args.layers).load_state_dict(load_state)
-        except Exception as exc:  # a wrong file or sizes: one line, exit 2
-            parser.error(f"--load {args.load}: {str(exc).splitlines()[0]}")
+            start = load_state(args.load, args.hidden, args.layers, args.device)
+        except ValueError as exc:  # one line, exit 2
+            parser.error(f"--load {args.load}: {exc}")
 
     backends = ["ext", "torch"] if args.compare else [args.backend]
     results: Dict[str, Result] = {}
     predictions: Dict[str, Dict[str, np.ndarray]] = {}
     for backend in backends:
-        model = build_model(backend, args, load_state)
+        model = build_model(backend, args, start)
         if not args.quiet:
             print(f"{BACKEND_NAMES[backend]}: {model}".replace("\n", "\n  "))
         results[backend], _ = train(model, data, args, backend)

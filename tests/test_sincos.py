@@ -88,11 +88,12 @@ def test_save_and_load_across_backends(tmp_path, saved_by, loaded_by):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--hidden", "-3"], "--hidden: must be a positive integer, got -3"),
-    (["--layers", "0"], "--layers: must be a positive integer, got 0"),
+    (["--hidden", "-3"], "--hidden: must be a whole number greater than 0, got '-3'"),
+    (["--layers", "0"], "--layers: must be a whole number greater than 0, got '0'"),
+    (["--epochs", "ten"], "--epochs: must be a whole number greater than 0, got 'ten'"),
     (["--backend", "keras"], "--backend: invalid choice: 'keras'"),
-    (["--lr", "0"], "--lr: must be a positive number, got 0"),
-    (["--epochs", "ten"], "--epochs: invalid positive_int value: 'ten'"),
+    (["--lr", "0"], "--lr: must be a number greater than 0, got '0'"),
+    (["--lr", "fast"], "--lr: must be a number greater than 0, got 'fast'"),
     (["--load", "/nonexistent/model.pt"], "--load: no such file: /nonexistent/model.pt"),
     (["--compare", "--save", "x.pt"], "--save takes one model"),
 ] + ([] if torch.cuda.is_available() else
@@ -107,13 +108,94 @@ def test_bad_options_exit_2_with_one_line(argv, message):
     assert message in lines[0]
 
 
-def test_load_of_a_wrong_file_exits_2(tmp_path):
+def run_cli(*argv, cwd="/"):
+    return subprocess.run([sys.executable, "-m", "lstm_ext.sincos", *argv], capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
+
+
+def one_line_error(result):
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_load_says_which_sizes_to_pass(tmp_path):
+    path = tmp_path / "m16.pt"
+    run_main(tmp_path, "--epochs", "2", "--no-plot", "--save", str(path))
+    line = one_line_error(run_cli("--load", str(path), "--hidden", "32", "--no-plot"))
+    assert line == (f"lstm-sincos: error: --load {path}: it holds a model with hidden size 16 and 1 "
+                    "layer(s), but this run builds hidden size 32 and 1 layer(s): pass --hidden 16 "
+                    "--layers 1")
+    line = one_line_error(run_cli("--load", str(path), "--layers", "2", "--no-plot"))
+    assert "pass --hidden 16 --layers 1" in line
+
+
+def test_load_of_a_dict_of_other_tensors_lists_the_keys(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"something": torch.zeros(3)}, path)
-    result = subprocess.run([sys.executable, "-m", "lstm_ext.sincos", "--load", str(path)],
-                            capture_output=True, text=True, timeout=120, cwd="/")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"lstm-sincos: error: --load {path}:")
+    line = one_line_error(run_cli("--load", str(path)))
+    assert line.startswith(f"lstm-sincos: error: --load {path}: not a state_dict of this model")
+    assert "missing keys: lstm.weight_ih_l0, lstm.weight_hh_l0" in line
+    assert "unexpected keys: something" in line
+
+
+def test_load_of_a_tensor_or_a_file_torch_cannot_read(tmp_path):
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    assert "holds a Tensor, not a state_dict" in one_line_error(run_cli("--load", str(tensor)))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"hello, this is not a model\n")
+    line = one_line_error(run_cli("--load", str(junk)))
+    assert f"--load {junk}: not a file written by torch.save" in line
+
+
+def test_load_with_a_wrong_shape_names_it(tmp_path):
+    path = tmp_path / "m.pt"
+    run_main(tmp_path, "--epochs", "2", "--no-plot", "--save", str(path))
+    state = torch.load(path, weights_only=True)
+    state["linear.weight"] = torch.zeros(2, 16)
+    torch.save(state, path)
+    line = one_line_error(run_cli("--load", str(path)))
+    assert "linear.weight is [2, 16], expected [1, 16]" in line
+
+
+@pytest.mark.parametrize("option", ["--plot", "--save", "--json"])
+def test_output_paths_are_checked_before_training(tmp_path, option):
+    missing_folder = tmp_path / "no" / "such" / "out.file"
+    result = run_cli(option, str(missing_folder), "--epochs", "100000", "--target-loss", "1e-30")
+    line = one_line_error(result)  # returns at once: 100000 epochs would take a minute
+    assert line == (f"lstm-sincos: error: {option} {missing_folder}: cannot write there: the "
+                    f"folder {missing_folder.parent} does not exist")
+    assert "is a folder" in one_line_error(run_cli(option, str(tmp_path)))
+
+
+def test_help_shows_the_defaults():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for default in ("(default: ext)", "(default: 10000)", "(default: 16)", "(default: 0.01)",
+                    "(default: 0.0001)", "(default: sincos.png)"):
+        assert default in text
+
+
+def test_plot_legend_uses_plain_words(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    labels = []
+    save = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        for axes in fig.axes:
+            labels.extend(text.get_text() for text in axes.get_legend().get_texts())
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    run_main(tmp_path, "--epochs", "3", "--compare", "--plot", str(tmp_path / "p.png"))
+    assert "sin(t), training input" in labels and "cos(t), test target" in labels
+    assert "predicted cos(t), test, lstm_ext.LSTM" in labels
+    assert "predicted cos(t), training, torch.nn.LSTM" in labels
+    assert not any("_" in label and "." not in label for label in labels), labels
 
 
 def test_console_script_runs(tmp_path):
