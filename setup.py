@@ -131,6 +131,7 @@ setup(
     name="lstm_ext",
     version="0.1.0",
     description="A fused C++ LSTM for PyTorch: a drop-in replacement for torch.nn.LSTM",
+    license="BSD-3-Clause",
     packages=find_packages(include=["lstm_ext", "lstm_ext.*"]),
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildWithInfo},
