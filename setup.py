@@ -66,10 +66,15 @@ def cuda_decision():
 
 def pip_cuda_include_dirs():
     """Headers of the CUDA libraries that a pip-installed CUDA torch brings (nvidia/*/include):
-    ATen's CUDA headers include cuBLAS and cuSPARSE, which a bare nvcc install lacks."""
+    ATen's CUDA headers include cuBLAS and cuSPARSE, which a bare nvcc install lacks. Those next
+    to torch itself (in pip's build environment, that folder is not among the site folders)."""
     import site
-    roots = site.getsitepackages() + [site.getusersitepackages()]
-    return sorted({d for root in roots for d in glob.glob(os.path.join(root, "nvidia", "*", "include"))})
+    for root in [os.path.dirname(os.path.dirname(torch.__file__))] + site.getsitepackages() + [
+            site.getusersitepackages()]:
+        found = sorted(glob.glob(os.path.join(root, "nvidia", "*", "include")))
+        if found:
+            return found
+    return []
 
 
 class BuildWithInfo(BuildExtension):

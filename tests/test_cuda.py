@@ -1,5 +1,5 @@
 """The CUDA kernels: the same checks as on the CPU, run where a GPU and a CUDA build are present
-(skipped elsewhere, so CI without a GPU stays green; tools/check_cuda_build.sh checks that they
+(skipped elsewhere, so CI without a GPU stays green; tools/check_torch.sh checks that they
 compile and register)."""
 
 import itertools
