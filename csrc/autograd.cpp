@@ -345,6 +345,28 @@ LayerParams layer_params(at::TensorList params, const ModuleConfig& config, int6
   return p;
 }
 
+// A dtype as Python spells it (torch.float32), for messages that suggest Python code.
+std::string python_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    default: return std::string("torch.") + c10::toString(type);
+  }
+}
+
+// nn.LSTM's name of parameter `position` of the flat list: weight_hh_l1_reverse, ...
+std::string param_name(const ModuleConfig& config, size_t position) {
+  const int64_t per_layer = config.params_per_layer();
+  const int64_t index = static_cast<int64_t>(position) / per_layer;  // layer * directions + d
+  const int64_t kind = static_cast<int64_t>(position) % per_layer;
+  const char* kinds[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"};
+  const char* name = kind < (config.has_biases ? 4 : 2) ? kinds[kind] : "weight_hr";
+  return std::string(name) + "_l" + std::to_string(index / config.directions()) +
+         (index % config.directions() == 1 ? "_reverse" : "");
+}
+
 void check_module_args(const Tensor& input, const optional<Tensor>& h0, const optional<Tensor>& c0,
                        at::TensorList params, const ModuleConfig& config) {
   constexpr const char* op = "lstm_ext::lstm";
@@ -356,6 +378,17 @@ void check_module_args(const Tensor& input, const optional<Tensor>& h0, const op
   TORCH_CHECK(static_cast<int64_t>(params.size()) == expected, op, ": expected ", expected,
               " parameters (", config.num_layers, " layers x ", config.directions(),
               " directions x ", config.params_per_layer(), " each), got ", params.size());
+  // Every parameter shares the first's dtype, named as nn.LSTM names it (the kernels check each
+  // layer's again, but by their own argument names, without the layer).
+  for (size_t i = 1; i < params.size(); ++i) {
+    if (params[i].scalar_type() != params[0].scalar_type()) {
+      const std::string first = python_dtype(params[0].scalar_type());
+      TORCH_CHECK_VALUE(false, "lstm_ext.LSTM: all parameters must share one dtype, but ",
+                        param_name(config, 0), " is ", first, " and ", param_name(config, i),
+                        " is ", python_dtype(params[i].scalar_type()),
+                        ". Convert the model: model.to(", first, ")");
+    }
+  }
   const bool has_h0 = h0.has_value() && h0->defined(), has_c0 = c0.has_value() && c0->defined();
   TORCH_CHECK(has_h0 == has_c0, op, ": give both h0 and c0 or neither");
   if (has_h0) {

@@ -46,6 +46,24 @@ inline void check_same_dtype_device(const char* op, const at::Tensor& ref, const
               " is on ", ref.device(), "; all tensors must be on one device");
 }
 
+// The input and the states are on the weights' device, with nn.LSTM's words first (its RNN code
+// checks the same): checked after the weights agree among themselves, and input before states, so
+// a state that differs from the weights differs from the input too.
+inline void check_input_device(const char* op, const at::Tensor& weight, const at::Tensor& input) {
+  TORCH_CHECK(input.device() == weight.device(),
+              "Input and parameter tensors are not at the same device, found input tensor at ",
+              input.device(), " and parameter tensor at ", weight.device(), " (", op,
+              ": input is on ", input.device(), " but weight_ih is on ", weight.device(), ")");
+}
+
+inline void check_state_device(const char* op, const at::Tensor& input, const at::Tensor& state,
+                               const char* name) {
+  TORCH_CHECK(state.device() == input.device(),
+              "Input and hidden tensors are not at the same device, found input tensor at ",
+              input.device(), " and hidden tensor at ", state.device(), " (", op, ": ", name,
+              " is on ", state.device(), " but input is on ", input.device(), ")");
+}
+
 inline void check_floating(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
               " must be float32 or float64, got ", t.scalar_type());
@@ -137,6 +155,9 @@ inline LayerSizes check_layer_inputs(const char* op, const at::Tensor& input, co
   }
   check_shape(op, h0, "h0", "[B, P]", {s.B, s.P});
   check_shape(op, c0, "c0", "[B, H]", {s.B, s.H});
+  check_input_device(op, weight_ih, input);
+  check_state_device(op, input, h0, "h0");
+  check_state_device(op, input, c0, "c0");
   check_same_dtype_device(op, weight_ih, "weight_ih", input, "input");
   check_same_dtype_device(op, weight_ih, "weight_ih", h0, "h0");
   check_same_dtype_device(op, weight_ih, "weight_ih", c0, "c0");
@@ -206,6 +227,9 @@ inline LayerSizes check_cell_inputs(const char* op, const at::Tensor& input, con
   check_shape(op, input, "input", "[B, I]", {s.B, s.I});
   check_shape(op, hx, "hx", "[B, H]", {s.B, s.H});
   check_shape(op, cx, "cx", "[B, H]", {s.B, s.H});
+  check_input_device(op, weight_ih, input);
+  check_state_device(op, input, hx, "hx");
+  check_state_device(op, input, cx, "cx");
   check_same_dtype_device(op, weight_ih, "weight_ih", input, "input");
   check_same_dtype_device(op, weight_ih, "weight_ih", hx, "hx");
   check_same_dtype_device(op, weight_ih, "weight_ih", cx, "cx");

@@ -23,40 +23,62 @@ def _shape(t: Tensor) -> List[int]:
     return list(t.shape)
 
 
-def _check_dtypes(owner: str, params: List[Tuple[str, Tensor]], input: Tensor) -> None:
-    """Input and parameters share one floating-point dtype, and the parameters agree."""
-    first_name, first = params[0]
-    for name, p in params[1:]:
-        if p.dtype != first.dtype:
-            raise ValueError(f"{owner}: all parameters must share one dtype, but {first_name} is "
-                             f"{first.dtype} and {name} is {p.dtype}. Convert the model: "
-                             f"model.to({first.dtype})")
-    if not input.is_floating_point():
-        raise ValueError(f"{owner}: input must be a floating-point tensor, got dtype {input.dtype}. "
-                         f"Convert it: input.to({first.dtype})")
-    if input.dtype != first.dtype:
-        raise ValueError(f"{owner}: input dtype ({input.dtype}) does not match the weights' dtype "
-                         f"({first.dtype}). Convert input: input.to({first.dtype}), or convert "
-                         f"model: model.to({input.dtype})")
+# Error messages start with nn.LSTM's / nn.LSTMCell's own words and exception type, so code and
+# tests that match on them keep working; lstm_ext's details follow in parentheses.
 
 
-def _check_state(owner: str, name: str, state: Tensor, expected: Tuple[int, ...], ref: Tensor):
-    if not isinstance(state, Tensor):
-        raise TypeError(f"{owner}: {name} must be a Tensor, got {type(state).__name__}")
-    if tuple(state.shape) != expected:
-        raise RuntimeError(f"{owner}: Expected {name} of size {expected}, got {_shape(state)}")
-    if state.dtype != ref.dtype:
+def _scalar_type_name(dtype: torch.dtype) -> str:
+    """c10's name of a dtype, as ATen's errors print it (Float, Double, BFloat16, Long...)."""
+    return torch.empty(0, dtype=dtype).type().split(".")[-1][:-len("Tensor")]
+
+
+def _dtype_error(owner: str, what: str, got: torch.dtype, expected: torch.dtype,
+                 advice: str) -> Exception:
+    """nn.LSTM checks the input dtype itself (ValueError, "RNN input dtype ..."); nn.LSTMCell
+    leaves it to the matrix product (RuntimeError, "mat1 and mat2 must have the same dtype ...")."""
+    if owner == "lstm_ext.LSTMCell":
+        return RuntimeError(f"mat1 and mat2 must have the same dtype, but got "
+                            f"{_scalar_type_name(got)} and {_scalar_type_name(expected)} ({owner}: "
+                            f"{what} dtype ({got}) does not match the weights' dtype ({expected}). "
+                            f"{advice})")
+    return ValueError(f"RNN {what} dtype ({got}) does not match weight dtype ({expected}). "
+                      f"{advice}")
+
+
+def _check_input_dtype(owner: str, input: Tensor, weight: Tensor) -> None:
+    """The input has the weights' dtype (nn.LSTM's check). That the weights share one dtype and
+    device, and the input's device, the op checks (in nn's words where nn has some)."""
+    if input.dtype != weight.dtype:
+        advice = f"Convert input: input.to({weight.dtype}), " + (
+            f"or convert model: model.to({input.dtype})" if input.is_floating_point() else
+            f"({owner} computes in floating point)")
+        raise _dtype_error(owner, "input", input.dtype, weight.dtype, advice)
+
+
+def _check_state_tensor(owner: str, name: str, state: Tensor, input: Tensor) -> None:
+    if state.device != input.device:
+        raise RuntimeError("Input and hidden tensors are not at the same device, found input "
+                           f"tensor at {input.device} and hidden tensor at {state.device} "
+                           f"({owner}: {name})")
+    if state.dtype != input.dtype:
+        if owner == "lstm_ext.LSTMCell":
+            raise _dtype_error(owner, name, state.dtype, input.dtype,
+                               f"Convert it: {name.split()[0]}.to({input.dtype})")
         raise ValueError(f"{owner}: {name} dtype ({state.dtype}) does not match the input dtype "
-                         f"({ref.dtype})")
-    if state.device != ref.device:
-        raise RuntimeError(f"{owner}: {name} is on {state.device} but input is on {ref.device}")
+                         f"({input.dtype})")
 
 
-def _unpack_hx(owner: str, hx) -> Tuple[Tensor, Tensor]:
-    if not (isinstance(hx, (tuple, list)) and len(hx) == 2
-            and all(isinstance(t, Tensor) for t in hx)):
-        got = type(hx).__name__ + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else "")
-        raise TypeError(f"{owner}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
+def _unpack_hx(owner: str, op: str, hx) -> Tuple[Tensor, Tensor]:
+    """hx = (h_0, c_0); `op` is nn's name for the wrong-length message (lstm, lstm_cell)."""
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(f"{owner}: hx must be a tuple (h_0, c_0) of two tensors, got "
+                        f"{type(hx).__name__}")
+    if len(hx) != 2:
+        raise RuntimeError(f"{op} expects two hidden states ({owner}: hx is a "
+                           f"{type(hx).__name__} of {len(hx)}; give (h_0, c_0))")
+    for index, t in enumerate(hx):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{owner}: hx[{index}] must be a Tensor, got {type(t).__name__}")
     return hx[0], hx[1]
 
 
@@ -73,6 +95,10 @@ class LSTM(nn.Module):
     h_0 [num_layers*D, B, P], c_0 [num_layers*D, B, H] (without the B dimension when unbatched).
     Returns output [T, B, D*P] (same layout as the input; a PackedSequence for one) and
     (h_n, c_n) shaped like (h_0, c_0).
+
+    The weights are whatever ``getattr(module, name)`` gives at the call, as for nn.LSTM: the
+    Parameters, or a parametrization's, ``torch.func.functional_call``'s or a pruning hook's
+    tensors, or a plain tensor assigned in place of a deleted weight (weight drop).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -84,14 +110,17 @@ class LSTM(nn.Module):
                 or not 0 <= dropout <= 1):
             raise ValueError("dropout should be a number in range [0, 1] representing the "
                              "probability of an element being zeroed")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          "non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
+        for name, value in (("bias", bias), ("batch_first", batch_first)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("num_layers", num_layers), ("proj_size", proj_size)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-        if dropout > 0 and num_layers == 1:
-            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
-                          "non-zero dropout expects num_layers greater than 1, but got "
-                          f"dropout={dropout} and num_layers={num_layers}")
         if input_size <= 0:
             raise ValueError("input_size must be greater than zero")
         if hidden_size <= 0:
@@ -116,7 +145,9 @@ class LSTM(nn.Module):
         factory = {"device": device, "dtype": dtype}
         directions = 2 if bidirectional else 1
         real_hidden = proj_size if proj_size > 0 else hidden_size
-        # Registration order is nn.LSTM's, so reset_parameters draws the same numbers from the RNG.
+        # Registration order is nn.LSTM's, so reset_parameters draws the same numbers from the RNG,
+        # and _flat_weights_names is nn.LSTM's order, which the op takes.
+        self._flat_weights_names: List[str] = []
         self._all_weights: List[List[str]] = []
         for layer in range(num_layers):
             for direction in range(directions):
@@ -135,32 +166,53 @@ class LSTM(nn.Module):
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
                     names.append(name)
                 self._all_weights.append(names)
-        self._init_flat_weights()
+                self._flat_weights_names.extend(names)
+        self._keep_parameters()
         self.reset_parameters()
 
-    # As nn.RNNBase: the flat parameter list (nn.LSTM's order, what the op takes) is cached, and
-    # refreshed whenever a parameter is replaced (assignment, .to(), .double(),
-    # load_state_dict(assign=True)), so that forward does not look up every parameter by name on
-    # each call.
-    def _init_flat_weights(self) -> None:
-        self._flat_named = [(name, getattr(self, name))
-                            for names in self._all_weights for name in names]
-        self._flat_weights = [p for _, p in self._flat_named]
+    # The weights of a call are read as getattr(self, name) gives them (nn.RNNBase's rule), but
+    # that costs a Module.__getattr__ per weight per call. So the list of the module's own
+    # Parameters is kept, and a call checks with one dict lookup per weight that each is still
+    # in place in _parameters: true unless a weight was replaced there (functional_call swaps
+    # tensors into _parameters), re-registered (.to(), assignment, load_state_dict(assign=True)),
+    # removed (parametrize, pruning, weight_norm, `del`, DataParallel replicas), in which case
+    # the call reads every weight with getattr. Only a list made wholly of this module's
+    # registered Parameters is kept: a transform's tensors are never held after their call.
+    def _keep_parameters(self) -> None:
+        parameters = self._parameters
+        current = [parameters.get(name) for name in self._flat_weights_names]
+        self._kept_weights = current if all(
+            isinstance(w, nn.Parameter) for w in current) else None
 
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if "_all_weights" in self.__dict__ and isinstance(value, nn.Parameter) and any(
-                name in names for names in self._all_weights):
-            self._init_flat_weights()
+    def _current_weights(self, compiling: bool = False) -> List[Optional[Tensor]]:
+        """The weights in nn.LSTM's order, as getattr(self, name) gives them now (None: missing).
+        compiling: under torch.compile, which traces getattr and must find nothing kept."""
+        kept = self._kept_weights
+        if kept is not None and not compiling:
+            parameters = self._parameters
+            for name, weight in zip(self._flat_weights_names, kept):
+                if parameters.get(name) is not weight:
+                    break
+            else:
+                return kept
+        current = [getattr(self, name, None) for name in self._flat_weights_names]
+        if not compiling:
+            self._keep_parameters()
+        return current
+
+    @property
+    def _flat_weights(self) -> List[Optional[Tensor]]:
+        """nn.RNNBase's attribute of the same name: the weights a call would use now."""
+        return self._current_weights(torch.compiler.is_compiling())
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
-        self._init_flat_weights()
+        self._keep_parameters()  # drop the tensors from before the conversion
         return result
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._init_flat_weights()
+        self._keep_parameters()
 
     def reset_parameters(self) -> None:
         """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as nn.LSTM."""
@@ -172,11 +224,23 @@ class LSTM(nn.Module):
         """No-op, kept so code written for nn.LSTM runs unchanged: lstm_ext needs no flat buffer."""
 
     @property
-    def all_weights(self) -> List[List[nn.Parameter]]:
-        return [[getattr(self, name) for name in names] for names in self._all_weights]
+    def all_weights(self) -> List[List[Optional[Tensor]]]:
+        return [[getattr(self, name, None) for name in names] for names in self._all_weights]
+
+    def _missing_weight(self, weights: List[Optional[Tensor]]) -> None:
+        for name, weight in zip(self._flat_weights_names, weights):
+            if not isinstance(weight, Tensor):
+                what = "is missing" if weight is None else f"is a {type(weight).__name__}"
+                raise AttributeError(
+                    f"lstm_ext.LSTM: {name} {what}: every weight must be a Tensor when the module "
+                    f"is called (after `del module.{name}`, assign a tensor to it again)")
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
         owner = "lstm_ext.LSTM"
+        compiling = torch.compiler.is_compiling()
+        weights = self._current_weights(compiling)
+        if weights is not self._kept_weights:
+            self._missing_weight(weights)
         directions = 2 if self.bidirectional else 1
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
@@ -188,49 +252,58 @@ class LSTM(nn.Module):
             raise TypeError(f"{owner}: input must be a Tensor or a PackedSequence, got "
                             f"{type(input).__name__}")
         elif input.dim() not in (2, 3):
-            raise ValueError(f"{owner}: Expected input to be 2-D (unbatched [T, input_size]) or 3-D "
-                             f"(batched), got a {input.dim()}-D tensor of shape {_shape(input)}")
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead "
+                             f"({owner}: input of shape {_shape(input)}; batched [T, B, "
+                             f"input_size] ([B, T, input_size] with batch_first), or unbatched "
+                             f"[T, input_size])")
         else:
             batched = input.dim() == 3
-        _check_dtypes(owner, self._flat_named, input)
+        _check_input_dtype(owner, input, weights[0])
         if input.shape[-1] != self.input_size:
-            raise RuntimeError(f"{owner}: input.size(-1) must be equal to input_size. Expected "
-                               f"{self.input_size}, got {input.shape[-1]} (input shape "
-                               f"{_shape(input)})")
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {input.shape[-1]} ({owner}: input of "
+                               f"shape {_shape(input)})")
         if not packed:
             if not batched:
                 input = input.unsqueeze(1)  # [T, 1, I]
             elif self.batch_first:
                 input = input.transpose(0, 1)  # [T, B, I]; the op makes it contiguous
             if input.shape[0] == 0:
-                raise RuntimeError(f"{owner}: Expected sequence length to be larger than 0, got "
-                                   f"input of shape {_shape(input if batched else input[:, 0])}")
+                raise RuntimeError(f"Expected sequence length to be larger than 0 in RNN ({owner}: "
+                                   f"input of shape {_shape(input if batched else input[:, 0])})")
 
         if hx is None:
             h0 = c0 = None  # the op starts every layer from zeros
         else:
-            h0, c0 = _unpack_hx(owner, hx)
+            h0, c0 = _unpack_hx(owner, "lstm", hx)
             rank = 3 if batched else 2
             if h0.dim() != rank or c0.dim() != rank:
                 kind = "batched 3-D" if batched else "unbatched 2-D"
-                raise RuntimeError(f"{owner}: For {kind} input, hx and cx should also be {rank}-D "
-                                   f"but got ({h0.dim()}-D, {c0.dim()}-D) tensors")
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {rank}-D but got "
+                                   f"({h0.dim()}-D, {c0.dim()}-D) tensors")
             if not batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
             states = self.num_layers * directions
             batch = int(batch_sizes[0]) if packed else input.shape[1]
-            _check_state(owner, "hx[0] (h_0)", h0, (states, batch, real_hidden), input)
-            _check_state(owner, "hx[1] (c_0)", c0, (states, batch, self.hidden_size), input)
+            for index, (state, width, what) in enumerate(((h0, real_hidden, "h_0"),
+                                                          (c0, self.hidden_size, "c_0"))):
+                expected = (states, batch, width)  # nn.LSTM's words, also when unbatched
+                if tuple(state.shape) != expected:
+                    raise RuntimeError(
+                        f"Expected hidden[{index}] size {expected}, got {_shape(state)} ({owner}: "
+                        f"hx[{index}] is {what}: [num_layers * num_directions, batch, "
+                        f"{'proj_size' if index == 0 and self.proj_size else 'hidden_size'}])")
+                _check_state_tensor(owner, f"hx[{index}] ({what})", state, input)
             if sorted_indices is not None:  # the packed batch is sorted by length
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
 
         # One C++ op (and one graph node) for every layer and direction. Eager calls it through
         # its typed pybind11 binding (_C.lstm: no boxing of the arguments, a third of the forward's
         # cost at small sizes); torch.compile traces torch.ops.lstm_ext.lstm, the same op.
-        op = lstm if torch.compiler.is_compiling() else _C.lstm
-        output, h_n_t, c_n_t = op(input, h0, c0, self._flat_weights, self.bias,
-                                  self.proj_size > 0, self.num_layers, self.dropout,
-                                  self.training, self.bidirectional, batch_sizes)
+        op = lstm if compiling else _C.lstm
+        output, h_n_t, c_n_t = op(input, h0, c0, weights, self.bias, self.proj_size > 0,
+                                  self.num_layers, self.dropout, self.training,
+                                  self.bidirectional, batch_sizes)
         if packed:
             if unsorted_indices is not None:
                 h_n_t = h_n_t.index_select(1, unsorted_indices)
@@ -296,24 +369,31 @@ class LSTMCell(nn.Module):
         if not isinstance(input, Tensor):
             raise TypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
-            raise ValueError(f"{owner}: Expected input to be 1-D (unbatched) or 2-D [B, input_size],"
-                             f" got a {input.dim()}-D tensor of shape {_shape(input)}")
-        params = [("weight_ih", self.weight_ih), ("weight_hh", self.weight_hh)]
-        if self.bias:  # named here: named_parameters() costs microseconds per call
-            params += [("bias_ih", self.bias_ih), ("bias_hh", self.bias_hh)]
-        _check_dtypes(owner, params, input)
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead "
+                             f"({owner}: input of shape {_shape(input)}; batched [B, input_size] "
+                             f"or unbatched [input_size])")
+        if hx is not None:
+            hx_t, cx_t = _unpack_hx(owner, "lstm_cell", hx)
+            for index, state in enumerate((hx_t, cx_t)):
+                if state.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got "
+                                     f"{state.dim()}D instead ({owner}: hx[{index}] of shape "
+                                     f"{_shape(state)})")
+        # getattr at every call (parametrized weights are properties; functional_call swaps them)
+        weights = [self.weight_ih, self.weight_hh]
+        if self.bias:
+            weights += [self.bias_ih, self.bias_hh]
+        _check_input_dtype(owner, input, weights[0])
         if input.shape[-1] != self.input_size:
-            raise RuntimeError(f"{owner}: input.size(-1) must be equal to input_size. Expected "
-                               f"{self.input_size}, got {input.shape[-1]} (input shape "
-                               f"{_shape(input)})")
+            raise RuntimeError(f"input has inconsistent input_size: got {input.shape[-1]} expected "
+                               f"{self.input_size} ({owner}: input of shape {_shape(input)})")
         batched = input.dim() == 2
         if not batched:
             input = input.unsqueeze(0)
-        state_shape = (input.shape[0], self.hidden_size)
         if hx is None:
-            hx_t = cx_t = torch.zeros(state_shape, dtype=input.dtype, device=input.device)
+            hx_t = cx_t = torch.zeros((input.shape[0], self.hidden_size), dtype=input.dtype,
+                                      device=input.device)
         else:
-            hx_t, cx_t = _unpack_hx(owner, hx)
             rank = 2 if batched else 1
             if hx_t.dim() != rank or cx_t.dim() != rank:
                 raise RuntimeError(f"{owner}: Expected hx[0] and hx[1] to be {rank}-D like the "
@@ -321,11 +401,19 @@ class LSTMCell(nn.Module):
                                    f"({hx_t.dim()}-D, {cx_t.dim()}-D) tensors")
             if not batched:
                 hx_t, cx_t = hx_t.unsqueeze(0), cx_t.unsqueeze(0)
-            _check_state(owner, "hx[0] (h_0)", hx_t, state_shape, input)
-            _check_state(owner, "hx[1] (c_0)", cx_t, state_shape, input)
+            for index, (state, what) in enumerate(((hx_t, "h_0"), (cx_t, "c_0"))):
+                if state.shape[0] != input.shape[0]:
+                    raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match "
+                                       f"hidden{index} batch size {state.shape[0]} ({owner}: "
+                                       f"hx[{index}] ({what}) of shape {_shape(state)})")
+                if state.shape[1] != self.hidden_size:
+                    raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got "
+                                       f"{state.shape[1]}, expected {self.hidden_size} ({owner}: "
+                                       f"hx[{index}] ({what}) of shape {_shape(state)})")
+                _check_state_tensor(owner, f"hx[{index}] ({what})", state, input)
         # As LSTM.forward: the typed binding in eager, torch.ops under torch.compile.
         op = lstm_cell if torch.compiler.is_compiling() else _C.lstm_cell
-        hy, cy = op(input, hx_t, cx_t, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        hy, cy = op(input, hx_t, cx_t, *weights[:2], *(weights[2:] or (None, None)))
         if not batched:
             return hy.squeeze(0), cy.squeeze(0)
         return hy, cy

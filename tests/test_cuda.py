@@ -110,7 +110,13 @@ def test_module_moves_and_device_errors():
     assert out.is_cuda and h.is_cuda and c.is_cuda
     cell = lstm_ext.LSTMCell(3, 8).cuda()
     assert cell(torch.randn(2, 3, device=CUDA))[0].is_cuda
-    with pytest.raises(RuntimeError, match=r"input is on cpu but weight_ih is on cuda"):
+    # nn.LSTM's words first, then ours
+    with pytest.raises(RuntimeError, match=r"^Input and parameter tensors are not at the same "
+                                           r"device, found input tensor at cpu and parameter "
+                                           r"tensor at cuda:0 \(.*input is on cpu but weight_ih "
+                                           r"is on cuda"):
         model(torch.randn(5, 2, 3))
-    with pytest.raises(RuntimeError, match=r"hx\[0\] \(h_0\) is on cpu but input is on cuda"):
+    with pytest.raises(RuntimeError, match=r"^Input and hidden tensors are not at the same device, "
+                                           r"found input tensor at cuda:0 and hidden tensor at cpu "
+                                           r"\(lstm_ext.LSTM: hx\[0\] \(h_0\)\)"):
         model(torch.randn(5, 2, 3, device=CUDA), (torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)))

@@ -23,48 +23,86 @@ def x(*shape, dtype=F32):
     return torch.randn(*shape).to(dtype)
 
 
-# ---- lstm_ext.LSTM ----------------------------------------------------------------------------
+# ---- the modules: nn.LSTM's and nn.LSTMCell's own errors, then lstm_ext's details ----------
+#
+# Each bad call is made on torch.nn's module and on lstm_ext's: the same exception type, and our
+# message starts with nn's (code and tests that match on nn's words keep working) and goes on
+# with what was wrong in our words.
 
-@pytest.mark.parametrize("shape", [(3,), (1, 5, 2, 3), ()])
-def test_lstm_input_rank(lstm, shape):
-    with pytest.raises(ValueError, match=r"input to be 2-D .* or 3-D .*got a \d-D tensor"):
-        lstm(torch.zeros(shape))
-
-
-def test_lstm_input_size(lstm):
-    with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. "
-                                           r"Expected 3, got 5"):
-        lstm(x(7, 2, 5))
+def _packed(T, B, I):
+    lengths = list(range(T, T - B, -1))
+    return torch.nn.utils.rnn.pack_padded_sequence(torch.randn(T, B, I), lengths)
 
 
-@pytest.mark.parametrize("which,shape", [(0, (2, 3, 4)), (0, (1, 2, 4)), (1, (2, 2, 5))])
-def test_lstm_state_shape(lstm, which, shape):
-    hx = [x(2, 2, 4), x(2, 2, 4)]
-    hx[which] = x(*shape)
-    name = r"hx\[0\] \(h_0\)" if which == 0 else r"hx\[1\] \(c_0\)"
-    with pytest.raises(RuntimeError, match=rf"Expected {name} of size \(2, 2, 4\), got "
-                                           rf"\[{', '.join(map(str, shape))}\]"):
-        lstm(x(7, 2, 3), tuple(hx))
+LSTM_ERRORS = {  # name: (module arguments, call arguments, what our details mention)
+    "input 1-D": ((3, 4), lambda: (x(3),), "input of shape [3]"),
+    "input 4-D": ((3, 4), lambda: (x(1, 5, 2, 3),), "input of shape [1, 5, 2, 3]"),
+    "input size": ((3, 4), lambda: (x(7, 2, 5),), "input of shape [7, 2, 5]"),
+    "input size, unbatched": ((3, 4), lambda: (x(7, 5),), "input of shape [7, 5]"),
+    "empty sequence": ((3, 4), lambda: (x(0, 2, 3),), "input of shape [0, 2, 3]"),
+    "empty sequence, unbatched": ((3, 4), lambda: (x(0, 3),), "input of shape [0, 3]"),
+    "h_0 size": ((3, 4, 2), lambda: (x(7, 2, 3), (x(2, 2, 5), x(2, 2, 4))), "hx[0] is h_0"),
+    "h_0 batch": ((3, 4, 2), lambda: (x(7, 2, 3), (x(2, 3, 4), x(2, 3, 4))), "hx[0] is h_0"),
+    "h_0 layers": ((3, 4, 2), lambda: (x(7, 2, 3), (x(1, 2, 4), x(2, 2, 4))), "hx[0] is h_0"),
+    "c_0 size": ((3, 4, 2), lambda: (x(7, 2, 3), (x(2, 2, 4), x(2, 2, 5))), "hx[1] is c_0"),
+    "h_0 size, unbatched": ((3, 4), lambda: (x(7, 3), (x(1, 5), x(1, 4))), "hx[0] is h_0"),
+    "h_0 with projection": (dict(input_size=3, hidden_size=4, proj_size=2),
+                            lambda: (x(7, 2, 3), (x(1, 2, 4), x(1, 2, 4))), "proj_size"),
+    "hx 2-D for batched input": ((3, 4), lambda: (x(7, 2, 3), (x(1, 4), x(1, 4))), ""),
+    "hx 3-D for unbatched input": ((3, 4), lambda: (x(7, 3), (x(1, 1, 4), x(1, 1, 4))), ""),
+    "hx of three": ((3, 4), lambda: (x(7, 2, 3), (x(1, 2, 4),) * 3), "hx is a tuple of 3"),
+    "input dtype": ((3, 4), lambda: (x(7, 2, 3, dtype=F64),), ""),
+    "integer input": ((3, 4), lambda: (torch.zeros(7, 2, 3, dtype=torch.int64),),
+                      "computes in floating point"),
+}
 
 
-@pytest.mark.parametrize("hx", [torch.zeros(2, 2, 4), (torch.zeros(2, 2, 4),),
-                                (torch.zeros(2, 2, 4), torch.zeros(2, 2, 4), torch.zeros(2, 2, 4)),
-                                (torch.zeros(2, 2, 4), None), 3.0])
-def test_lstm_hx_not_a_pair(lstm, hx):
-    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\) of two tensors, got"):
+def _nn_and_ours(args):
+    if isinstance(args, dict):
+        return torch.nn.LSTM(**args), lstm_ext.LSTM(**args)
+    return torch.nn.LSTM(*args), lstm_ext.LSTM(*args)
+
+
+def _error_of(module, call_args):
+    try:
+        module(*call_args)
+    except Exception as exc:  # noqa: BLE001 - the exception is what is compared
+        return exc
+    raise AssertionError(f"{type(module).__name__} accepted the bad input")
+
+
+@pytest.mark.parametrize("case", list(LSTM_ERRORS))
+def test_lstm_errors_start_with_nn_lstms(case):
+    module_args, make_call_args, details = LSTM_ERRORS[case]
+    reference, ours = _nn_and_ours(module_args)
+    call_args = make_call_args()
+    expected, actual = _error_of(reference, call_args), _error_of(ours, call_args)
+    assert type(actual) is type(expected), (actual, expected)
+    if case == "integer input":  # nn's advice (model.to(torch.int64)) is not repeated
+        prefix = str(expected).split(" Convert input")[0]
+    else:
+        prefix = str(expected)
+    assert str(actual).startswith(prefix), (str(actual), str(expected))
+    assert details in str(actual)
+
+
+@pytest.mark.parametrize("hx", [torch.zeros(2, 2, 4), 3.0, [torch.zeros(2, 2, 4), None]])
+def test_lstm_hx_not_a_pair_of_tensors(lstm, hx):
+    # nn.LSTM fails here by accident (IndexError, AttributeError); ours says what hx must be.
+    with pytest.raises(TypeError, match=r"lstm_ext.LSTM: hx(\[1\])? must be a (tuple|Tensor)"):
         lstm(x(7, 2, 3), hx)
 
 
-def test_lstm_input_dtype_mismatch(lstm):
-    with pytest.raises(ValueError, match=r"input dtype \(torch.float64\) does not match the "
-                                         r"weights' dtype \(torch.float32\)"):
-        lstm(x(7, 2, 3, dtype=F64))
-
-
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
-def test_lstm_integer_input(lstm, dtype):
-    with pytest.raises(ValueError, match=rf"input must be a floating-point tensor, got dtype {dtype}"):
-        lstm(torch.zeros(7, 2, 3, dtype=dtype))
+def test_lstm_packed_input_errors():
+    # nn.LSTM leaves these to its kernels ("The size of tensor a (2) must match ...", "mat1 and
+    # mat2 shapes cannot be multiplied"); ours are its sequence-input errors.
+    lstm = lstm_ext.LSTM(3, 4)
+    with pytest.raises(RuntimeError, match=r"^Expected hidden\[0\] size \(1, 3, 4\), got "
+                                           r"\[1, 2, 4\]"):
+        lstm(_packed(5, 3, 3), (x(1, 2, 4), x(1, 2, 4)))
+    with pytest.raises(RuntimeError, match=r"^input.size\(-1\) must be equal to input_size. "
+                                           r"Expected 3, got 2"):
+        lstm(_packed(5, 3, 2))
 
 
 def test_lstm_mixed_weight_dtypes(lstm):
@@ -79,27 +117,17 @@ def test_lstm_state_dtype_mismatch(lstm):
         lstm(x(7, 2, 3), (x(2, 2, 4), x(2, 2, 4, dtype=F64)))
 
 
-def test_lstm_unbatched_with_3d_hx(lstm):
-    with pytest.raises(RuntimeError, match=r"For unbatched 2-D input, hx and cx should also be 2-D "
-                                           r"but got \(3-D, 3-D\) tensors"):
-        lstm(x(7, 3), (x(2, 1, 4), x(2, 1, 4)))
+def test_lstm_input_not_a_tensor(lstm):
+    with pytest.raises(TypeError, match=r"input must be a Tensor or a PackedSequence, got list"):
+        lstm([1.0, 2.0, 3.0])
 
 
-def test_lstm_batched_with_2d_hx(lstm):
-    with pytest.raises(RuntimeError, match=r"For batched 3-D input, hx and cx should also be 3-D"):
-        lstm(x(7, 2, 3), (x(2, 4), x(2, 4)))
-
-
-@pytest.mark.parametrize("shape", [(0, 2, 3), (0, 3)])
-def test_lstm_empty_sequence(lstm, shape):
-    """As nn.LSTM: a sequence of length 0 is an error."""
-    with pytest.raises(RuntimeError, match=r"Expected sequence length to be larger than 0"):
-        lstm(torch.zeros(shape))
-
-
-def test_lstm_empty_sequence_batch_first():
-    with pytest.raises(RuntimeError, match=r"Expected sequence length to be larger than 0"):
-        lstm_ext.LSTM(3, 4, batch_first=True)(torch.zeros(2, 0, 3))
+def test_lstm_deleted_weight_is_named_at_the_call(lstm):
+    del lstm.weight_hh_l1
+    lstm.float()  # as nn.LSTM, conversions work with a weight missing
+    with pytest.raises(AttributeError, match=r"lstm_ext.LSTM: weight_hh_l1 is missing: every "
+                                             r"weight must be a Tensor"):
+        lstm(x(7, 2, 3))
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -109,8 +137,12 @@ def test_lstm_empty_sequence_batch_first():
     (dict(hidden_size=-3), ValueError, "hidden_size must be greater than zero"),
     (dict(num_layers=0), ValueError, "num_layers must be greater than zero"),
     (dict(hidden_size=2.5), TypeError, "hidden_size should be of type int, got: float"),
+    (dict(input_size=3.0), TypeError, "input_size should be of type int, got: float"),
+    (dict(bias=1), TypeError, "bias should be of type bool, got: int"),
+    (dict(batch_first="False"), TypeError, "batch_first should be of type bool, got: str"),
     (dict(dropout=1.5), ValueError, r"dropout should be a number in range \[0, 1\]"),
     (dict(dropout=-0.1), ValueError, r"dropout should be a number in range \[0, 1\]"),
+    (dict(dropout=True), ValueError, r"dropout should be a number in range \[0, 1\]"),
     (dict(proj_size=-1), ValueError, "proj_size should be a positive integer or zero"),
     (dict(proj_size=4), ValueError, "proj_size has to be smaller than hidden_size"),
 ])
@@ -123,40 +155,45 @@ def test_lstm_constructor_errors_as_nn_lstm(kwargs, error, match):
         lstm_ext.LSTM(**args)
 
 
-# ---- lstm_ext.LSTMCell ------------------------------------------------------------------------
-
-def test_cell_input_rank(cell):
-    with pytest.raises(ValueError, match=r"input to be 1-D .* or 2-D .*got a 3-D tensor"):
-        cell(x(1, 2, 3))
-
-
-def test_cell_input_size(cell):
-    with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. "
-                                           r"Expected 3, got 4"):
-        cell(x(2, 4))
-
-
-def test_cell_state_shape(cell):
-    with pytest.raises(RuntimeError, match=r"Expected hx\[0\] \(h_0\) of size \(2, 4\), got \[3, 4\]"):
-        cell(x(2, 3), (x(3, 4), x(2, 4)))
+CELL_ERRORS = {  # name: (call arguments, what our details mention)
+    "input 3-D": (lambda: (x(1, 2, 3),), "input of shape [1, 2, 3]"),
+    "input size": (lambda: (x(2, 4),), "input of shape [2, 4]"),
+    "input size, unbatched": (lambda: (x(4),), "input of shape [4]"),
+    "hx size": (lambda: (x(2, 3), (x(2, 5), x(2, 4))), "hx[0] (h_0) of shape [2, 5]"),
+    "cx size": (lambda: (x(2, 3), (x(2, 4), x(2, 5))), "hx[1] (c_0) of shape [2, 5]"),
+    "hx batch": (lambda: (x(2, 3), (x(3, 4), x(2, 4))), "hx[0] (h_0) of shape [3, 4]"),
+    "cx batch": (lambda: (x(2, 3), (x(2, 4), x(3, 4))), "hx[1] (c_0) of shape [3, 4]"),
+    "hx 4-D": (lambda: (x(2, 3), (x(1, 1, 2, 4), x(2, 4))), "hx[0] of shape [1, 1, 2, 4]"),
+    "cx 3-D": (lambda: (x(2, 3), (x(2, 4), x(1, 2, 4))), "hx[1] of shape [1, 2, 4]"),
+    "input dtype": (lambda: (x(2, 3, dtype=F64),), "input dtype (torch.float64)"),
+    "integer input": (lambda: (torch.zeros(2, 3, dtype=torch.int64),), "input dtype (torch.int64)"),
+    "hx dtype": (lambda: (x(2, 3), (x(2, 4, dtype=F64), x(2, 4))), "hx[0] (h_0) dtype"),
+}
 
 
-def test_cell_unbatched_with_2d_hx(cell):
+@pytest.mark.parametrize("case", list(CELL_ERRORS))
+def test_cell_errors_start_with_nn_lstmcells(case):
+    make_call_args, details = CELL_ERRORS[case]
+    call_args = make_call_args()
+    expected = _error_of(torch.nn.LSTMCell(3, 4), call_args)
+    actual = _error_of(lstm_ext.LSTMCell(3, 4), call_args)
+    assert type(actual) is type(expected), (actual, expected)
+    assert str(actual).startswith(str(expected)), (str(actual), str(expected))
+    assert details in str(actual)
+
+
+def test_cell_hx_rank_differs_from_the_input(cell):
     with pytest.raises(RuntimeError, match=r"Expected hx\[0\] and hx\[1\] to be 1-D"):
         cell(x(3), (x(1, 4), x(1, 4)))
-
-
-def test_cell_dtype(cell):
-    with pytest.raises(ValueError, match=r"input dtype \(torch.float64\) does not match"):
-        cell(x(2, 3, dtype=F64))
-    with pytest.raises(ValueError, match=r"input must be a floating-point tensor, got dtype "
-                                         r"torch.int64"):
-        cell(torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r"Expected hx\[0\] and hx\[1\] to be 2-D"):
+        cell(x(2, 3), (x(4), x(4)))
 
 
 def test_cell_hx_not_a_pair(cell):
     with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\)"):
         cell(x(2, 3), x(2, 4))
+    with pytest.raises(RuntimeError, match=r"^lstm_cell expects two hidden states"):
+        cell(x(2, 3), (x(2, 4),))
 
 
 # ---- the C++ ops check their own arguments ------------------------------------------------------

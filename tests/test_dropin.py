@@ -1,0 +1,231 @@
+"""The ways users transform an LSTM module: whatever weight getattr(module, name) gives at the call
+is what lstm_ext computes with and what gradients flow to, as with nn.LSTM. Each case runs the same
+transformation on nn.LSTM and lstm_ext.LSTM (same weights, float64) and compares outputs and the
+gradients of the tensors the user trains."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize, prune
+
+import lstm_ext
+
+F64 = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def pair(cls=(nn.LSTM, lstm_ext.LSTM), *args, **kwargs):
+    """(nn module, lstm_ext module) with the same float64 weights."""
+    args = args or (3, 5)
+    kwargs.setdefault("dtype", F64)
+    torch.manual_seed(0)
+    reference = cls[0](*args, **kwargs)
+    ours = cls[1](*args, **kwargs)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def cell_pair():
+    return pair((nn.LSTMCell, lstm_ext.LSTMCell), 3, 5)
+
+
+def run(module, x, hx=None):
+    """Output and states of a call, and the loss used for gradients."""
+    out = module(x) if hx is None else module(x, hx)
+    if isinstance(module, (nn.LSTMCell, lstm_ext.LSTMCell)):
+        h, c = out
+        return [h, c], h.square().sum() + 0.5 * c.sum()
+    y, (h, c) = out
+    return [y, h, c], y.square().sum() + 0.5 * h.sum() + 0.25 * c.sum()
+
+
+def assert_same(reference, ours, x, leaves, hx=None):
+    """Same outputs, and the same gradients of each module's `leaves(module)`."""
+    results = []
+    for module in (reference, ours):
+        outputs, loss = run(module, x, hx)
+        tensors = leaves(module)
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+        assert all(g is not None for g in grads), "a trained tensor got no gradient"
+        results.append(outputs + list(grads))
+    for expected, actual in zip(*results):
+        torch.testing.assert_close(actual, expected, **TOL)
+
+
+def all_parameters(module):
+    return list(module.parameters())
+
+
+X = lambda *shape: torch.randn(*shape, dtype=F64)  # noqa: E731
+
+
+class Halve(nn.Module):
+    def forward(self, weight):
+        return 0.5 * weight
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "LSTMCell"])
+def test_register_parametrization(cls):
+    reference, ours = pair() if cls == "LSTM" else cell_pair()
+    name = "weight_hh_l0" if cls == "LSTM" else "weight_hh"
+    for module in (reference, ours):
+        parametrize.register_parametrization(module, name, Halve())
+    x = X(4, 2, 3) if cls == "LSTM" else X(2, 3)
+    assert_same(reference, ours, x, all_parameters)  # includes parametrizations...original
+
+
+def test_orthogonal_recurrent_weight():
+    reference, ours = pair((nn.LSTM, lstm_ext.LSTM), 4, 4)
+    for module in (reference, ours):
+        torch.nn.utils.parametrizations.orthogonal(module, "weight_hh_l0")
+    ours.load_state_dict(reference.state_dict())
+    assert_same(reference, ours, X(6, 2, 4), all_parameters)
+
+
+def test_weight_norm():
+    reference, ours = pair()
+    for module in (reference, ours):
+        torch.nn.utils.weight_norm(module, "weight_hh_l0")  # weight_g, weight_v and a pre-hook
+    assert_same(reference, ours, X(4, 2, 3), all_parameters)
+    names = [n for n, _ in ours.named_parameters()]
+    assert "weight_hh_l0_g" in names and "weight_hh_l0_v" in names
+
+
+def test_pruning():
+    reference, ours = pair()
+    for module in (reference, ours):
+        prune.l1_unstructured(module, "weight_hh_l0", amount=0.5)
+    assert_same(reference, ours, X(4, 2, 3), all_parameters)
+    prune.remove(ours, "weight_hh_l0")  # and made permanent again
+    prune.remove(reference, "weight_hh_l0")
+    assert_same(reference, ours, X(4, 2, 3), all_parameters)
+
+
+def test_weight_drop_deleted_then_assigned_each_call():
+    # AWD-LSTM / fastai WeightDropout: the raw weight is a Parameter elsewhere; the module's own
+    # weight is deleted and a dropped-out copy is assigned before every forward.
+    reference, ours = pair()
+    raws = []
+    for module in (reference, ours):
+        raw = nn.Parameter(module.weight_hh_l0.detach().clone())
+        del module.weight_hh_l0
+        raws.append(raw)
+    for step in range(3):
+        for module, raw in zip((reference, ours), raws):
+            torch.manual_seed(step)
+            module.weight_hh_l0 = nn.functional.dropout(raw, p=0.3, training=True)
+        x = X(4, 2, 3)
+        assert_same(reference, ours, x, lambda m: [raws[0] if m is reference else raws[1]])
+
+
+def test_deleted_weight_tolerated_by_conversions_and_named_at_the_call():
+    _, ours = pair()
+    del ours.weight_hh_l0
+    ours.to(torch.float32)
+    ours.cpu()
+    assert ours.all_weights[0][1] is None
+    with pytest.raises(AttributeError, match="weight_hh_l0 is missing"):
+        ours(torch.randn(4, 2, 3))
+    ours.weight_hh_l0 = nn.Parameter(torch.randn(20, 5))
+    assert ours(torch.randn(4, 2, 3))[0].shape == (4, 2, 5)
+
+
+def test_plain_tensor_assigned_over_a_deleted_weight_is_used():
+    reference, ours = pair()
+    new = X(20, 5)
+    for module in (reference, ours):
+        del module.weight_hh_l0
+        module.weight_hh_l0 = new
+    assert_same(reference, ours, X(4, 2, 3), lambda m: list(m.parameters()))
+    outputs, _ = run(ours, X(4, 2, 3))
+    ours.weight_hh_l0 = torch.zeros(20, 5, dtype=F64)  # changed between calls
+    reference.weight_hh_l0 = torch.zeros(20, 5, dtype=F64)
+    assert_same(reference, ours, X(4, 2, 3), lambda m: list(m.parameters()))
+
+
+@pytest.mark.parametrize("how", ["assign", "setattr", "data", "in place", "to"])
+def test_weights_changed_between_calls(how):
+    reference, ours = pair()
+    x = X(4, 2, 3)
+    run(ours, x)  # the module keeps its list of weights from this call
+    for module in (reference, ours):
+        if how == "assign":
+            module.load_state_dict({k: v * 2 for k, v in module.state_dict().items()}, assign=True)
+        elif how == "setattr":
+            module.weight_ih_l0 = nn.Parameter(module.weight_ih_l0.detach() * 3)
+        elif how == "data":
+            module.weight_hh_l0.data = module.weight_hh_l0.data * -1
+        elif how == "in place":
+            with torch.no_grad():
+                module.bias_ih_l0.add_(1.0)
+        else:
+            module.to(torch.float32).to(F64)
+    assert_same(reference, ours, x, all_parameters)
+
+
+def test_dataparallel_replica_uses_its_own_tensors():
+    # nn.parallel.replicate gives each replica plain tensors, set as attributes of a shallow copy
+    # whose _parameters is empty (needs GPUs to run for real; the replica's mechanics here).
+    reference, ours = pair()
+    replicas = []
+    for module in (reference, ours):
+        replica = module._replicate_for_data_parallel()
+        for name, weight in module._parameters.items():
+            setattr(replica, name, weight * 2)
+        replicas.append(replica)
+    x = X(4, 2, 3)
+    torch.testing.assert_close(replicas[1](x)[0], replicas[0](x)[0], **TOL)
+    torch.testing.assert_close(ours(x)[0], reference(x)[0], **TOL)  # the original is untouched
+
+
+def test_functional_call_uses_the_given_tensors():
+    reference, ours = pair(num_layers=2)
+    x = X(4, 2, 3)
+    zeros = {name: torch.zeros_like(p) for name, p in reference.named_parameters()}
+    out = torch.func.functional_call(ours, zeros, (x,))[0]
+    assert out.abs().max() == 0  # all-zero weights: h stays 0
+    given = {name: p.detach().clone().mul_(1.5).requires_grad_() for name, p in
+             reference.named_parameters()}
+    results = []
+    for module in (reference, ours):
+        y, (h, c) = torch.func.functional_call(module, given, (x,))
+        grads = torch.autograd.grad(y.square().sum() + h.sum(), list(given.values()))
+        results.append([y, h, c, *grads])
+    for expected, actual in zip(*results):
+        torch.testing.assert_close(actual, expected, **TOL)
+    # afterwards the module's own weights are back
+    torch.testing.assert_close(ours(x)[0], reference(x)[0], **TOL)
+
+
+def test_functional_call_on_the_cell():
+    reference, ours = cell_pair()
+    given = {name: torch.randn_like(p) for name, p in reference.named_parameters()}
+    x = X(2, 3)
+    expected = torch.func.functional_call(reference, given, (x,))
+    actual = torch.func.functional_call(ours, given, (x,))
+    for e, a in zip(expected, actual):
+        torch.testing.assert_close(a, e, **TOL)
+
+
+def test_copies_and_pickles_keep_working_after_weight_changes():
+    _, ours = pair()
+    ours.weight_hh_l0 = nn.Parameter(ours.weight_hh_l0.detach() * 2)
+    x = X(4, 2, 3)
+    expected = ours(x)[0]
+    for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        torch.testing.assert_close(clone(x)[0], expected, **TOL)
+        with torch.no_grad():
+            clone.weight_hh_l0.zero_()  # the copy has weights of its own
+        assert not torch.equal(clone(x)[0], expected)
+    torch.testing.assert_close(ours(x)[0], expected, **TOL)
+
+
+def test_nothing_from_a_transform_is_held_after_its_call():
+    _, ours = pair()
+    given = {name: p.detach().clone() for name, p in ours.named_parameters()}
+    torch.func.functional_call(ours, given, (X(4, 2, 3),))
+    held = ours._kept_weights or []
+    assert not any(any(w is g for g in given.values()) for w in held)
