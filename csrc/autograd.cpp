@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -117,6 +118,19 @@ cell_reference_op() {
                              .typed<std::tuple<Tensor, Tensor>(
                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                  const Tensor&, const optional<Tensor>&, const optional<Tensor>&)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, at::TensorList, bool, bool, int64_t, bool,
+    const optional<Tensor>&, at::TensorList)>&
+module_reference_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lstm_ext::lstm_reference", "")
+                             .typed<std::tuple<Tensor, Tensor, Tensor>(
+                                 const Tensor&, const Tensor&, const Tensor&, at::TensorList,
+                                 bool, bool, int64_t, bool, const optional<Tensor>&,
+                                 at::TensorList)>();
   return op;
 }
 
@@ -555,33 +569,145 @@ ForwardResult module_forward(const Tensor& input, const optional<Tensor>& h0,
   return result;
 }
 
-// The same forward with the pure-PyTorch reference of each layer and autograd on: what a second
-// derivative differentiates. The dropout masks are the first forward's.
+// The dropout masks the forward drew, one per layer that had dropout after it (config decides
+// which), in layer order.
+std::vector<Tensor> dropout_masks(const ModuleConfig& config, const std::vector<Tensor>& kept) {
+  std::vector<Tensor> masks;
+  for (int64_t layer = 0; layer + 1 < config.num_layers; ++layer) {
+    if (config.dropout_after(layer)) {
+      masks.push_back(kept[kept_index(config, layer) + 1]);
+    }
+  }
+  return masks;
+}
+
+// The same forward in pure PyTorch with autograd on (lstm_ext/reference.py, the lstm_reference
+// op), with the first forward's dropout masks: what a second derivative differentiates.
 variable_list module_reference(const Tensor& input, const Tensor& h0, const Tensor& c0,
                                at::TensorList params, const ModuleConfig& config,
                                const std::vector<Tensor>& kept) {
-  const int64_t directions = config.directions();
-  std::vector<Tensor> h_n, c_n;
-  Tensor layer_input = input;
-  for (int64_t layer = 0; layer < config.num_layers; ++layer) {
-    std::vector<Tensor> outputs;
-    for (int64_t direction = 0; direction < directions; ++direction) {
-      const int64_t index = layer * directions + direction;
-      const LayerParams p = layer_params(params, config, index);
-      auto [output, h, c] = layer_reference_op().call(
-          layer_input, h0.select(0, index), c0.select(0, index), p.weight_ih, p.weight_hh,
-          p.bias_ih, p.bias_hh, p.weight_hr, config.batch_sizes, /*reverse=*/direction == 1);
-      outputs.push_back(output);
-      h_n.push_back(h);
-      c_n.push_back(c);
-    }
-    layer_input = directions == 1 ? outputs[0] : at::cat(outputs, -1);
-    const Tensor& mask = kept[kept_index(config, layer) + 1];
-    if (mask.defined()) {
-      layer_input = layer_input * mask;
+  auto [output, h_n, c_n] = module_reference_op().call(
+      input, h0, c0, params, config.has_biases, config.has_projections, config.num_layers,
+      config.bidirectional, config.batch_sizes, dropout_masks(config, kept));
+  return {output, h_n, c_n};
+}
+
+// What the forward saves for the backward, as one list without undefined entries (the lstm_forward
+// op's `saved`): the zero states when h0, c0 were not given, then `kept` without the masks of
+// layers with no dropout after them. Which entries are there follows from config and has_states.
+std::vector<Tensor> saved_list(const ForwardResult& result) {
+  std::vector<Tensor> saved;
+  if (result.zero_h.defined()) {
+    saved.insert(saved.end(), {result.zero_h, result.zero_c});
+  }
+  for (const Tensor& t : result.kept) {
+    if (t.defined()) {
+      saved.push_back(t);
     }
   }
-  return {layer_input, at::stack(h_n), at::stack(c_n)};
+  return saved;
+}
+
+// The inverse of saved_list: zero states (undefined when has_states) and `kept` with its masks.
+void unpack_saved(at::TensorList saved, const ModuleConfig& config, bool has_states,
+                  Tensor& zero_h, Tensor& zero_c, std::vector<Tensor>& kept) {
+  size_t next = 0;
+  const int64_t directions = config.directions();
+  size_t expected = has_states ? 0 : 2;
+  for (int64_t layer = 0; layer < config.num_layers; ++layer) {
+    expected += 1 + (config.dropout_after(layer) ? 1 : 0) + kKeptPerDirection * directions;
+  }
+  TORCH_CHECK(saved.size() == expected, "lstm_ext::lstm_backward: saved must hold ", expected,
+              " tensors (what lstm_forward returned for this configuration), got ", saved.size());
+  if (!has_states) {
+    zero_h = saved[next++];
+    zero_c = saved[next++];
+  }
+  kept.clear();
+  for (int64_t layer = 0; layer < config.num_layers; ++layer) {
+    kept.push_back(saved[next++]);
+    kept.push_back(config.dropout_after(layer) ? saved[next++] : Tensor());
+    for (int64_t i = 0; i < kKeptPerDirection * directions; ++i) {
+      kept.push_back(saved[next++]);
+    }
+  }
+}
+
+// The gradients of the module's backward: of the input, of h0 and c0 (stacked like them), and of
+// each parameter (a bias pair shares one tensor).
+struct ModuleGrads {
+  Tensor input, h0, c0;
+  std::vector<Tensor> params;
+};
+
+// The layers' backward kernels in reverse (below autograd). grad_*: d output, d h_n, d c_n, each
+// possibly undefined; h0, c0 undefined when the forward started from zero_h, zero_c.
+ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
+                            const Tensor& grad_c_n, const Tensor& input, const Tensor& h0,
+                            const Tensor& c0, at::TensorList params, const ModuleConfig& config,
+                            const Tensor& zero_h, const Tensor& zero_c,
+                            const std::vector<Tensor>& kept) {
+  const int64_t directions = config.directions();
+  const int64_t per_layer = config.params_per_layer();
+  ModuleGrads grads;
+  grads.params.resize(params.size());
+  std::vector<Tensor> grad_h0(config.num_layers * directions),
+      grad_c0(config.num_layers * directions);
+  const bool concurrently =
+      directions_concurrently(input, h0.defined() ? optional<Tensor>(h0) : c10::nullopt, params,
+                              config) &&
+      plain_cpu_tensor(grad_output) && plain_cpu_tensor(grad_h_n) && plain_cpu_tensor(grad_c_n);
+  Tensor grad_layer_output = grad_output;  // d(output of the layer being processed)
+  for (int64_t layer = config.num_layers - 1; layer >= 0; --layer) {
+    const int64_t at_layer = kept_index(config, layer);
+    const Tensor& layer_input = kept[at_layer];
+    std::vector<Tensor> grad_inputs(directions);
+    for_each_direction(directions, concurrently, [&](int64_t direction) {
+      const int64_t index = layer * directions + direction;
+      const LayerParams p = layer_params(params, config, index);
+      const Tensor* state = &kept[at_layer + kKeptPerLayer + kKeptPerDirection * direction];
+      const Tensor &output = state[0], &gates = state[1], &cells = state[2];
+      const int64_t real_hidden = p.weight_hh.size(1);
+      optional<Tensor> dy;
+      if (grad_layer_output.defined()) {
+        dy = directions == 1 ? grad_layer_output
+                             : grad_layer_output.narrow(-1, direction * real_hidden, real_hidden);
+      }
+      const optional<Tensor> dh_n =
+          grad_h_n.defined() ? optional<Tensor>(grad_h_n.select(0, index)) : c10::nullopt;
+      const optional<Tensor> dc_n =
+          grad_c_n.defined() ? optional<Tensor>(grad_c_n.select(0, index)) : c10::nullopt;
+      auto [grad_in, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
+          layer_backward_op().call(dy, dh_n, dc_n, layer_input,
+                                   h0.defined() ? h0.select(0, index) : zero_h,
+                                   c0.defined() ? c0.select(0, index) : zero_c, p.weight_ih,
+                                   p.weight_hh, p.weight_hr, config.batch_sizes,
+                                   /*reverse=*/direction == 1, output, gates, cells);
+      grad_inputs[direction] = grad_in;
+      grad_h0[index] = grad_h;
+      grad_c0[index] = grad_c;
+      const size_t first = index * per_layer;
+      grads.params[first] = grad_w_ih;
+      grads.params[first + 1] = grad_w_hh;
+      if (config.has_biases) {
+        grads.params[first + 2] = grads.params[first + 3] = grad_bias;
+      }
+      if (config.has_projections) {
+        grads.params[first + per_layer - 1] = grad_w_hr;
+      }
+    });
+    Tensor grad_layer_input =
+        directions == 1 ? grad_inputs[0] : grad_inputs[0].add_(grad_inputs[1]);
+    if (layer > 0) {
+      const Tensor& mask = kept[kept_index(config, layer - 1) + 1];
+      grad_layer_output = mask.defined() ? grad_layer_input.mul_(mask) : grad_layer_input;
+    } else {
+      grads.input = grad_layer_input;
+    }
+  }
+  grads.h0 = at::stack(grad_h0);
+  grads.c0 = at::stack(grad_c0);
+  return grads;
 }
 
 // Argument positions of lstm: input, h0, c0, then each parameter, then the configuration (one
@@ -647,73 +773,22 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
     }
 
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const int64_t directions = config.directions();
-    const int64_t per_layer = config.params_per_layer();
-    const Tensor& grad_output = grad_outputs[0];
-    const Tensor &grad_h_n = grad_outputs[1], &grad_c_n = grad_outputs[2];
-    std::vector<Tensor> grad_h0(config.num_layers * directions),
-        grad_c0(config.num_layers * directions);
-    const bool concurrently =
-        directions_concurrently(input, h0.defined() ? optional<Tensor>(h0) : c10::nullopt,
-                                params, config) &&
-        std::all_of(grad_outputs.begin(), grad_outputs.end(), plain_cpu_tensor);
-    Tensor grad_layer_output = grad_output;  // d(output of the layer being processed)
-    for (int64_t layer = config.num_layers - 1; layer >= 0; --layer) {
-      const int64_t at_layer = kept_index(config, layer);
-      const Tensor& layer_input = kept[at_layer];
-      std::vector<Tensor> grad_inputs(directions);
-      for_each_direction(directions, concurrently, [&](int64_t direction) {
-        const int64_t index = layer * directions + direction;
-        const LayerParams p = layer_params(params, config, index);
-        const Tensor* state = &kept[at_layer + kKeptPerLayer + kKeptPerDirection * direction];
-        const Tensor &output = state[0], &gates = state[1], &cells = state[2];
-        const int64_t real_hidden = p.weight_hh.size(1);
-        optional<Tensor> dy;
-        if (grad_layer_output.defined()) {
-          dy = directions == 1 ? grad_layer_output
-                               : grad_layer_output.narrow(-1, direction * real_hidden, real_hidden);
-        }
-        const optional<Tensor> dh_n =
-            grad_h_n.defined() ? optional<Tensor>(grad_h_n.select(0, index)) : c10::nullopt;
-        const optional<Tensor> dc_n =
-            grad_c_n.defined() ? optional<Tensor>(grad_c_n.select(0, index)) : c10::nullopt;
-        auto [grad_in, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
-            layer_backward_op().call(dy, dh_n, dc_n, layer_input,
-                                     h0.defined() ? h0.select(0, index) : zero_h,
-                                     c0.defined() ? c0.select(0, index) : zero_c, p.weight_ih,
-                                     p.weight_hh, p.weight_hr, config.batch_sizes,
-                                     /*reverse=*/direction == 1, output, gates, cells);
-        grad_inputs[direction] = grad_in;
-        grad_h0[index] = grad_h;
-        grad_c0[index] = grad_c;
-        const size_t first = 3 + index * per_layer;
-        const Tensor computed[] = {grad_w_ih, grad_w_hh};
-        for (size_t i = 0; i < 2; ++i) {
-          if (needs_grad(ctx, inputs, first + i)) {
-            grads[first + i] = computed[i];
-          }
-        }
-        if (config.has_biases) {
-          set_bias_grads(ctx, inputs, grads, first + 2, first + 3, grad_bias);
-        }
-        if (config.has_projections && needs_grad(ctx, inputs, first + per_layer - 1)) {
-          grads[first + per_layer - 1] = grad_w_hr;
-        }
-      });
-      Tensor grad_layer_input =
-          directions == 1 ? grad_inputs[0] : grad_inputs[0].add_(grad_inputs[1]);
-      if (layer > 0) {
-        const Tensor& mask = kept[kept_index(config, layer - 1) + 1];
-        grad_layer_output = mask.defined() ? grad_layer_input.mul_(mask) : grad_layer_input;
-      } else if (needs_grad(ctx, inputs, 0)) {
-        grads[0] = grad_layer_input;
-      }
+    const ModuleGrads computed =
+        module_backward(grad_outputs[0], grad_outputs[1], grad_outputs[2], input, h0, c0, params,
+                        config, zero_h, zero_c, kept);
+    if (needs_grad(ctx, inputs, 0)) {
+      grads[0] = computed.input;
     }
     if (needs_grad(ctx, inputs, 1)) {
-      grads[1] = at::stack(grad_h0);
+      grads[1] = computed.h0;
     }
     if (needs_grad(ctx, inputs, 2)) {
-      grads[2] = at::stack(grad_c0);
+      grads[2] = computed.c0;
+    }
+    for (size_t i = 0; i < computed.params.size(); ++i) {
+      if (needs_grad(ctx, inputs, 3 + i)) {
+        grads[3 + i] = computed.params[i];
+      }
     }
     return grads;
   }
@@ -822,6 +897,42 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autograd(const Tensor& input, const opti
   return {out[0], out[1], out[2]};
 }
 
+// ---- kernels of lstm_forward and lstm_backward (the module for torch.func) ------------------------
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward_kernels(
+    const Tensor& input, const optional<Tensor>& h0, const optional<Tensor>& c0,
+    at::TensorList params, bool has_biases, bool has_projections, int64_t num_layers,
+    double dropout, bool train, bool bidirectional, const optional<Tensor>& batch_sizes) {
+  const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
+                            train,      bidirectional,   batch_sizes};
+  ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/true);
+  return {result.output, result.h_n, result.c_n, saved_list(result)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_kernels(
+    const optional<Tensor>& grad_output, const optional<Tensor>& grad_h_n,
+    const optional<Tensor>& grad_c_n, const Tensor& input, const optional<Tensor>& h0,
+    const optional<Tensor>& c0, at::TensorList params, bool has_biases, bool has_projections,
+    int64_t num_layers, double dropout, bool train, bool bidirectional,
+    const optional<Tensor>& batch_sizes, at::TensorList saved) {
+  const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
+                            train,      bidirectional,   batch_sizes};
+  check_module_args(input, h0, c0, params, config);
+  const Tensor h0_t = h0.value_or(Tensor()), c0_t = c0.value_or(Tensor());
+  Tensor zero_h, zero_c;
+  std::vector<Tensor> kept;
+  unpack_saved(saved, config, h0_t.defined(), zero_h, zero_c, kept);
+  ModuleGrads grads = module_backward(grad_output.value_or(Tensor()),
+                                      grad_h_n.value_or(Tensor()), grad_c_n.value_or(Tensor()),
+                                      input, h0_t, c0_t, params, config, zero_h, zero_c, kept);
+  if (has_biases) {  // an op's outputs do not alias each other: bias_hh gets its own copy
+    for (size_t i = 3; i < grads.params.size(); i += config.params_per_layer()) {
+      grads.params[i] = grads.params[i].clone();
+    }
+  }
+  return {grads.input, grads.h0, grads.c0, grads.params};
+}
+
 }  // namespace
 }  // namespace lstm_ext
 
@@ -829,10 +940,18 @@ TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
   m.impl("lstm", &lstm_ext::lstm_autograd);
   m.impl("lstm_layer", &lstm_ext::lstm_layer_autograd);
   m.impl("lstm_cell", &lstm_ext::lstm_cell_autograd);
+  // The kernels are not differentiable themselves (the public ops and lstm_ext/_functorch.py
+  // differentiate them): differentiating through one is an error, never a silent zero.
+  for (const char* op : {"lstm_forward", "lstm_backward", "lstm_layer_forward",
+                         "lstm_layer_backward", "lstm_cell_forward", "lstm_cell_backward"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, CompositeExplicitAutograd, m) {
   m.impl("lstm", &lstm_ext::lstm_no_state);
   m.impl("lstm_layer", &lstm_ext::lstm_layer_no_state);
   m.impl("lstm_cell", &lstm_ext::lstm_cell_no_state);
+  m.impl("lstm_forward", &lstm_ext::lstm_forward_kernels);
+  m.impl("lstm_backward", &lstm_ext::lstm_backward_kernels);
 }

@@ -67,8 +67,30 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
       "Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
-  // The pure-PyTorch reference (lstm_ext/reference.py, registered from Python as a composite
-  // kernel): what a second derivative (create_graph=True) differentiates.
+  // The whole module's kernels (the layer kernels in order, CompositeExplicitAutograd in
+  // csrc/autograd.cpp): what torch.func transforms run (lstm_ext/_functorch.py), since functorch
+  // refuses a C++ autograd node. saved: what the backward needs, as lstm_backward takes it back.
+  m.def(
+      "lstm_forward(Tensor input, Tensor? h0, Tensor? c0, Tensor[] params, bool has_biases, "
+      "bool has_projections, int num_layers, float dropout, bool train, bool bidirectional, "
+      "Tensor? batch_sizes) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)",
+      {at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded});
+  // -> grad_h0 [L*D, B, P] and grad_c0 [L*D, B, H] also where h0, c0 were None; grad_params in
+  // params' order.
+  m.def(
+      "lstm_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
+      "Tensor? h0, Tensor? c0, Tensor[] params, bool has_biases, bool has_projections, "
+      "int num_layers, float dropout, bool train, bool bidirectional, Tensor? batch_sizes, "
+      "Tensor[] saved) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
+      "Tensor[] grad_params)",
+      {at::Tag::pt2_compliant_tag});
+  // The pure-PyTorch reference (lstm_ext/reference.py, registered from Python as composite
+  // kernels): what a second derivative (create_graph=True) differentiates. dropout_masks: the
+  // forward's, one per layer that had dropout after it.
+  m.def(
+      "lstm_reference(Tensor input, Tensor h0, Tensor c0, Tensor[] params, bool has_biases, "
+      "bool has_projections, int num_layers, bool bidirectional, Tensor? batch_sizes, "
+      "Tensor[] dropout_masks) -> (Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
       "lstm_layer_reference(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, "

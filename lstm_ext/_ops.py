@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .reference import lstm_cell_reference, lstm_layer_reference
+from .reference import lstm_cell_reference, lstm_layer_reference, lstm_reference
 
 REBUILD_COMMAND = "pip install --force-reinstall --no-deps ."
 
@@ -57,8 +57,8 @@ _ops = torch.ops.lstm_ext
 
 
 @torch.library.register_fake("lstm_ext::lstm")
-def _(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
-      bidirectional, batch_sizes):
+def _lstm_fake(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
+               bidirectional, batch_sizes):
     directions = 2 if bidirectional else 1
     H, P = params[1].shape[0] // 4, params[1].shape[1]
     if h0 is not None:
@@ -68,6 +68,42 @@ def _(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, t
     return (input.new_empty(tuple(input.shape[:-1]) + (directions * P,)),
             input.new_empty(num_layers * directions, B, P),
             input.new_empty(num_layers * directions, B, H))
+
+
+@torch.library.register_fake("lstm_ext::lstm_forward")
+def _(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
+      bidirectional, batch_sizes):
+    output, h_n, c_n = _lstm_fake(input, h0, c0, params, has_biases, has_projections, num_layers,
+                                  dropout, train, bidirectional, batch_sizes)
+    # saved (csrc/autograd.cpp, saved_list): the zero states without h0; per layer its input, the
+    # dropout mask after it where there is dropout, and per direction output, gates, cells.
+    directions = 2 if bidirectional else 1
+    H, P = params[1].shape[0] // 4, params[1].shape[1]
+    rows = tuple(input.shape[:-1])
+    saved = [] if h0 is not None else [input.new_empty(h_n.shape[1:]), input.new_empty(
+        c_n.shape[1:])]
+    layer_input = input
+    for layer in range(num_layers):
+        saved.append(input.new_empty(layer_input.shape))
+        layer_input = input.new_empty(rows + (directions * P,))
+        if train and dropout > 0 and layer < num_layers - 1:
+            saved.append(input.new_empty(layer_input.shape))
+        for _direction in range(directions):
+            saved += [input.new_empty(rows + (P,)), input.new_empty(rows + (4 * H,)),
+                      input.new_empty(rows + (H,))]
+    return output, h_n, c_n, saved
+
+
+@torch.library.register_fake("lstm_ext::lstm_backward")
+def _(grad_output, grad_h_n, grad_c_n, input, h0, c0, params, has_biases, has_projections,
+      num_layers, dropout, train, bidirectional, batch_sizes, saved):
+    directions = 2 if bidirectional else 1
+    H, P = params[1].shape[0] // 4, params[1].shape[1]
+    B = h0.shape[1] if h0 is not None else saved[0].shape[0]
+    return (torch.empty_like(input, memory_format=torch.contiguous_format),
+            input.new_empty(num_layers * directions, B, P),
+            input.new_empty(num_layers * directions, B, H),
+            [p.new_empty(p.shape) for p in params])
 
 
 @torch.library.register_fake("lstm_ext::lstm_layer")
@@ -135,6 +171,7 @@ _reference_library = torch.library.Library("lstm_ext", "IMPL")
 # CompositeImplicitAutograd: made of differentiable torch ops, so autograd sees through it.
 _reference_library.impl("lstm_layer_reference", lstm_layer_reference, "CompositeImplicitAutograd")
 _reference_library.impl("lstm_cell_reference", lstm_cell_reference, "CompositeImplicitAutograd")
+_reference_library.impl("lstm_reference", lstm_reference, "CompositeImplicitAutograd")
 
 
 # ---- typed wrappers ------------------------------------------------------------------------------

@@ -62,17 +62,38 @@ def lstm_layer_reference(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tenso
     return output, h, c
 
 
-def lstm_reference(input: Tensor, h0: Tensor, c0: Tensor,
-                   layers: Sequence[Sequence[Optional[Tensor]]]) -> Tuple[Tensor, Tensor, Tensor]:
-    """A stack of unidirectional layers over a sequence.
+def lstm_reference(input: Tensor, h0: Tensor, c0: Tensor, params: Sequence[Tensor],
+                   has_biases: bool, has_projections: bool, num_layers: int, bidirectional: bool,
+                   batch_sizes: Optional[Tensor] = None,
+                   dropout_masks: Sequence[Tensor] = ()) -> Tuple[Tensor, Tensor, Tensor]:
+    """The whole of nn.LSTM's computation: layers, each of one or two directions.
 
-    input [T, B, I]; h0, c0 [L, B, H]; layers[l] = (weight_ih, weight_hh, bias_ih, bias_hh), the
-    biases possibly None. Returns output [T, B, H], h_n [L, B, H], c_n [L, B, H].
+    input [T, B, I], or a PackedSequence's data [N, I] with its batch_sizes; h0 [L*D, B, P],
+    c0 [L*D, B, H] (D = 2 if bidirectional else 1); params in nn.LSTM's order, per layer and
+    direction: weight_ih, weight_hh, (bias_ih, bias_hh), (weight_hr). A layer's input is the
+    previous layer's output, both directions' concatenated; dropout_masks, when given, are the
+    dropout between layers: one per layer but the last, multiplied into that layer's output.
+    Returns output (input's layout, D*P features), h_n [L*D, B, P], c_n [L*D, B, H].
     """
+    directions = 2 if bidirectional else 1
+    per_layer = 2 + (2 if has_biases else 0) + (1 if has_projections else 0)
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
-    for layer, weights in enumerate(layers):
-        input, h, c = lstm_layer_reference(input, h0[layer], c0[layer], *weights)
-        h_n.append(h)
-        c_n.append(c)
-    return input, torch.stack(h_n), torch.stack(c_n)
+    layer_input = input
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            weights = params[index * per_layer:(index + 1) * per_layer]
+            biases = (weights[2], weights[3]) if has_biases else (None, None)
+            weight_hr = weights[-1] if has_projections else None
+            output, h, c = lstm_layer_reference(layer_input, h0[index], c0[index], weights[0],
+                                                weights[1], *biases, weight_hr, batch_sizes,
+                                                reverse=direction == 1)
+            outputs.append(output)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+        if dropout_masks and layer < num_layers - 1:
+            layer_input = layer_input * dropout_masks[layer]
+    return layer_input, torch.stack(h_n), torch.stack(c_n)

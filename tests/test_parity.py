@@ -103,7 +103,6 @@ def test_lstm_matches_reference_float64():
     """The pure-PyTorch reference (the spec) and the C++ kernels agree, gradients included."""
     ext = lstm_ext.LSTM(4, 9, num_layers=2, dtype=torch.float64)
     x, (h0, c0) = make_inputs(11, 3, 4, 9, 2, torch.float64)
-    layers = [[getattr(ext, n) for n in names] for names in ext._all_weights]
 
     class Reference(torch.nn.Module):
         def __init__(self, params):
@@ -114,7 +113,8 @@ def test_lstm_matches_reference_float64():
             return self.params.named_parameters()
 
         def forward(self, x, hx):
-            out, h, c = lstm_reference(x, hx[0], hx[1], layers)
+            out, h, c = lstm_reference(x, hx[0], hx[1], ext._flat_weights, True, False, 2,
+                                       False)
             return out, (h, c)
 
     names, expected = forward_backward(Reference(ext), x, (h0, c0))
