@@ -592,43 +592,73 @@ variable_list module_reference(const Tensor& input, const Tensor& h0, const Tens
   return {output, h_n, c_n};
 }
 
-// What the forward saves for the backward, as one list without undefined entries (the lstm_forward
-// op's `saved`): the zero states when h0, c0 were not given, then `kept` without the masks of
-// layers with no dropout after them. Which entries are there follows from config and has_states.
-std::vector<Tensor> saved_list(const ForwardResult& result) {
+// What the forward saves for the backward, as one list (the lstm_forward op's `saved`): the zero
+// states when h0, c0 were not given, then `kept` without what an op cannot return as a further
+// output (another output, or an input): the first layer's input (the module's input), a layer's
+// input that is the layer before's output (one direction, no dropout between), the last layer's
+// output with one direction (the module's output), and the masks of layers with no dropout after
+// them (undefined). Which entries are there follows from config and has_states; unpack_saved
+// puts the rest back.
+bool input_is_previous_output(const ModuleConfig& config, int64_t layer) {
+  return layer > 0 && config.directions() == 1 && !config.dropout_after(layer - 1);
+}
+
+bool output_is_module_output(const ModuleConfig& config, int64_t layer) {
+  return layer == config.num_layers - 1 && config.directions() == 1;
+}
+
+std::vector<Tensor> saved_list(const ForwardResult& result, const ModuleConfig& config) {
   std::vector<Tensor> saved;
   if (result.zero_h.defined()) {
     saved.insert(saved.end(), {result.zero_h, result.zero_c});
   }
-  for (const Tensor& t : result.kept) {
-    if (t.defined()) {
-      saved.push_back(t);
+  for (int64_t layer = 0; layer < config.num_layers; ++layer) {
+    const Tensor* kept = &result.kept[kept_index(config, layer)];
+    if (layer > 0 && !input_is_previous_output(config, layer)) {
+      saved.push_back(kept[0]);
+    }
+    if (config.dropout_after(layer)) {
+      saved.push_back(kept[1]);
+    }
+    for (int64_t i = 0; i < kKeptPerDirection * config.directions(); ++i) {
+      if (!(i == 0 && output_is_module_output(config, layer))) {
+        saved.push_back(kept[kKeptPerLayer + i]);
+      }
     }
   }
   return saved;
 }
 
-// The inverse of saved_list: zero states (undefined when has_states) and `kept` with its masks.
-void unpack_saved(at::TensorList saved, const ModuleConfig& config, bool has_states,
-                  Tensor& zero_h, Tensor& zero_c, std::vector<Tensor>& kept) {
-  size_t next = 0;
+// The inverse of saved_list: zero states (undefined when has_states) and `kept`.
+void unpack_saved(at::TensorList saved, const Tensor& input, const Tensor& output,
+                  const ModuleConfig& config, bool has_states, Tensor& zero_h, Tensor& zero_c,
+                  std::vector<Tensor>& kept) {
   const int64_t directions = config.directions();
   size_t expected = has_states ? 0 : 2;
   for (int64_t layer = 0; layer < config.num_layers; ++layer) {
-    expected += 1 + (config.dropout_after(layer) ? 1 : 0) + kKeptPerDirection * directions;
+    expected += (layer > 0 && !input_is_previous_output(config, layer) ? 1 : 0) +
+                (config.dropout_after(layer) ? 1 : 0) + kKeptPerDirection * directions -
+                (output_is_module_output(config, layer) ? 1 : 0);
   }
   TORCH_CHECK(saved.size() == expected, "lstm_ext::lstm_backward: saved must hold ", expected,
               " tensors (what lstm_forward returned for this configuration), got ", saved.size());
+  size_t next = 0;
   if (!has_states) {
     zero_h = saved[next++];
     zero_c = saved[next++];
   }
   kept.clear();
   for (int64_t layer = 0; layer < config.num_layers; ++layer) {
-    kept.push_back(saved[next++]);
+    if (layer == 0) {
+      kept.push_back(input);
+    } else if (input_is_previous_output(config, layer)) {
+      kept.push_back(kept[kept_index(config, layer - 1) + kKeptPerLayer]);
+    } else {
+      kept.push_back(saved[next++]);
+    }
     kept.push_back(config.dropout_after(layer) ? saved[next++] : Tensor());
     for (int64_t i = 0; i < kKeptPerDirection * directions; ++i) {
-      kept.push_back(saved[next++]);
+      kept.push_back(i == 0 && output_is_module_output(config, layer) ? output : saved[next++]);
     }
   }
 }
@@ -906,7 +936,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward_kernels(
   const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
                             train,      bidirectional,   batch_sizes};
   ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/true);
-  return {result.output, result.h_n, result.c_n, saved_list(result)};
+  return {result.output, result.h_n, result.c_n, saved_list(result, config)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_kernels(
@@ -914,14 +944,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_kernels(
     const optional<Tensor>& grad_c_n, const Tensor& input, const optional<Tensor>& h0,
     const optional<Tensor>& c0, at::TensorList params, bool has_biases, bool has_projections,
     int64_t num_layers, double dropout, bool train, bool bidirectional,
-    const optional<Tensor>& batch_sizes, at::TensorList saved) {
+    const optional<Tensor>& batch_sizes, const Tensor& output, at::TensorList saved) {
   const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
                             train,      bidirectional,   batch_sizes};
   check_module_args(input, h0, c0, params, config);
   const Tensor h0_t = h0.value_or(Tensor()), c0_t = c0.value_or(Tensor());
   Tensor zero_h, zero_c;
   std::vector<Tensor> kept;
-  unpack_saved(saved, config, h0_t.defined(), zero_h, zero_c, kept);
+  unpack_saved(saved, input, output, config, h0_t.defined(), zero_h, zero_c, kept);
   ModuleGrads grads = module_backward(grad_output.value_or(Tensor()),
                                       grad_h_n.value_or(Tensor()), grad_c_n.value_or(Tensor()),
                                       input, h0_t, c0_t, params, config, zero_h, zero_c, kept);

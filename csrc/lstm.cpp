@@ -69,7 +69,8 @@ TORCH_LIBRARY(lstm_ext, m) {
       {at::Tag::pt2_compliant_tag});
   // The whole module's kernels (the layer kernels in order, CompositeExplicitAutograd in
   // csrc/autograd.cpp): what torch.func transforms run (lstm_ext/_functorch.py), since functorch
-  // refuses a C++ autograd node. saved: what the backward needs, as lstm_backward takes it back.
+  // refuses a C++ autograd node. saved: what the backward needs besides input and output, as
+  // lstm_backward takes it back.
   m.def(
       "lstm_forward(Tensor input, Tensor? h0, Tensor? c0, Tensor[] params, bool has_biases, "
       "bool has_projections, int num_layers, float dropout, bool train, bool bidirectional, "
@@ -81,7 +82,7 @@ TORCH_LIBRARY(lstm_ext, m) {
       "lstm_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor? h0, Tensor? c0, Tensor[] params, bool has_biases, bool has_projections, "
       "int num_layers, float dropout, bool train, bool bidirectional, Tensor? batch_sizes, "
-      "Tensor[] saved) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
+      "Tensor output, Tensor[] saved) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
       "Tensor[] grad_params)",
       {at::Tag::pt2_compliant_tag});
   // The pure-PyTorch reference (lstm_ext/reference.py, registered from Python as composite

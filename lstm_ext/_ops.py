@@ -75,28 +75,31 @@ def _(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, t
       bidirectional, batch_sizes):
     output, h_n, c_n = _lstm_fake(input, h0, c0, params, has_biases, has_projections, num_layers,
                                   dropout, train, bidirectional, batch_sizes)
-    # saved (csrc/autograd.cpp, saved_list): the zero states without h0; per layer its input, the
-    # dropout mask after it where there is dropout, and per direction output, gates, cells.
+    # saved (csrc/autograd.cpp, saved_list): the zero states without h0; per layer its input
+    # unless it is the module's input or the layer before's output, the dropout mask after it
+    # where there is dropout, and per direction output (unless the module's own), gates, cells.
     directions = 2 if bidirectional else 1
     H, P = params[1].shape[0] // 4, params[1].shape[1]
     rows = tuple(input.shape[:-1])
     saved = [] if h0 is not None else [input.new_empty(h_n.shape[1:]), input.new_empty(
         c_n.shape[1:])]
-    layer_input = input
+    dropout_after = [train and dropout > 0 and layer < num_layers - 1
+                     for layer in range(num_layers)]
     for layer in range(num_layers):
-        saved.append(input.new_empty(layer_input.shape))
-        layer_input = input.new_empty(rows + (directions * P,))
-        if train and dropout > 0 and layer < num_layers - 1:
-            saved.append(input.new_empty(layer_input.shape))
+        if layer > 0 and (directions == 2 or dropout_after[layer - 1]):
+            saved.append(input.new_empty(rows + (directions * P,)))
+        if dropout_after[layer]:
+            saved.append(input.new_empty(rows + (directions * P,)))
         for _direction in range(directions):
-            saved += [input.new_empty(rows + (P,)), input.new_empty(rows + (4 * H,)),
-                      input.new_empty(rows + (H,))]
+            if directions == 2 or layer < num_layers - 1:
+                saved.append(input.new_empty(rows + (P,)))
+            saved += [input.new_empty(rows + (4 * H,)), input.new_empty(rows + (H,))]
     return output, h_n, c_n, saved
 
 
 @torch.library.register_fake("lstm_ext::lstm_backward")
 def _(grad_output, grad_h_n, grad_c_n, input, h0, c0, params, has_biases, has_projections,
-      num_layers, dropout, train, bidirectional, batch_sizes, saved):
+      num_layers, dropout, train, bidirectional, batch_sizes, output, saved):
     directions = 2 if bidirectional else 1
     H, P = params[1].shape[0] // 4, params[1].shape[1]
     B = h0.shape[1] if h0 is not None else saved[0].shape[0]

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from . import _ops
+from . import _functorch, _ops
 
 
 def lstm_layer(
@@ -39,8 +39,9 @@ def lstm_layer(
         output [T, B, P] (or [N, P]), h_n [B, P], c_n [B, H] (each sequence's last state).
     Without autograd (no_grad, or nothing requires grad) the op keeps no state for a backward.
     """
-    return _ops.lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                           batch_sizes, reverse)
+    op = _functorch.lstm_layer if _functorch.transforms_active() else _ops.lstm_layer
+    return op(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes,
+              reverse)
 
 
 def lstm_cell(
@@ -55,4 +56,5 @@ def lstm_cell(
     Returns:
         hy [B, H], cy [B, H].
     """
-    return _ops.lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)
+    op = _functorch.lstm_cell if _functorch.transforms_active() else _ops.lstm_cell
+    return op(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import _functorch
 from ._ops import _C, lstm, lstm_cell
 
 _GATES = 4  # i, f, g, o
@@ -241,8 +242,6 @@ class LSTM(nn.Module):
         weights = self._current_weights(compiling)
         if weights is not self._kept_weights:
             self._missing_weight(weights)
-        directions = 2 if self.bidirectional else 1
-        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
         batch_sizes = sorted_indices = unsorted_indices = None
         if packed:
@@ -283,7 +282,8 @@ class LSTM(nn.Module):
                                    f"({h0.dim()}-D, {c0.dim()}-D) tensors")
             if not batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            states = self.num_layers * directions
+            real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+            states = self.num_layers * (2 if self.bidirectional else 1)
             batch = int(batch_sizes[0]) if packed else input.shape[1]
             for index, (state, width, what) in enumerate(((h0, real_hidden, "h_0"),
                                                           (c0, self.hidden_size, "c_0"))):
@@ -299,8 +299,12 @@ class LSTM(nn.Module):
 
         # One C++ op (and one graph node) for every layer and direction. Eager calls it through
         # its typed pybind11 binding (_C.lstm: no boxing of the arguments, a third of the forward's
-        # cost at small sizes); torch.compile traces torch.ops.lstm_ext.lstm, the same op.
-        op = lstm if compiling else _C.lstm
+        # cost at small sizes); torch.compile traces torch.ops.lstm_ext.lstm, the same op; under
+        # torch.func transforms the same kernels run through lstm_ext/_functorch.py.
+        if compiling:
+            op = lstm
+        else:
+            op = _functorch.lstm if _functorch.transforms_active() else _C.lstm
         output, h_n_t, c_n_t = op(input, h0, c0, weights, self.bias, self.proj_size > 0,
                                   self.num_layers, self.dropout, self.training,
                                   self.bidirectional, batch_sizes)
@@ -411,8 +415,12 @@ class LSTMCell(nn.Module):
                                        f"{state.shape[1]}, expected {self.hidden_size} ({owner}: "
                                        f"hx[{index}] ({what}) of shape {_shape(state)})")
                 _check_state_tensor(owner, f"hx[{index}] ({what})", state, input)
-        # As LSTM.forward: the typed binding in eager, torch.ops under torch.compile.
-        op = lstm_cell if torch.compiler.is_compiling() else _C.lstm_cell
+        # As LSTM.forward: the typed binding in eager, torch.ops under torch.compile, the Python
+        # Function under torch.func transforms.
+        if torch.compiler.is_compiling():
+            op = lstm_cell
+        else:
+            op = _functorch.lstm_cell if _functorch.transforms_active() else _C.lstm_cell
         hy, cy = op(input, hx_t, cx_t, *weights[:2], *(weights[2:] or (None, None)))
         if not batched:
             return hy.squeeze(0), cy.squeeze(0)

@@ -309,6 +309,73 @@ def test_opcheck_cell_backward(with_grads):
                           grads + [x, hx, cx, cy, gates, w_ih, w_hh])
 
 
+# The module's kernel ops (what torch.func runs), with dropout too: saved's layout depends on it.
+MODULE_KERNEL_CASES = MODULE_OP_CASES + [dict(layers=3, bidirectional=False, dropout=0.4),
+                                         dict(layers=2, dropout=0.3, with_states=False)]
+
+
+def module_kernel_args(dropout=0.0, **case):
+    args = _detached(module_op_args(**case, requires_grad=False))
+    args[3] = _detached(args[3])
+    args[7] = dropout
+    return args
+
+
+@pytest.mark.parametrize("case", MODULE_KERNEL_CASES, ids=str)
+def test_opcheck_module_forward(case):
+    args = module_kernel_args(**case)
+    # opcheck reruns the op: the same dropout masks each time, from the same seed
+    torch.manual_seed(1)
+    torch.library.opcheck(torch.ops.lstm_ext.lstm_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("case", MODULE_KERNEL_CASES, ids=str)
+def test_opcheck_module_backward(case):
+    args = module_kernel_args(**case)
+    output, h_n, c_n, saved = torch.ops.lstm_ext.lstm_forward(*args)
+    grads = [torch.randn_like(t) for t in (output, h_n, c_n)]
+    torch.library.opcheck(torch.ops.lstm_ext.lstm_backward.default,
+                          grads + args[:3] + [args[3]] + args[4:] + [output, saved])
+
+
+@pytest.mark.parametrize("case", MODULE_KERNEL_CASES, ids=str)
+def test_module_kernels_equal_the_module_op(case):
+    """lstm_forward / lstm_backward (torch.func's route) give the C++ node's outputs and grads."""
+    args = module_kernel_args(**case)
+    torch.manual_seed(2)
+    output, h_n, c_n, saved = torch.ops.lstm_ext.lstm_forward(*args)
+    grads = [torch.randn_like(t) for t in (output, h_n, c_n)]
+    computed = torch.ops.lstm_ext.lstm_backward(*grads, *args, output, saved)
+    tensors = [t.requires_grad_() for t in [args[0]] + [t for t in args[1:3] if t is not None]
+               + args[3]]
+    torch.manual_seed(2)
+    expected_outputs = torch.ops.lstm_ext.lstm(*args)
+    expected = torch.autograd.grad(expected_outputs, tensors, grads)
+    for actual, wanted in zip((output, h_n, c_n), expected_outputs):
+        torch.testing.assert_close(actual, wanted, rtol=0, atol=0)
+    actual_grads = [computed[0]] + [g for g, t in zip(computed[1:3], args[1:3]) if t is not None]
+    for actual, wanted in zip(actual_grads + list(computed[3]), expected):
+        torch.testing.assert_close(actual, wanted, rtol=1e-12, atol=1e-14)
+
+
+def test_module_backward_checks_saved():
+    args = module_kernel_args()
+    output, h_n, c_n, saved = torch.ops.lstm_ext.lstm_forward(*args)
+    with pytest.raises(RuntimeError, match=r"lstm_backward: saved must hold \d+ tensors \(what "
+                                           r"lstm_forward returned for this configuration\), got"):
+        torch.ops.lstm_ext.lstm_backward(output, None, None, *args, output, saved[:-1])
+
+
+def test_kernel_ops_are_not_differentiable_silently():
+    """Differentiating through a kernel op is an error, not a gradient of zero."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = layer_args(5, 3, 4, 6)
+    output = torch.ops.lstm_ext.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None,
+                                                   None, False, False)[0]
+    with pytest.raises(RuntimeError, match="derivative for .*lstm_layer_forward.* not implemented"):
+        output.sum().backward()
+
+
 def test_bias_gradients_are_separate_tensors():
     """The kernels compute one bias gradient for both biases; the two .grad fields must still be
     independent tensors (an in-place update of one must not change the other)."""
