@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _functorch
+from . import _functorch, _onnx
 from ._ops import _C, lstm, lstm_cell
 
 _GATES = 4  # i, f, g, o
@@ -299,10 +299,11 @@ class LSTM(nn.Module):
 
         # One C++ op (and one graph node) for every layer and direction. Eager calls it through
         # its typed pybind11 binding (_C.lstm: no boxing of the arguments, a third of the forward's
-        # cost at small sizes); torch.compile traces torch.ops.lstm_ext.lstm, the same op; under
-        # torch.func transforms the same kernels run through lstm_ext/_functorch.py.
-        if compiling:
-            op = lstm
+        # cost at small sizes); torch.compile and tracing record torch.ops.lstm_ext.lstm, the same
+        # op, but for ONNX export, which records ONNX's LSTM (lstm_ext/_onnx.py); under torch.func
+        # transforms the same kernels run through lstm_ext/_functorch.py.
+        if compiling or torch._C._get_tracing_state() is not None:
+            op = _onnx.lstm if _onnx.exporting() else lstm
         else:
             op = _functorch.lstm if _functorch.transforms_active() else _C.lstm
         output, h_n_t, c_n_t = op(input, h0, c0, weights, self.bias, self.proj_size > 0,
@@ -415,10 +416,10 @@ class LSTMCell(nn.Module):
                                        f"{state.shape[1]}, expected {self.hidden_size} ({owner}: "
                                        f"hx[{index}] ({what}) of shape {_shape(state)})")
                 _check_state_tensor(owner, f"hx[{index}] ({what})", state, input)
-        # As LSTM.forward: the typed binding in eager, torch.ops under torch.compile, the Python
-        # Function under torch.func transforms.
-        if torch.compiler.is_compiling():
-            op = lstm_cell
+        # As LSTM.forward: the typed binding in eager, torch.ops under torch.compile and tracing
+        # (ONNX's ops in an ONNX export), the Python Function under torch.func transforms.
+        if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+            op = _onnx.lstm_cell if _onnx.exporting() else lstm_cell
         else:
             op = _functorch.lstm_cell if _functorch.transforms_active() else _C.lstm_cell
         hy, cy = op(input, hx_t, cx_t, *weights[:2], *(weights[2:] or (None, None)))
