@@ -663,10 +663,12 @@ void unpack_saved(at::TensorList saved, const Tensor& input, const Tensor& outpu
   }
 }
 
-// The gradients of the module's backward: of the input, of h0 and c0 (stacked like them), and of
-// each parameter (a bias pair shares one tensor).
+// The gradients of the module's backward: of the input, of h0 and c0 (per layer and direction:
+// at::stack them to get h0's layout, where wanted), and of each parameter (a bias pair shares
+// one tensor).
 struct ModuleGrads {
-  Tensor input, h0, c0;
+  Tensor input;
+  std::vector<Tensor> h0, c0;
   std::vector<Tensor> params;
 };
 
@@ -681,8 +683,8 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
   const int64_t per_layer = config.params_per_layer();
   ModuleGrads grads;
   grads.params.resize(params.size());
-  std::vector<Tensor> grad_h0(config.num_layers * directions),
-      grad_c0(config.num_layers * directions);
+  grads.h0.resize(config.num_layers * directions);
+  grads.c0.resize(config.num_layers * directions);
   const bool concurrently =
       directions_concurrently(input, h0.defined() ? optional<Tensor>(h0) : c10::nullopt, params,
                               config) &&
@@ -714,8 +716,8 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
                                    p.weight_hh, p.weight_hr, config.batch_sizes,
                                    /*reverse=*/direction == 1, output, gates, cells);
       grad_inputs[direction] = grad_in;
-      grad_h0[index] = grad_h;
-      grad_c0[index] = grad_c;
+      grads.h0[index] = grad_h;
+      grads.c0[index] = grad_c;
       const size_t first = index * per_layer;
       grads.params[first] = grad_w_ih;
       grads.params[first + 1] = grad_w_hh;
@@ -735,8 +737,6 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
       grads.input = grad_layer_input;
     }
   }
-  grads.h0 = at::stack(grad_h0);
-  grads.c0 = at::stack(grad_c0);
   return grads;
 }
 
@@ -810,10 +810,10 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
       grads[0] = computed.input;
     }
     if (needs_grad(ctx, inputs, 1)) {
-      grads[1] = computed.h0;
+      grads[1] = at::stack(computed.h0);
     }
     if (needs_grad(ctx, inputs, 2)) {
-      grads[2] = computed.c0;
+      grads[2] = at::stack(computed.c0);
     }
     for (size_t i = 0; i < computed.params.size(); ++i) {
       if (needs_grad(ctx, inputs, 3 + i)) {
@@ -960,7 +960,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_kernels(
       grads.params[i] = grads.params[i].clone();
     }
   }
-  return {grads.input, grads.h0, grads.c0, grads.params};
+  return {grads.input, at::stack(grads.h0), at::stack(grads.c0), grads.params};
 }
 
 }  // namespace

@@ -56,11 +56,8 @@ def _check_input_dtype(owner: str, input: Tensor, weight: Tensor) -> None:
         raise _dtype_error(owner, "input", input.dtype, weight.dtype, advice)
 
 
-def _check_state_tensor(owner: str, name: str, state: Tensor, input: Tensor) -> None:
-    if state.device != input.device:
-        raise RuntimeError("Input and hidden tensors are not at the same device, found input "
-                           f"tensor at {input.device} and hidden tensor at {state.device} "
-                           f"({owner}: {name})")
+def _check_state_dtype(owner: str, name: str, state: Tensor, input: Tensor) -> None:
+    """A state has the input's dtype. (Its device the op checks, in nn's words.)"""
     if state.dtype != input.dtype:
         if owner == "lstm_ext.LSTMCell":
             raise _dtype_error(owner, name, state.dtype, input.dtype,
@@ -83,7 +80,72 @@ def _unpack_hx(owner: str, op: str, hx) -> Tuple[Tensor, Tensor]:
     return hx[0], hx[1]
 
 
-class LSTM(nn.Module):
+class _WeightsAtTheCall(nn.Module):
+    """What LSTM and LSTMCell share: a call computes with the weights getattr(self, name) gives
+    at that call (nn.RNNBase's rule), for the names in self._flat_weights_names (nn's order).
+
+    getattr costs a Module.__getattr__ per weight per call, so the list of the module's own
+    Parameters is kept, and a call checks with one dict lookup per weight that each is still in
+    place in _parameters: true unless a weight was replaced there (functional_call swaps tensors
+    into _parameters), re-registered (.to(), assignment, load_state_dict(assign=True)) or removed
+    (parametrize, pruning, weight_norm, `del`, DataParallel replicas), in which case the call
+    reads every weight with getattr. Only a list made wholly of this module's registered
+    Parameters is kept: a transform's tensors are never held after their call."""
+
+    _flat_weights_names: List[str]
+    _owner = "lstm_ext"
+
+    def _keep_parameters(self) -> None:
+        parameters = self._parameters
+        current = [parameters.get(name) for name in self._flat_weights_names]
+        self._kept_weights = current if all(
+            isinstance(w, nn.Parameter) for w in current) else None
+
+    def _current_weights(self, compiling: bool = False) -> List[Optional[Tensor]]:
+        """The weights in nn's order, as getattr(self, name) gives them now (None: missing).
+        compiling: under torch.compile, which traces getattr and must find nothing kept."""
+        kept = self._kept_weights
+        if kept is not None and not compiling:
+            parameters = self._parameters
+            for name, weight in zip(self._flat_weights_names, kept):
+                if parameters.get(name) is not weight:
+                    break
+            else:
+                return kept
+        current = [getattr(self, name, None) for name in self._flat_weights_names]
+        if not compiling:
+            self._keep_parameters()
+        return current
+
+    def _weights_for_call(self, compiling: bool) -> List[Tensor]:
+        """_current_weights, each checked to be a Tensor where they were read with getattr."""
+        weights = self._current_weights(compiling)
+        if weights is not self._kept_weights:
+            for name, weight in zip(self._flat_weights_names, weights):
+                if not isinstance(weight, Tensor):
+                    what = "is missing" if weight is None else f"is a {type(weight).__name__}"
+                    raise AttributeError(
+                        f"{self._owner}: {name} {what}: every weight must be a Tensor when the "
+                        f"module is called (after `del module.{name}`, assign a tensor to it "
+                        "again)")
+        return weights
+
+    @property
+    def _flat_weights(self) -> List[Optional[Tensor]]:
+        """nn.RNNBase's attribute of the same name: the weights a call would use now."""
+        return self._current_weights(torch.compiler.is_compiling())
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._keep_parameters()  # drop the tensors from before the conversion
+        return result
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._keep_parameters()
+
+
+class LSTM(_WeightsAtTheCall):
     r"""A multi-layer LSTM with the interface of :class:`torch.nn.LSTM`, computed by lstm_ext's
     fused C++ kernels: one C++ call runs a layer's whole time loop in one direction, forward or
     backward, and the whole module (every layer and direction) is one op and one autograd node.
@@ -101,6 +163,8 @@ class LSTM(nn.Module):
     Parameters, or a parametrization's, ``torch.func.functional_call``'s or a pruning hook's
     tensors, or a plain tensor assigned in place of a deleted weight (weight drop).
     """
+
+    _owner = "lstm_ext.LSTM"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -171,50 +235,6 @@ class LSTM(nn.Module):
         self._keep_parameters()
         self.reset_parameters()
 
-    # The weights of a call are read as getattr(self, name) gives them (nn.RNNBase's rule), but
-    # that costs a Module.__getattr__ per weight per call. So the list of the module's own
-    # Parameters is kept, and a call checks with one dict lookup per weight that each is still
-    # in place in _parameters: true unless a weight was replaced there (functional_call swaps
-    # tensors into _parameters), re-registered (.to(), assignment, load_state_dict(assign=True)),
-    # removed (parametrize, pruning, weight_norm, `del`, DataParallel replicas), in which case
-    # the call reads every weight with getattr. Only a list made wholly of this module's
-    # registered Parameters is kept: a transform's tensors are never held after their call.
-    def _keep_parameters(self) -> None:
-        parameters = self._parameters
-        current = [parameters.get(name) for name in self._flat_weights_names]
-        self._kept_weights = current if all(
-            isinstance(w, nn.Parameter) for w in current) else None
-
-    def _current_weights(self, compiling: bool = False) -> List[Optional[Tensor]]:
-        """The weights in nn.LSTM's order, as getattr(self, name) gives them now (None: missing).
-        compiling: under torch.compile, which traces getattr and must find nothing kept."""
-        kept = self._kept_weights
-        if kept is not None and not compiling:
-            parameters = self._parameters
-            for name, weight in zip(self._flat_weights_names, kept):
-                if parameters.get(name) is not weight:
-                    break
-            else:
-                return kept
-        current = [getattr(self, name, None) for name in self._flat_weights_names]
-        if not compiling:
-            self._keep_parameters()
-        return current
-
-    @property
-    def _flat_weights(self) -> List[Optional[Tensor]]:
-        """nn.RNNBase's attribute of the same name: the weights a call would use now."""
-        return self._current_weights(torch.compiler.is_compiling())
-
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        self._keep_parameters()  # drop the tensors from before the conversion
-        return result
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._keep_parameters()
-
     def reset_parameters(self) -> None:
         """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as nn.LSTM."""
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
@@ -228,20 +248,10 @@ class LSTM(nn.Module):
     def all_weights(self) -> List[List[Optional[Tensor]]]:
         return [[getattr(self, name, None) for name in names] for names in self._all_weights]
 
-    def _missing_weight(self, weights: List[Optional[Tensor]]) -> None:
-        for name, weight in zip(self._flat_weights_names, weights):
-            if not isinstance(weight, Tensor):
-                what = "is missing" if weight is None else f"is a {type(weight).__name__}"
-                raise AttributeError(
-                    f"lstm_ext.LSTM: {name} {what}: every weight must be a Tensor when the module "
-                    f"is called (after `del module.{name}`, assign a tensor to it again)")
-
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
-        owner = "lstm_ext.LSTM"
+        owner = self._owner
         compiling = torch.compiler.is_compiling()
-        weights = self._current_weights(compiling)
-        if weights is not self._kept_weights:
-            self._missing_weight(weights)
+        weights = self._weights_for_call(compiling)
         packed = isinstance(input, PackedSequence)
         batch_sizes = sorted_indices = unsorted_indices = None
         if packed:
@@ -293,7 +303,7 @@ class LSTM(nn.Module):
                         f"Expected hidden[{index}] size {expected}, got {_shape(state)} ({owner}: "
                         f"hx[{index}] is {what}: [num_layers * num_directions, batch, "
                         f"{'proj_size' if index == 0 and self.proj_size else 'hidden_size'}])")
-                _check_state_tensor(owner, f"hx[{index}] ({what})", state, input)
+                _check_state_dtype(owner, f"hx[{index}] ({what})", state, input)
             if sorted_indices is not None:  # the packed batch is sorted by length
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
 
@@ -338,13 +348,15 @@ class LSTM(nn.Module):
         return s.format(**self.__dict__)
 
 
-class LSTMCell(nn.Module):
+class LSTMCell(_WeightsAtTheCall):
     r"""One LSTM step with the interface of :class:`torch.nn.LSTMCell`, computed by one fused C++ op.
 
     Args (as torch.nn.LSTMCell): input_size, hidden_size, bias=True, device=None, dtype=None.
     Shapes: input [B, I] or unbatched [I]; hx = (h_0, c_0), each [B, H] (or [H]), default zeros.
     Returns (h_1, c_1), each [B, H] (or [H]).
     """
+
+    _owner = "lstm_ext.LSTMCell"
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None) -> None:
@@ -361,6 +373,9 @@ class LSTMCell(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        self._flat_weights_names = ["weight_ih", "weight_hh"] + (
+            ["bias_ih", "bias_hh"] if bias else [])
+        self._keep_parameters()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -370,7 +385,7 @@ class LSTMCell(nn.Module):
             nn.init.uniform_(weight, -stdv, stdv)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
-        owner = "lstm_ext.LSTMCell"
+        owner = self._owner
         if not isinstance(input, Tensor):
             raise TypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
@@ -384,10 +399,8 @@ class LSTMCell(nn.Module):
                     raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got "
                                      f"{state.dim()}D instead ({owner}: hx[{index}] of shape "
                                      f"{_shape(state)})")
-        # getattr at every call (parametrized weights are properties; functional_call swaps them)
-        weights = [self.weight_ih, self.weight_hh]
-        if self.bias:
-            weights += [self.bias_ih, self.bias_hh]
+        compiling = torch.compiler.is_compiling()
+        weights = self._weights_for_call(compiling)
         _check_input_dtype(owner, input, weights[0])
         if input.shape[-1] != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.shape[-1]} expected "
@@ -406,7 +419,10 @@ class LSTMCell(nn.Module):
                                    f"({hx_t.dim()}-D, {cx_t.dim()}-D) tensors")
             if not batched:
                 hx_t, cx_t = hx_t.unsqueeze(0), cx_t.unsqueeze(0)
-            for index, (state, what) in enumerate(((hx_t, "h_0"), (cx_t, "c_0"))):
+            expected = (input.shape[0], self.hidden_size)
+            for index, (state, what) in enumerate(((hx_t, "h_0"), (cx_t, "c_0")) if (
+                    hx_t.shape != expected or cx_t.shape != expected or hx_t.dtype != input.dtype
+                    or cx_t.dtype != input.dtype) else ()):  # the details only when wrong
                 if state.shape[0] != input.shape[0]:
                     raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match "
                                        f"hidden{index} batch size {state.shape[0]} ({owner}: "
@@ -415,10 +431,10 @@ class LSTMCell(nn.Module):
                     raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got "
                                        f"{state.shape[1]}, expected {self.hidden_size} ({owner}: "
                                        f"hx[{index}] ({what}) of shape {_shape(state)})")
-                _check_state_tensor(owner, f"hx[{index}] ({what})", state, input)
+                _check_state_dtype(owner, f"hx[{index}] ({what})", state, input)
         # As LSTM.forward: the typed binding in eager, torch.ops under torch.compile and tracing
         # (ONNX's ops in an ONNX export), the Python Function under torch.func transforms.
-        if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+        if compiling or torch._C._get_tracing_state() is not None:
             op = _onnx.lstm_cell if _onnx.exporting() else lstm_cell
         else:
             op = _functorch.lstm_cell if _functorch.transforms_active() else _C.lstm_cell

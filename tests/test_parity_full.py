@@ -403,3 +403,92 @@ def test_save_load_deepcopy_dtype_moves():
     half_way = copy.deepcopy(ext).to(F64)
     assert torch.equal(half_way(x.double())[0], double(x.double())[0])
     assert ext.train() is ext and ext.training and not ext.eval().training
+
+
+DIRECT_STEPS = {
+    # Calls of at most 32 rows multiply by the weights as stored (no transposed copy), each step
+    # its input projection too; from 2^17 multiply-adds a step its hidden units are split over the
+    # threads. One step, B = 4 (4 x 256 x 128 multiply-adds): split; with a projection and both
+    # directions; packed with a few steps; a step too small to split; H = 37 (units not a multiple
+    # of the vector width in either thread's half).
+    "one step, split": (dict(input_size=64, hidden_size=64), [1, 1, 1, 1]),
+    "projection, bidirectional, split": (
+        dict(input_size=96, hidden_size=80, proj_size=48, bidirectional=True, num_layers=2),
+        [1, 1, 1, 1]),
+    "packed, few steps, split": (dict(input_size=128, hidden_size=96), [5, 3, 5, 2, 4, 1]),
+    "unsplit": (dict(input_size=8, hidden_size=16), [3, 1, 2]),
+    "odd units, split": (dict(input_size=100, hidden_size=37, num_layers=2), [2, 2, 2, 2, 2, 2]),
+}
+
+
+@pytest.mark.parametrize("batch", DIRECT_STEPS)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_direct_steps_match_nn_lstm(packed, dtype, batch):
+    """Short calls (the direct path on the weights as stored, split by units): nn.LSTM's numbers."""
+    sizes, lengths = DIRECT_STEPS[batch]
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        ref = nn.LSTM(**sizes, dtype=dtype)
+        ext = lstm_ext.LSTM(**sizes, dtype=dtype)
+        ext.load_state_dict(ref.state_dict())
+        x = torch.randn(max(lengths), len(lengths), sizes["input_size"], dtype=dtype)
+        if packed:
+            x = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+        d = 2 if sizes.get("bidirectional") else 1
+        lead = (sizes.get("num_layers", 1) * d, len(lengths))
+        hx = (torch.randn(lead + (sizes.get("proj_size") or sizes["hidden_size"],), dtype=dtype),
+              torch.randn(lead + (sizes["hidden_size"],), dtype=dtype))
+        names, expected = forward_backward(ref, x, hx)
+        _, actual = forward_backward(ext, x, hx)
+    finally:
+        torch.set_num_threads(previous_threads)
+    if dtype == torch.float64:
+        assert_float64_equal(names, actual, expected)
+    else:
+        ref64 = nn.LSTM(**sizes, dtype=F64)
+        ref64.load_state_dict(ref.state_dict())
+        x64 = (PackedSequence(x.data.double(), *x[1:]) if packed else x.double())
+        _, exact = forward_backward(ref64, x64, tuple(t.double() for t in hx))
+        assert_float32_close(names, actual, expected, exact)
+
+
+def cell_forward_backward(cell, x, hx):
+    """(names, tensors): hy, cy and the gradients of x, hx, cx and every parameter."""
+    x, hx = x.detach().requires_grad_(), tuple(t.detach().requires_grad_() for t in hx)
+    params = list(cell.named_parameters())
+    hy, cy = cell(x, hx)
+    gen = torch.Generator().manual_seed(7)
+    grads = [torch.randn(t.shape, generator=gen, dtype=F64).to(t.dtype) for t in (hy, cy)]
+    results = torch.autograd.grad((hy, cy), [x, *hx] + [p for _, p in params], grads)
+    names = ["hy", "cy", "grad input", "grad hx", "grad cx"] + [f"grad {n}" for n, _ in params]
+    return names, [hy, cy, *results]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sizes", [(4, 64, 64), (1, 80, 256), (7, 33, 40), (32, 16, 64)])
+def test_cell_steps_match_nn_lstmcell(dtype, sizes):
+    """LSTMCell, where the direct path splits a step over threads (and where it does not)."""
+    B, I, H = sizes
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        ref = nn.LSTMCell(I, H, dtype=dtype)
+        ext = lstm_ext.LSTMCell(I, H, dtype=dtype)
+        ext.load_state_dict(ref.state_dict())
+        x = torch.randn(B, I, dtype=dtype)
+        hx = (torch.randn(B, H, dtype=dtype), torch.randn(B, H, dtype=dtype))
+        names, expected = cell_forward_backward(ref, x, hx)
+        _, actual = cell_forward_backward(ext, x, hx)
+    finally:
+        torch.set_num_threads(previous_threads)
+    if dtype == torch.float64:
+        assert_float64_equal(names, actual, expected)
+    else:
+        ref64 = nn.LSTMCell(I, H, dtype=F64)
+        ref64.load_state_dict(ref.state_dict())
+        _, exact = cell_forward_backward(ref64, x.double(), tuple(t.double() for t in hx))
+        assert_float32_close(names, actual, expected, exact)

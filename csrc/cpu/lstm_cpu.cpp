@@ -124,32 +124,46 @@ inline void wait_until_at_least(const std::atomic<int64_t>& counter, int64_t tar
   }
 }
 
-// The gate pass of one forward step over B rows, generic version (float64, and float32 where the
-// fused pass below is not used): transcendentals through whole-block vector calls (MKL VML), the
-// rest plain arithmetic.
+// The gate pass of one forward step over B rows and the hidden units [j0, j1), generic version
+// (float64, and float32 where the fused pass below is not used): transcendentals through
+// whole-block vector calls (MKL VML), the rest plain arithmetic.
 //   z [B, 4H] in: x W_ih^T + h_{t-1} W_hh^T (no bias yet); out: activated gates i, f, g, o
 //   bias [4H] (b_ih + b_hh, zeros without bias); c [B, H] in: c_{t-1}, out: c_t
 //   r [B, H] out: o ⊙ tanh(c_t) (h_t, before any projection); exp_neg [B, 4H] scratch
+// (Only units [j0, j1) of each are read or written: threads may share a step by units.)
 template <typename T>
-void gates_forward(int64_t B, int64_t H, T* z, const T* bias, T* c, T* r, T* exp_neg) {
-  const int64_t G = 4 * H;
+void gates_forward(int64_t B, int64_t H, int64_t j0, int64_t j1, T* z, const T* bias, T* c, T* r,
+                   T* exp_neg) {
+  const int64_t G = 4 * H, units = j1 - j0;
+  const bool whole = j0 == 0 && j1 == H;  // every unit: a few calls over whole blocks
   for (int64_t b = 0; b < B; ++b) {
     T* __restrict__ zb = z + b * G;
     T* __restrict__ eb = exp_neg + b * G;
-    for (int64_t k = 0; k < G; ++k) {
-      zb[k] += bias[k];
-      eb[k] = -zb[k];
+    for (int64_t gate = 0; gate < 4; ++gate) {
+      for (int64_t k = gate * H + j0; k < gate * H + j1; ++k) {
+        zb[k] += bias[k];
+        eb[k] = -zb[k];
+      }
     }
   }
-  vector_exp(B * G, exp_neg, exp_neg);  // e^{-z}: σ(z) = 1 / (1 + e^{-z}) for i, f, o
+  // e^{-z}: σ(z) = 1 / (1 + e^{-z}) for i, f, o; g = tanh(z_g), in place
+  if (whole) {
+    vector_exp(B * G, exp_neg, exp_neg);
+  }
   for (int64_t b = 0; b < B; ++b) {
-    vector_tanh(H, z + b * G + 2 * H, z + b * G + 2 * H);  // g = tanh(z_g), in place
+    if (!whole) {
+      for (int64_t gate : {0, 1, 3}) {
+        T* e = exp_neg + b * G + gate * H + j0;
+        vector_exp(units, e, e);
+      }
+    }
+    vector_tanh(units, z + b * G + 2 * H + j0, z + b * G + 2 * H + j0);
   }
   for (int64_t b = 0; b < B; ++b) {
     T* __restrict__ a = z + b * G;
     const T* __restrict__ e = exp_neg + b * G;
     T* __restrict__ cb = c + b * H;
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const T i = sigmoid_from_exp_neg(e[j]);
       const T f = sigmoid_from_exp_neg(e[H + j]);
       const T o = sigmoid_from_exp_neg(e[3 * H + j]);
@@ -159,11 +173,17 @@ void gates_forward(int64_t B, int64_t H, T* z, const T* bias, T* c, T* r, T* exp
       cb[j] = next_cell(i, f, a[2 * H + j], cb[j]);
     }
   }
-  vector_tanh(B * H, c, r);  // tanh(c_t), then r = o ⊙ tanh(c_t)
+  if (whole) {
+    vector_tanh(B * H, c, r);  // tanh(c_t), then r = o ⊙ tanh(c_t)
+  } else {
+    for (int64_t b = 0; b < B; ++b) {
+      vector_tanh(units, c + b * H + j0, r + b * H + j0);
+    }
+  }
   for (int64_t b = 0; b < B; ++b) {
     const T* __restrict__ o = z + b * G + 3 * H;
     T* __restrict__ rb = r + b * H;
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       rb[j] *= o[j];
     }
   }
@@ -171,7 +191,8 @@ void gates_forward(int64_t B, int64_t H, T* z, const T* bias, T* c, T* r, T* exp
 
 // float32: the same pass fused into one loop, with inline vectorisable exp and tanh.
 LSTM_EXT_TARGET_CLONES
-void gates_forward_fused(int64_t B, int64_t H, float* z, const float* bias, float* c, float* r) {
+void gates_forward_fused(int64_t B, int64_t H, int64_t j0, int64_t j1, float* z, const float* bias,
+                         float* c, float* r) {
   const int64_t G = 4 * H;
   for (int64_t b = 0; b < B; ++b) {
     float* __restrict__ a = z + b * G;
@@ -181,7 +202,7 @@ void gates_forward_fused(int64_t B, int64_t H, float* z, const float* bias, floa
     // a[j], a[H + j], ... never overlap for j < H, which GCC cannot prove: without this it does
     // not vectorise.
 #pragma GCC ivdep
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const float i = sigmoid_f32(a[j] + bi[j]);
       const float f = sigmoid_f32(a[H + j] + bi[H + j]);
       const float g = tanh_f32(a[2 * H + j] + bi[2 * H + j]);
@@ -198,9 +219,9 @@ void gates_forward_fused(int64_t B, int64_t H, float* z, const float* bias, floa
 }
 
 // Overload resolution picks this for float32 (an exact match beats the template).
-inline void gates_forward(int64_t B, int64_t H, float* z, const float* bias, float* c, float* r,
-                          float* /*exp_neg: not needed*/) {
-  gates_forward_fused(B, H, z, bias, c, r);
+inline void gates_forward(int64_t B, int64_t H, int64_t j0, int64_t j1, float* z,
+                          const float* bias, float* c, float* r, float* /*exp_neg: not needed*/) {
+  gates_forward_fused(B, H, j0, j1, z, bias, c, r);
 }
 
 // The gate pass of one backward step over B rows, generic version (float64): tanh(c_t) through a
@@ -335,7 +356,7 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
       gemm<T>(false, false, n, G, P, T(1), h_state, P, w_hh_t, G, T(1), gates_t, G);
       // c_state holds c_{t-1} and receives c_t.
       T* r_t = w_hr_t ? r_scratch + b0 * H : y_t;
-      gates_forward(n, H, gates_t, bias, c_state, r_t, exp_scratch + b0 * G);
+      gates_forward(n, H, 0, H, gates_t, bias, c_state, r_t, exp_scratch + b0 * G);
       if (cells) {
         std::memcpy(cells + row * H, c_state, n * H * sizeof(T));
       }
@@ -373,6 +394,70 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
     const int64_t k1 = std::min(s.T, k0 + chunk_steps);
     project(k0, k1);
     for_each_batch_slice(s, [&](int64_t b0, int64_t b1) { run_steps(k0, k1, b0, b1); });
+  }
+}
+
+// A call with few rows in all (an LSTMCell step, a streaming call of one step or a few): the
+// steps multiply by the weights as they are stored, [4H, K] (small_gemm_nt), with each step's
+// input projection done with its recurrent product. Transposing the weights first (and the
+// allocation that holds the copy), as a longer call does once, costs more than such a call's
+// products: a [1024, 256] W_hh takes ~200 us to transpose, a B = 1 step's product ~10 us. No
+// per-call work scales with the weights but the products themselves, and nothing derived from
+// the weights is kept between calls (an in-place change of a weight through .data, which no
+// version counter records, would make a kept copy silently stale).
+constexpr int64_t kMaxDirectRows = 32;
+
+bool direct_steps(const LayerSizes& s) { return s.N <= kMaxDirectRows; }
+
+// A direct step's hidden units are split over the threads (each computes its units' four gate
+// blocks, with the same half of the weights every call, so that half stays in its core's cache)
+// from this many multiply-adds per step; below it a fork/join costs more than it saves.
+constexpr int64_t kMinSplitStepMacs = int64_t(1) << 17;
+
+// Forward of one layer, directly on the weights (direct_steps).
+//   x [rows, I]; h0 [B, P], c0 [B, H]; w_ih [4H, I], w_hh [4H, P], w_hr [P, H] or null, as given
+//   bias [4H]; y [rows, P]; h_n [B, P], c_n [B, H] (also the running states)
+//   gates [rows, 4H] (gates_all_rows: kept for the backward) or one step's [B, 4H] scratch
+//   cells [rows, H] or null; exp_scratch [B, 4H]; r_scratch [B, H] (with w_hr only)
+template <typename T>
+void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse, const T* x,
+                          const T* h0, const T* c0, const T* w_ih, const T* w_hh, const T* bias,
+                          const T* w_hr, T* y, T* h_n, T* c_n, T* gates, bool gates_all_rows,
+                          T* cells, T* exp_scratch, T* r_scratch) {
+  const int64_t H = s.H, P = s.P, G = 4 * s.H, I = s.I;
+  std::memcpy(h_n, h0, s.B * P * sizeof(T));
+  std::memcpy(c_n, c0, s.B * H * sizeof(T));
+  const bool split = at::get_num_threads() > 1 && !at::in_parallel_region() && H >= 32 &&
+                     s.B * G * (I + P) >= kMinSplitStepMacs;
+  for (int64_t k = 0; k < s.T; ++k) {
+    const int64_t t = Steps::time_of(k, s.T, reverse);
+    const int64_t n = steps.batch[t], row = steps.offset[t];
+    const T* x_t = x + row * I;
+    T* gates_t = gates_all_rows ? gates + row * G : gates;
+    T* y_t = y + row * P;
+    T* r_t = w_hr ? r_scratch : y_t;  // o ⊙ tanh(c_t), before any projection
+    // Units [j0, j1): their columns of each gate block, then their gate pass (h_n, the state this
+    // step reads, is written only after every unit is done).
+    auto units = [&](int64_t j0, int64_t j1) {
+      for (int64_t gate = 0; gate < 4; ++gate) {
+        const int64_t col = gate * H + j0;
+        small_gemm_nt_sum(n, j1 - j0, NtTerm<T>{x_t, I, w_ih + col * I, I, I},
+                          NtTerm<T>{h_n, P, w_hh + col * P, P, P}, gates_t + col, G);
+      }
+      gates_forward(n, H, j0, j1, gates_t, bias, c_n, r_t, exp_scratch);
+    };
+    if (split) {
+      at::parallel_for(0, H, 16, units);
+    } else {
+      units(0, H);
+    }
+    if (cells) {
+      std::memcpy(cells + row * H, c_n, n * H * sizeof(T));
+    }
+    if (w_hr) {
+      small_gemm_nt(n, P, H, r_t, H, w_hr, H, false, y_t, P);  // r W_hr^T
+    }
+    std::memcpy(h_n, y_t, n * P * sizeof(T));
   }
 }
 
@@ -511,18 +596,28 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
     });
   } else {
     for_each_batch_slice(s, [&](int64_t b0, int64_t b1) { recurrence(b0, b1, nullptr); });
-    if (fuse_x && split_weight_gradients(s)) {
+    if (split_weight_gradients(s) && (fuse_x || direct_steps(s))) {
       // Two threads, one GEMM at a time each: one computes dx and the first g_split rows of
-      // dW_cat = dG^T [x | h], the other the remaining rows, as many multiply-adds each (dx has I
-      // columns per gate row, dW_cat K = I + P). Measured against MKL threading each whole GEMM
-      // (fwd+bwd, 2 threads, in one process): -2..3% at (100, 32, 64, 128), -5% at
-      // (100, 8, 64, 128), -5..6.5% at (100, 16, 32, 128), -3% at (100, 64, 128, 256). Without
-      // fuse_x (I > P / 2: dW_ih and dW_hh are separate GEMMs) the same split measured 1% slower
-      // at (100, 64, 256, 256) and (50, 128, 512, 512), about the noise: MKL keeps those.
-      const int64_t g_split = std::min<int64_t>(G, (G * s.P / (2 * K) + 8) / 16 * 16);
-      auto dw_cat_rows = [&](int64_t g0, int64_t g1) {  // dW_cat rows [g0, g1), over all rows
-        gemm<T>(true, false, g1 - g0, K, s.N, T(1), dgates + g0, G, xh, K, T(0),
-                dw_cat + g0 * K, K);
+      // dW_cat = dG^T [x | h] (or of dW_ih and dW_hh), the other the remaining rows, as many
+      // multiply-adds each (dx has I columns per gate row, the weight gradients I + P). Measured
+      // against MKL threading each whole GEMM (fwd+bwd, 2 threads, in one process): -2..3% at
+      // (100, 32, 64, 128), -5% at (100, 8, 64, 128), -5..6.5% at (100, 16, 32, 128), -3% at
+      // (100, 64, 128, 256). Without fuse_x (I > P / 2: dW_ih and dW_hh are separate GEMMs) the
+      // same split measured 1% slower at (100, 64, 256, 256) and (50, 128, 512, 512), about the
+      // noise: MKL keeps those; a short call (direct_steps, whose few rows make each GEMM too
+      // small for MKL's threads) splits either way: LSTMCell backward at B = 32, I = 64, H = 256
+      // 342 -> ... us.
+      const int64_t g_split = std::min<int64_t>(G, (G * s.P / (2 * (s.I + s.P)) + 8) / 16 * 16);
+      auto dw_cat_rows = [&](int64_t g0, int64_t g1) {  // weight gradient rows [g0, g1)
+        if (fuse_x) {
+          gemm<T>(true, false, g1 - g0, K, s.N, T(1), dgates + g0, G, xh, K, T(0),
+                  dw_cat + g0 * K, K);
+        } else {
+          gemm<T>(true, false, g1 - g0, s.I, s.N, T(1), dgates + g0, G, x, s.I, T(0),
+                  dw_ih + g0 * s.I, s.I);
+          gemm<T>(true, false, g1 - g0, P, s.N, T(1), dgates + g0, G, xh, K, T(0),
+                  dw_hh + g0 * P, P);
+        }
       };
       at::parallel_for(0, 2, 1, [&](int64_t task0, int64_t task1) {
         for (int64_t task = task0; task < task1; ++task) {
@@ -661,6 +756,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   const bool gates_all_rows = keep_state || pipelined;
   const int64_t buffer_rows = keep_state ? 0 : (pipelined ? s.N : chunk_steps * s.B);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_forward_cpu", [&] {
+    if (direct_steps(s)) {
+      // bias [4H], exp_scratch [B, 4H], r_scratch [B, H], gates of one step [B, 4H]
+      Workspace<scalar_t> work(G + s.B * G + (proj ? s.B * s.H : 0) + (keep_state ? 0 : s.B * G),
+                               opts);
+      scalar_t* bias = work.take(G);
+      combined_bias_into(bias_ih, bias_hh, G, bias);
+      scalar_t* exp_scratch = work.take(s.B * G);
+      scalar_t* r_scratch = proj ? work.take(s.B * s.H) : nullptr;
+      scalar_t* gates_buffer = keep_state ? gates.data_ptr<scalar_t>() : work.take(s.B * G);
+      const auto w_hh = weight_hh.expect_contiguous();
+      const auto w_hr = contiguous_or_none(weight_hr);
+      layer_forward_direct<scalar_t>(
+          s, steps, reverse, x->data_ptr<scalar_t>(), h0c->data_ptr<scalar_t>(),
+          c0c->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(), bias,
+          data_or_null<scalar_t>(w_hr), output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
+          c_n.data_ptr<scalar_t>(), gates_buffer, keep_state,
+          keep_state ? cells.data_ptr<scalar_t>() : nullptr, exp_scratch, r_scratch);
+      return;
+    }
     // w_hh_t [P, 4H], w_hr_t [H, P], bias [4H], exp_scratch [B, 4H], r_scratch [B, H],
     // gates for one chunk [chunk rows, 4H] or, pipelined, all rows (inference)
     Workspace<scalar_t> work(s.P * G + (proj ? s.H * s.P : 0) + G + s.B * G +
@@ -772,15 +886,26 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
   Tensor cy = at::empty({s.B, s.H}, opts);
   Tensor gates = at::empty({s.B, G}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_cell_forward_cpu", [&] {
-    // w_hh_t [H, 4H], bias [4H], exp_scratch [B, 4H], h_n [B, H] (the layer kernel's copy of hy)
-    Workspace<scalar_t> work(s.H * G + G + s.B * G + s.B * s.H, opts);
-    scalar_t* w_hh_t = work.take(s.H * G);
-    transpose_into(weight_hh, w_hh_t);
+    const bool direct = direct_steps(s);
+    // w_hh_t [H, 4H] (not direct), bias [4H], exp_scratch [B, 4H], h_n [B, H] (the layer
+    // kernel's copy of hy)
+    Workspace<scalar_t> work((direct ? 0 : s.H * G) + G + s.B * G + s.B * s.H, opts);
     scalar_t* bias = work.take(G);
     combined_bias_into(bias_ih, bias_hh, G, bias);
     scalar_t* exp_scratch = work.take(s.B * G);
     scalar_t* h_n = work.take(s.B * s.H);
     // One step of the layer kernel; its running c state is cy itself.
+    if (direct) {
+      const auto w_hh = weight_hh.expect_contiguous();
+      layer_forward_direct<scalar_t>(
+          s, steps, false, x->data_ptr<scalar_t>(), hxc->data_ptr<scalar_t>(),
+          cxc->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(), bias,
+          nullptr, hy.data_ptr<scalar_t>(), h_n, cy.data_ptr<scalar_t>(),
+          gates.data_ptr<scalar_t>(), /*gates_all_rows=*/true, nullptr, exp_scratch, nullptr);
+      return;
+    }
+    scalar_t* w_hh_t = work.take(s.H * G);
+    transpose_into(weight_hh, w_hh_t);
     layer_forward<scalar_t>(s, steps, false, x->data_ptr<scalar_t>(), hxc->data_ptr<scalar_t>(),
                             cxc->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh_t, bias,
                             nullptr, hy.data_ptr<scalar_t>(), h_n, cy.data_ptr<scalar_t>(),
@@ -801,34 +926,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
 
   const Steps steps(s, c10::nullopt);
   const auto dhy = contiguous_or_none(grad_hy), dcy = contiguous_or_none(grad_cy);
-  const Tensor x = input.contiguous(), hxc = hx.contiguous(), cxc = cx.contiguous();
-  const Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
-  const Tensor cy_c = cy.contiguous(), gates_c = gates.contiguous();
-  const auto opts = x.options();
+  const auto x = input.expect_contiguous(), hxc = hx.expect_contiguous(),
+             cxc = cx.expect_contiguous(), w_ih = weight_ih.expect_contiguous(),
+             w_hh = weight_hh.expect_contiguous(), cy_c = cy.expect_contiguous(),
+             gates_c = gates.expect_contiguous();
+  const auto opts = input.options();
+  const int64_t G = 4 * s.H;
   Tensor grad_input = at::empty({s.B, s.I}, opts);
   Tensor grad_hx = at::empty({s.B, s.H}, opts);
   Tensor grad_cx = at::empty({s.B, s.H}, opts);
-  Tensor grad_w_ih = at::empty({4 * s.H, s.I}, opts);
-  Tensor grad_w_hh = at::empty({4 * s.H, s.H}, opts);
-  Tensor grad_bias = at::empty({4 * s.H}, opts);
-  Tensor dgates = at::empty({s.B, 4 * s.H}, opts);
-  Tensor xh = at::empty({s.B, s.I + s.H}, opts);
-  Tensor dw_cat = at::empty({4 * s.H, s.I + s.H}, opts);
-  Tensor tanh_c = at::empty({s.B, s.H}, opts);
-  Tensor db_slices = at::empty({s.B, 4 * s.H}, opts);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_backward_cpu", [&] {
+  Tensor grad_w_ih = at::empty({G, s.I}, opts);
+  Tensor grad_w_hh = at::empty({G, s.H}, opts);
+  Tensor grad_bias = at::empty({G}, opts);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_cell_backward_cpu", [&] {
+    // dgates [B, 4H], xh [B, H] (hx: the state the step read), tanh_c [B, H], db_slices [B, 4H].
+    // x is not copied next to h (fuse_x): with one step the weight gradients go straight into
+    // their outputs, without the copies out of a joint dW_cat.
+    Workspace<scalar_t> work(s.B * G + s.B * s.H + s.B * s.H + s.B * G, opts);
+    scalar_t* dgates = work.take(s.B * G);
+    scalar_t* xh = work.take(s.B * s.H);
+    scalar_t* tanh_c = work.take(s.B * s.H);
+    scalar_t* db_slices = work.take(s.B * G);
     // One step of the layer backward: grad_hy is that step's output gradient, grad_cy its dc.
     // With one step the forward output is never read (every row's previous h is hx).
     layer_backward<scalar_t>(
         s, steps, false, data_or_null<scalar_t>(dhy), nullptr, data_or_null<scalar_t>(dcy),
-        x.data_ptr<scalar_t>(), hxc.data_ptr<scalar_t>(), cxc.data_ptr<scalar_t>(),
-        w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), nullptr, nullptr,
-        gates_c.data_ptr<scalar_t>(), cy_c.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(),
-        grad_hx.data_ptr<scalar_t>(), grad_cx.data_ptr<scalar_t>(),
-        grad_w_ih.data_ptr<scalar_t>(), grad_w_hh.data_ptr<scalar_t>(), nullptr,
-        grad_bias.data_ptr<scalar_t>(), dgates.data_ptr<scalar_t>(), /*fuse_x=*/true,
-        xh.data_ptr<scalar_t>(), dw_cat.data_ptr<scalar_t>(),
-        nullptr, nullptr, nullptr, tanh_c.data_ptr<scalar_t>(), db_slices.data_ptr<scalar_t>(),
+        x->data_ptr<scalar_t>(), hxc->data_ptr<scalar_t>(), cxc->data_ptr<scalar_t>(),
+        w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(), nullptr, nullptr,
+        gates_c->data_ptr<scalar_t>(), cy_c->data_ptr<scalar_t>(),
+        grad_input.data_ptr<scalar_t>(), grad_hx.data_ptr<scalar_t>(),
+        grad_cx.data_ptr<scalar_t>(), grad_w_ih.data_ptr<scalar_t>(),
+        grad_w_hh.data_ptr<scalar_t>(), nullptr, grad_bias.data_ptr<scalar_t>(), dgates,
+        /*fuse_x=*/false, xh, /*dw_cat=*/nullptr, nullptr, nullptr, nullptr, tanh_c, db_slices,
         /*pipeline_chunks=*/1);
   });
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
