@@ -57,7 +57,7 @@ layer_forward_op() {
 const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
-    const optional<Tensor>&, bool, const Tensor&, const Tensor&, const Tensor&)>&
+    const optional<Tensor>&, bool, const Tensor&, const Tensor&, const Tensor&, bool)>&
 layer_backward_op() {
   static const auto op =
       c10::Dispatcher::singleton()
@@ -66,7 +66,7 @@ layer_backward_op() {
               const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
               const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
               const optional<Tensor>&, const optional<Tensor>&, bool, const Tensor&,
-              const Tensor&, const Tensor&)>();
+              const Tensor&, const Tensor&, bool)>();
   return op;
 }
 
@@ -98,14 +98,14 @@ cell_forward_op() {
 
 const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const optional<Tensor>&, const optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&)>&
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool)>&
 cell_backward_op() {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("lstm_ext::lstm_cell_backward", "")
           .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
               const optional<Tensor>&, const optional<Tensor>&, const Tensor&, const Tensor&,
-              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool)>();
   return op;
 }
 
@@ -257,7 +257,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
         layer_backward_op().call(as_optional(grad_outputs[0]), as_optional(grad_outputs[1]),
                                  as_optional(grad_outputs[2]), input, h0, c0, weight_ih,
                                  weight_hh, as_optional(weight_hr), batch_sizes, reverse, output,
-                                 gates, cells);
+                                 gates, cells, needs_grad(ctx, inputs, 0));
     const Tensor computed[] = {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh};
     for (size_t i = 0; i < 5; ++i) {
       if (needs_grad(ctx, inputs, i)) {
@@ -308,7 +308,8 @@ class CellFunction : public torch::autograd::Function<CellFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias] =
         cell_backward_op().call(as_optional(grad_outputs[0]), as_optional(grad_outputs[1]), input,
-                                hx, cx, cy, gates, weight_ih, weight_hh);
+                                hx, cx, cy, gates, weight_ih, weight_hh,
+                                needs_grad(ctx, inputs, 0));
     const Tensor computed[] = {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh};
     for (size_t i = 0; i < 5; ++i) {
       if (needs_grad(ctx, inputs, i)) {
@@ -674,11 +675,12 @@ struct ModuleGrads {
 
 // The layers' backward kernels in reverse (below autograd). grad_*: d output, d h_n, d c_n, each
 // possibly undefined; h0, c0 undefined when the forward started from zero_h, zero_c.
+// need_grad_input: whether the module's input needs a gradient (else grads.input has no rows).
 ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
                             const Tensor& grad_c_n, const Tensor& input, const Tensor& h0,
                             const Tensor& c0, at::TensorList params, const ModuleConfig& config,
                             const Tensor& zero_h, const Tensor& zero_c,
-                            const std::vector<Tensor>& kept) {
+                            const std::vector<Tensor>& kept, bool need_grad_input) {
   const int64_t directions = config.directions();
   const int64_t per_layer = config.params_per_layer();
   ModuleGrads grads;
@@ -714,7 +716,8 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
                                    h0.defined() ? h0.select(0, index) : zero_h,
                                    c0.defined() ? c0.select(0, index) : zero_c, p.weight_ih,
                                    p.weight_hh, p.weight_hr, config.batch_sizes,
-                                   /*reverse=*/direction == 1, output, gates, cells);
+                                   /*reverse=*/direction == 1, output, gates, cells,
+                                   /*need_grad_input=*/layer > 0 || need_grad_input);
       grad_inputs[direction] = grad_in;
       grads.h0[index] = grad_h;
       grads.c0[index] = grad_c;
@@ -728,8 +731,10 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
         grads.params[first + per_layer - 1] = grad_w_hr;
       }
     });
-    Tensor grad_layer_input =
-        directions == 1 ? grad_inputs[0] : grad_inputs[0].add_(grad_inputs[1]);
+    const bool computed_input = layer > 0 || need_grad_input;  // else no rows
+    Tensor grad_layer_input = directions == 1 || !computed_input
+                                  ? grad_inputs[0]
+                                  : grad_inputs[0].add_(grad_inputs[1]);
     if (layer > 0) {
       const Tensor& mask = kept[kept_index(config, layer - 1) + 1];
       grad_layer_output = mask.defined() ? grad_layer_input.mul_(mask) : grad_layer_input;
@@ -805,7 +810,7 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const ModuleGrads computed =
         module_backward(grad_outputs[0], grad_outputs[1], grad_outputs[2], input, h0, c0, params,
-                        config, zero_h, zero_c, kept);
+                        config, zero_h, zero_c, kept, needs_grad(ctx, inputs, 0));
     if (needs_grad(ctx, inputs, 0)) {
       grads[0] = computed.input;
     }
@@ -954,7 +959,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_kernels(
   unpack_saved(saved, input, output, config, h0_t.defined(), zero_h, zero_c, kept);
   ModuleGrads grads = module_backward(grad_output.value_or(Tensor()),
                                       grad_h_n.value_or(Tensor()), grad_c_n.value_or(Tensor()),
-                                      input, h0_t, c0_t, params, config, zero_h, zero_c, kept);
+                                      input, h0_t, c0_t, params, config, zero_h, zero_c, kept,
+                                      /*need_grad_input=*/true);
   if (has_biases) {  // an op's outputs do not alias each other: bias_hh gets its own copy
     for (size_t i = 3; i < grads.params.size(); i += config.params_per_layer()) {
       grads.params[i] = grads.params[i].clone();

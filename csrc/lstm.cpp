@@ -8,7 +8,8 @@
 // The forward ops return what the backward ops need: the activated gates [., 4H] and the cell
 // states c_t [., H] per step (the layer op keeps them only when keep_state is true; otherwise both
 // come back with no rows). The backward ops return one bias gradient, shared by bias_ih and
-// bias_hh; the layer's grad_weight_hr has no rows without weight_hr.
+// bias_hh; the layer's grad_weight_hr has no rows without weight_hr, and grad_input none without
+// need_grad_input (its product, dG W_ih, is skipped: a first layer's input rarely needs one).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -53,9 +54,9 @@ TORCH_LIBRARY(lstm_ext, m) {
   m.def(
       "lstm_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, "
-      "Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, Tensor cells) -> "
-      "(Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "
-      "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_hr)",
+      "Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, Tensor cells, "
+      "bool need_grad_input=True) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
+      "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_hr)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lstm_cell_forward(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
@@ -63,9 +64,9 @@ TORCH_LIBRARY(lstm_ext, m) {
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lstm_cell_backward(Tensor? grad_hy, Tensor? grad_cy, Tensor input, Tensor hx, Tensor cx, "
-      "Tensor cy, Tensor gates, Tensor weight_ih, Tensor weight_hh) -> (Tensor grad_input, "
-      "Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
-      "Tensor grad_bias)",
+      "Tensor cy, Tensor gates, Tensor weight_ih, Tensor weight_hh, bool need_grad_input=True) "
+      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, "
+      "Tensor grad_weight_hh, Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
   // The whole module's kernels (the layer kernels in order, CompositeExplicitAutograd in
   // csrc/autograd.cpp): what torch.func transforms run (lstm_ext/_functorch.py), since functorch

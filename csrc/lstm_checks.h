@@ -177,6 +177,15 @@ inline void check_optional_grad(const char* op, const c10::optional<at::Tensor>&
   }
 }
 
+// `sizes` with no rows (a leading 0) unless `wanted`: an output that was not asked for.
+inline std::vector<int64_t> rows_or_none(at::IntArrayRef sizes, bool wanted) {
+  std::vector<int64_t> shape(sizes.begin(), sizes.end());
+  if (!wanted) {
+    shape[0] = 0;
+  }
+  return shape;
+}
+
 // The shape of a per-step tensor with `width` features: [T, B, width], or [N, width] when packed.
 inline std::vector<int64_t> per_step_shape(const LayerSizes& s, bool packed, int64_t width) {
   return packed ? std::vector<int64_t>{s.N, width} : std::vector<int64_t>{s.T, s.B, width};

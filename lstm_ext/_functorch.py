@@ -172,7 +172,7 @@ class _Layer(torch.autograd.Function):
         grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = \
             _lstm_ext.lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0,
                                           weight_ih, weight_hh, weight_hr, ctx.batch_sizes,
-                                          ctx.reverse, output, gates, cells)
+                                          ctx.reverse, output, gates, cells, needs[0])
         grads = [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias,
                  grad_w_hr if weight_hr is not None else None]
         return (None, None, *[g if need else None for g, need in zip(grads, needs)])
@@ -219,7 +219,7 @@ class _Cell(torch.autograd.Function):
                                           ctx.needs_input_grad))
         grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias = \
             _lstm_ext.lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, cy, gates, weight_ih,
-                                         weight_hh)
+                                         weight_hh, ctx.needs_input_grad[0])
         grads = [grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_bias]
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 

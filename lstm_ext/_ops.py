@@ -134,10 +134,10 @@ def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_si
 
 @torch.library.register_fake("lstm_ext::lstm_layer_backward")
 def _(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
-      batch_sizes, reverse, output, gates, cells):
+      batch_sizes, reverse, output, gates, cells, need_grad_input=True):
     H, P = weight_hh.shape[0] // 4, weight_hh.shape[1]
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
+        input.new_empty((input.shape[0] if need_grad_input else 0,) + tuple(input.shape[1:])),
         h0.new_empty(h0.shape),
         c0.new_empty(c0.shape),
         weight_ih.new_empty(weight_ih.shape),
@@ -155,9 +155,9 @@ def _(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh):
 
 
 @torch.library.register_fake("lstm_ext::lstm_cell_backward")
-def _(grad_hy, grad_cy, input, hx, cx, cy, gates, weight_ih, weight_hh):
+def _(grad_hy, grad_cy, input, hx, cx, cy, gates, weight_ih, weight_hh, need_grad_input=True):
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
+        input.new_empty((input.shape[0] if need_grad_input else 0, input.shape[1])),
         hx.new_empty(hx.shape),
         cx.new_empty(cx.shape),
         weight_ih.new_empty(weight_ih.shape),
@@ -222,12 +222,13 @@ def lstm_layer_backward(
     grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], grad_c_n: Optional[Tensor],
     input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
     weight_hr: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
-    output: Tensor, gates: Tensor, cells: Tensor,
+    output: Tensor, gates: Tensor, cells: Tensor, need_grad_input: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Reverse loop -> grads of (input, h0, c0, weight_ih, weight_hh, bias, weight_hr)."""
+    """Reverse loop -> grads of (input (no rows unless need_grad_input), h0, c0, weight_ih,
+    weight_hh, bias, weight_hr)."""
     return _ops.lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih,
                                     weight_hh, weight_hr, batch_sizes, reverse, output, gates,
-                                    cells)
+                                    cells, need_grad_input)
 
 
 def lstm_cell_forward(
@@ -240,7 +241,9 @@ def lstm_cell_forward(
 
 def lstm_cell_backward(
     grad_hy: Optional[Tensor], grad_cy: Optional[Tensor], input: Tensor, hx: Tensor, cx: Tensor,
-    cy: Tensor, gates: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+    cy: Tensor, gates: Tensor, weight_ih: Tensor, weight_hh: Tensor, need_grad_input: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One step back -> (grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias)."""
-    return _ops.lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, cy, gates, weight_ih, weight_hh)
+    """One step back -> (grad_input (no rows unless need_grad_input), grad_hx, grad_cx,
+    grad_weight_ih, grad_weight_hh, grad_bias)."""
+    return _ops.lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, cy, gates, weight_ih,
+                                   weight_hh, need_grad_input)

@@ -290,8 +290,10 @@ def test_opcheck_layer_backward(with_grads):
     output, h_n, c_n, gates, cells = _ops.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                              None, None, False, True)
     grads = [torch.randn_like(t) if use else None for t, use in zip((output, h_n, c_n), with_grads)]
-    torch.library.opcheck(torch.ops.lstm_ext.lstm_layer_backward.default,
-                          grads + [x, h0, c0, w_ih, w_hh, None, None, False, output, gates, cells])
+    for need_grad_input in (True, False):
+        torch.library.opcheck(torch.ops.lstm_ext.lstm_layer_backward.default,
+                              grads + [x, h0, c0, w_ih, w_hh, None, None, False, output, gates,
+                                       cells, need_grad_input])
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -305,8 +307,9 @@ def test_opcheck_cell_backward(with_grads):
     x, hx, cx, w_ih, w_hh, b_ih, b_hh = _detached(cell_args(3, 4, 6))
     hy, cy, gates = _ops.lstm_cell_forward(x, hx, cx, w_ih, w_hh, b_ih, b_hh)
     grads = [torch.randn_like(t) if use else None for t, use in zip((hy, cy), with_grads)]
-    torch.library.opcheck(torch.ops.lstm_ext.lstm_cell_backward.default,
-                          grads + [x, hx, cx, cy, gates, w_ih, w_hh])
+    for need_grad_input in (True, False):
+        torch.library.opcheck(torch.ops.lstm_ext.lstm_cell_backward.default,
+                              grads + [x, hx, cx, cy, gates, w_ih, w_hh, need_grad_input])
 
 
 # The module's kernel ops (what torch.func runs), with dropout too: saved's layout depends on it.

@@ -492,3 +492,40 @@ def test_cell_steps_match_nn_lstmcell(dtype, sizes):
         ref64.load_state_dict(ref.state_dict())
         _, exact = cell_forward_backward(ref64, x.double(), tuple(t.double() for t in hx))
         assert_float32_close(names, actual, expected, exact)
+
+
+@pytest.mark.parametrize("cls,sizes,x_shape", [
+    (nn.LSTM, dict(input_size=6, hidden_size=5, num_layers=2, bidirectional=True, proj_size=3),
+     (7, 4, 6)),
+    (nn.LSTM, dict(input_size=40, hidden_size=48), (3, 2, 40)),  # a short call: the direct path
+    (nn.LSTM, dict(input_size=6, hidden_size=5), (40, 3, 6)),
+    (nn.LSTMCell, dict(input_size=6, hidden_size=5), (4, 6)),
+])
+def test_input_without_grad_skips_its_gradient_only(cls, sizes, x_shape):
+    """The usual training call: the data needs no gradient, so the kernels skip dx = dG W_ih;
+    every other gradient is nn's."""
+    torch.manual_seed(0)
+    ref = cls(**sizes, dtype=F64)
+    ext = (lstm_ext.LSTM if cls is nn.LSTM else lstm_ext.LSTMCell)(**sizes, dtype=F64)
+    ext.load_state_dict(ref.state_dict())
+    x = torch.randn(*x_shape, dtype=F64)
+    results = []
+    for model in (ref, ext):
+        out = model(x)
+        tensors = [out[0], *out[1]] if cls is nn.LSTM else list(out)
+        loss = sum((t * (k + 1)).sum() for k, t in enumerate(tensors))
+        results.append(tensors + list(torch.autograd.grad(loss, list(model.parameters()))))
+    names = [f"t{i}" for i in range(len(results[0]))]
+    assert_float64_equal(names, results[1], results[0])
+    calls = torch.ops.lstm_ext
+    if cls is nn.LSTM and "proj_size" not in sizes:  # the kernel op returns no rows for it
+        w = [p.detach() for p in ext.parameters()]
+        h = torch.zeros(x_shape[1], sizes["hidden_size"], dtype=F64)
+        fwd = calls.lstm_layer_forward(x, h, h, *w, None, None, False, True)
+        grads = calls.lstm_layer_backward(torch.ones_like(fwd[0]), None, None, x, h, h, w[0], w[1],
+                                          None, None, False, fwd[0], fwd[3], fwd[4], False)
+        full = calls.lstm_layer_backward(torch.ones_like(fwd[0]), None, None, x, h, h, w[0], w[1],
+                                         None, None, False, fwd[0], fwd[3], fwd[4], True)
+        assert grads[0].shape == (0,) + x_shape[1:]
+        for skipped, computed in zip(grads[1:], full[1:]):
+            assert torch.equal(skipped, computed)

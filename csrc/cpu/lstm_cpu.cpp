@@ -466,7 +466,8 @@ void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse,
 //   dy [rows, P] or null; dh_n [B, P], dc_n [B, H] or null (absent gradients are zero)
 //   x, h0, c0, w_ih, w_hh, w_hr as in the forward; y [rows, P] the forward's output
 //   gates [rows, 4H] activated gates, cells [rows, H] c_t, both saved by the forward
-//   dx [rows, I]; dh0 [B, P], dc0 [B, H] (also the running dh, dc); dw_ih [4H, I]; dw_hh [4H, P];
+//   dx [rows, I] or null (not wanted); dh0 [B, P], dc0 [B, H] (also the running dh, dc);
+//   dw_ih [4H, I]; dw_hh [4H, P];
 //   dw_hr [P, H] (with w_hr); db [4H]
 //   workspaces: dgates [rows, 4H] (pre-activation gradients); xh [rows, K] (the h each step read,
 //   after a copy of its x when fuse_x: then dW_ih and dW_hh are one GEMM, dG^T [x | h], which
@@ -558,7 +559,9 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
     const int64_t rows = r1 - r0;
     const T beta = accumulate ? T(1) : T(0);
     const T* dg = dgates + r0 * G;
-    gemm<T>(false, false, rows, s.I, G, T(1), dg, G, w_ih, s.I, T(0), dx + r0 * s.I, s.I);
+    if (dx) {
+      gemm<T>(false, false, rows, s.I, G, T(1), dg, G, w_ih, s.I, T(0), dx + r0 * s.I, s.I);
+    }
     if (fuse_x) {
       gemm<T>(true, false, G, K, rows, T(1), dg, G, xh + r0 * K, K, beta, dw_cat, K);
     } else {
@@ -607,7 +610,9 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
       // noise: MKL keeps those; a short call (direct_steps, whose few rows make each GEMM too
       // small for MKL's threads) splits either way: LSTMCell backward at B = 32, I = 64, H = 256
       // 342 -> ... us.
-      const int64_t g_split = std::min<int64_t>(G, (G * s.P / (2 * (s.I + s.P)) + 8) / 16 * 16);
+      const int64_t dx_columns = dx ? s.I : 0;
+      const int64_t g_split = std::min<int64_t>(
+          G, (G * (s.I + s.P - dx_columns) / (2 * (s.I + s.P)) + 8) / 16 * 16);
       auto dw_cat_rows = [&](int64_t g0, int64_t g1) {  // weight gradient rows [g0, g1)
         if (fuse_x) {
           gemm<T>(true, false, g1 - g0, K, s.N, T(1), dgates + g0, G, xh, K, T(0),
@@ -622,7 +627,9 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
       at::parallel_for(0, 2, 1, [&](int64_t task0, int64_t task1) {
         for (int64_t task = task0; task < task1; ++task) {
           if (task == 0) {
-            gemm<T>(false, false, s.N, s.I, G, T(1), dgates, G, w_ih, s.I, T(0), dx, s.I);
+            if (dx) {
+              gemm<T>(false, false, s.N, s.I, G, T(1), dgates, G, w_ih, s.I, T(0), dx, s.I);
+            }
             dw_cat_rows(0, g_split);
           } else {
             dw_cat_rows(g_split, G);
@@ -814,7 +821,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
     const Tensor& weight_ih, const Tensor& weight_hh, const optional<Tensor>& weight_hr,
     const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output, const Tensor& gates,
-    const Tensor& cells) {
+    const Tensor& cells, bool need_grad_input) {
   constexpr const char* op = "lstm_ext::lstm_layer_backward";
   const LayerSizes s = check_layer_backward_inputs(op, grad_output, grad_h_n, grad_c_n, input, h0,
                                                    c0, weight_ih, weight_hh, weight_hr,
@@ -830,7 +837,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   const bool proj = w_hr.has_value();
   const auto opts = input.options();
   const int64_t G = 4 * s.H;
-  Tensor grad_input = at::empty(input.sizes(), opts);
+  Tensor grad_input = at::empty(rows_or_none(input.sizes(), need_grad_input), opts);
   Tensor grad_h0 = at::empty({s.B, s.P}, opts);
   Tensor grad_c0 = at::empty({s.B, s.H}, opts);
   Tensor grad_w_ih = at::empty({G, s.I}, opts);
@@ -859,7 +866,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
         data_or_null<scalar_t>(dc_n), x->data_ptr<scalar_t>(), h0c->data_ptr<scalar_t>(),
         c0c->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(),
         data_or_null<scalar_t>(w_hr), y->data_ptr<scalar_t>(), gates_c->data_ptr<scalar_t>(),
-        cells_c->data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(),
+        cells_c->data_ptr<scalar_t>(), need_grad_input ? grad_input.data_ptr<scalar_t>() : nullptr,
         grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(),
         grad_w_ih.data_ptr<scalar_t>(), grad_w_hh.data_ptr<scalar_t>(),
         proj ? grad_w_hr.data_ptr<scalar_t>() : nullptr, grad_bias.data_ptr<scalar_t>(), dgates,
@@ -919,7 +926,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cpu(
     const optional<Tensor>& grad_hy, const optional<Tensor>& grad_cy, const Tensor& input,
     const Tensor& hx, const Tensor& cx, const Tensor& cy, const Tensor& gates,
-    const Tensor& weight_ih, const Tensor& weight_hh) {
+    const Tensor& weight_ih, const Tensor& weight_hh, bool need_grad_input) {
   constexpr const char* op = "lstm_ext::lstm_cell_backward";
   const LayerSizes s = check_cell_backward_inputs(op, grad_hy, grad_cy, input, hx, cx, cy, gates,
                                                   weight_ih, weight_hh);
@@ -932,7 +939,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
              gates_c = gates.expect_contiguous();
   const auto opts = input.options();
   const int64_t G = 4 * s.H;
-  Tensor grad_input = at::empty({s.B, s.I}, opts);
+  Tensor grad_input = at::empty({need_grad_input ? s.B : 0, s.I}, opts);
   Tensor grad_hx = at::empty({s.B, s.H}, opts);
   Tensor grad_cx = at::empty({s.B, s.H}, opts);
   Tensor grad_w_ih = at::empty({G, s.I}, opts);
@@ -954,7 +961,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
         x->data_ptr<scalar_t>(), hxc->data_ptr<scalar_t>(), cxc->data_ptr<scalar_t>(),
         w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(), nullptr, nullptr,
         gates_c->data_ptr<scalar_t>(), cy_c->data_ptr<scalar_t>(),
-        grad_input.data_ptr<scalar_t>(), grad_hx.data_ptr<scalar_t>(),
+        need_grad_input ? grad_input.data_ptr<scalar_t>() : nullptr, grad_hx.data_ptr<scalar_t>(),
         grad_cx.data_ptr<scalar_t>(), grad_w_ih.data_ptr<scalar_t>(),
         grad_w_hh.data_ptr<scalar_t>(), nullptr, grad_bias.data_ptr<scalar_t>(), dgates,
         /*fuse_x=*/false, xh, /*dw_cat=*/nullptr, nullptr, nullptr, nullptr, tanh_c, db_slices,

@@ -148,7 +148,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backwar
     const optional<Tensor>& grad_h_n, const optional<Tensor>& grad_c_n, const Tensor& x,
     const Tensor& h0, const Tensor& c0, const Tensor& weight_ih, const Tensor& weight_hh,
     const optional<Tensor>& weight_hr, const Tensor& y, const Tensor& gates,
-    const Tensor& cells) {
+    const Tensor& cells, bool need_grad_input) {
   const int64_t H = s.H, G = 4 * s.H;
   const auto opts = x.options();
   const bool proj = weight_hr.has_value();
@@ -208,7 +208,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backwar
     }
     at::mm_out(dh_rows, dgates_t, weight_hh);  // dL/dh of the state this step read
   }
-  Tensor grad_input = at::mm(dgates, weight_ih);
+  Tensor grad_input = need_grad_input ? at::mm(dgates, weight_ih) : at::empty({0, s.I}, opts);
   Tensor grad_w_ih = at::mm(dgates.t(), x);
   Tensor grad_w_hh = at::mm(dgates.t(), h_prev);
   Tensor grad_w_hr = proj ? at::mm(dh_all.t(), r_all) : at::empty({0, H}, opts);
@@ -247,7 +247,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
     const Tensor& weight_ih, const Tensor& weight_hh, const optional<Tensor>& weight_hr,
     const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output, const Tensor& gates,
-    const Tensor& cells) {
+    const Tensor& cells, bool need_grad_input) {
   constexpr const char* op = "lstm_ext::lstm_layer_backward";
   const LayerSizes s = check_layer_backward_inputs(op, grad_output, grad_h_n, grad_c_n, input, h0,
                                                    c0, weight_ih, weight_hh, weight_hr,
@@ -260,8 +260,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   auto grads = layer_backward(
       s, steps, reverse, dy, grad_h_n, grad_c_n, input.contiguous().view({s.N, s.I}), h0, c0,
       weight_ih, weight_hh, weight_hr, output.contiguous().view({s.N, s.P}),
-      gates.contiguous().view({s.N, 4 * s.H}), cells.contiguous().view({s.N, s.H}));
-  std::get<0>(grads) = std::get<0>(grads).view(input.sizes());
+      gates.contiguous().view({s.N, 4 * s.H}), cells.contiguous().view({s.N, s.H}),
+      need_grad_input);
+  std::get<0>(grads) = std::get<0>(grads).view(rows_or_none(input.sizes(), need_grad_input));
   return grads;
 }
 
@@ -284,7 +285,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cuda(const Tensor& input, c
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cuda(
     const optional<Tensor>& grad_hy, const optional<Tensor>& grad_cy, const Tensor& input,
     const Tensor& hx, const Tensor& cx, const Tensor& cy, const Tensor& gates,
-    const Tensor& weight_ih, const Tensor& weight_hh) {
+    const Tensor& weight_ih, const Tensor& weight_hh, bool need_grad_input) {
   constexpr const char* op = "lstm_ext::lstm_cell_backward";
   const LayerSizes s = check_cell_backward_inputs(op, grad_hy, grad_cy, input, hx, cx, cy, gates,
                                                   weight_ih, weight_hh);
@@ -294,7 +295,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cu
   const Tensor dy = grad_hy.has_value() && grad_hy->defined() ? grad_hy->contiguous() : Tensor();
   auto [grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, unused] = layer_backward(
       s, Steps(s, c10::nullopt), false, dy, c10::nullopt, grad_cy, input.contiguous(), hx, cx,
-      weight_ih, weight_hh, c10::nullopt, Tensor(), gates.contiguous(), cy.contiguous());
+      weight_ih, weight_hh, c10::nullopt, Tensor(), gates.contiguous(), cy.contiguous(),
+      need_grad_input);
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
 
