@@ -229,3 +229,62 @@ def test_nothing_from_a_transform_is_held_after_its_call():
     torch.func.functional_call(ours, given, (X(4, 2, 3),))
     held = ours._kept_weights or []
     assert not any(any(w is g for g in given.values()) for w in held)
+
+
+STEP_CHANGES = ["optimizer step", "in place through .data", "new Parameter", "dtype round trip",
+                "parametrization", "functional_call"]
+
+
+@pytest.mark.parametrize("how", STEP_CHANGES)
+@pytest.mark.parametrize("cls", ["LSTM", "LSTMCell"])
+def test_step_by_step_calls_see_every_weight_change(cls, how):
+    """Calls of one step at a time (what streaming and decoders do), with the weights changed
+    between them in each way a user changes them: every call computes with the weights of that
+    moment. (Nothing derived from the weights is kept between calls; a .data change bumps no
+    version counter, so a kept copy would have missed it.)"""
+    reference, ours = pair() if cls == "LSTM" else cell_pair()
+    x = X(1, 2, 3) if cls == "LSTM" else X(2, 3)
+    hidden = "weight_hh_l0" if cls == "LSTM" else "weight_hh"
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (reference, ours)]
+    for step in range(3):
+        given = None
+        for module, optimizer in zip((reference, ours), optimizers):
+            if how == "optimizer step":
+                optimizer.zero_grad()
+                run(module, x)[1].backward()
+                optimizer.step()
+            elif how == "in place through .data":
+                getattr(module, hidden).data.mul_(0.5)
+            elif how == "new Parameter":
+                setattr(module, hidden, nn.Parameter(getattr(module, hidden).detach() + 0.1))
+            elif how == "dtype round trip":
+                module.float().double()
+            elif how == "parametrization" and step == 0:
+                parametrize.register_parametrization(module, hidden, Halve())
+            elif how == "functional_call":
+                given = {k: v * (step + 2) for k, v in reference.state_dict().items()}
+        if given is not None:
+            expected = torch.func.functional_call(reference, given, (x,))
+            actual = torch.func.functional_call(ours, given, (x,))
+        else:
+            expected, actual = reference(x), ours(x)
+        torch.testing.assert_close(actual, expected, **TOL)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "LSTMCell"])
+def test_threads_calling_one_module(cls):
+    """Several threads calling one module at once: each gets what a call alone gives."""
+    import concurrent.futures
+
+    _, ours = pair() if cls == "LSTM" else cell_pair()
+    inputs = [X(1, 2, 3) if cls == "LSTM" else X(2, 3) for _ in range(8)]
+    expected = [ours(x) for x in inputs]
+
+    def call(i):
+        return [ours(inputs[i]) for _ in range(20)]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(call, range(len(inputs))))
+    for i, outputs in enumerate(results):
+        for output in outputs:
+            torch.testing.assert_close(output, expected[i], rtol=0, atol=0)
