@@ -113,7 +113,8 @@ def extensions():
           f"MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')}")
 
-    sources = ["csrc/lstm.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/lstm.cpp", "csrc/autograd.cpp", "csrc/autocast.cpp"] + sorted(
+        glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
     define = [f'-DLSTM_EXT_TORCH_VERSION="{TORCH_VERSION}"']
     # -fopenmp: at::parallel_for is inline in ATen's headers and runs serially unless the extension

@@ -14,6 +14,7 @@ A shape is T,B,I,H[,layers[,bi]].
 """
 
 import argparse
+import contextlib
 import csv
 import os
 import platform
@@ -76,29 +77,41 @@ def flops(T, B, I, H, layers, bidirectional, backward):
     return forward * (3 if backward else 1)
 
 
-class Case:
-    """One shape's models and inputs; run(model) does one timed unit of work."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    def __init__(self, T, B, I, H, layers, bidirectional, device, backward):
+
+class Case:
+    """One shape's models and inputs; run(model) does one timed unit of work. dtype: the models'
+    and inputs' dtype; autocast: float32 models and inputs run under torch.autocast(device,
+    autocast) instead (the low-precision training of a float32 model)."""
+
+    def __init__(self, T, B, I, H, layers, bidirectional, device, backward, dtype="float32",
+                 autocast=None):
         torch.manual_seed(0)
         options = dict(num_layers=layers, bidirectional=bidirectional, device=device)
         self.reference = torch.nn.LSTM(I, H, **options)
         self.ours = lstm_ext.LSTM(I, H, **options)
         self.ours.load_state_dict(self.reference.state_dict())
-        self.x = torch.randn(T, B, I, device=device)
+        self.reference.to(DTYPES[dtype])
+        self.ours.to(DTYPES[dtype])
+        self.x = torch.randn(T, B, I, device=device, dtype=DTYPES[dtype])
         d = 2 if bidirectional else 1
-        self.grads = (torch.randn(T, B, d * H, device=device),
-                      torch.randn(layers * d, B, H, device=device),
-                      torch.randn(layers * d, B, H, device=device))
+        grad_dtype = DTYPES[autocast] if autocast else DTYPES[dtype]  # the outputs' dtype
+        self.grads = (torch.randn(T, B, d * H, device=device, dtype=grad_dtype),
+                      torch.randn(layers * d, B, H, device=device, dtype=grad_dtype),
+                      torch.randn(layers * d, B, H, device=device, dtype=grad_dtype))
         self.backward = backward
+        self.autocast = (torch.autocast(device, dtype=DTYPES[autocast]) if autocast
+                         else contextlib.nullcontext())
 
     def run(self, model):
-        if self.backward:
-            out, (h, c) = model(self.x)
-            torch.autograd.backward((out, h, c), self.grads)
-        else:
-            with torch.no_grad():
-                model(self.x)
+        with self.autocast:
+            if self.backward:
+                out, (h, c) = model(self.x)
+                torch.autograd.backward((out, h, c), self.grads)
+            else:
+                with torch.no_grad():
+                    model(self.x)
 
 
 def make_timer(device):
@@ -158,6 +171,10 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=2.0, help="time per shape and mode")
     parser.add_argument("--modes", nargs="+", choices=["forward", "fwd+bwd"],
                         default=["forward", "fwd+bwd"])
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="the models' and inputs' dtype (default: %(default)s)")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"],
+                        help="float32 models and inputs under torch.autocast to this dtype")
     parser.add_argument("--memory", action="store_true", help="also report peak memory (CPU)")
     parser.add_argument("--csv", help="write the table as CSV")
     parser.add_argument("--plot", help="plot speedup per shape to this PNG (from the table)")
@@ -165,6 +182,8 @@ def main(argv=None):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.autocast and args.dtype != "float32":
+        parser.error("--autocast runs float32 models: use it without --dtype")
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
@@ -174,10 +193,11 @@ def main(argv=None):
     timed = make_timer(args.device)
 
     device_name = (torch.cuda.get_device_name() if args.device == "cuda" else machine_name())
+    precision = f"autocast {args.autocast}" if args.autocast else args.dtype
     print(f"# {device_name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"lstm_ext {lstm_ext.__version__} {lstm_ext.build_info}")
-    header = ["T", "B", "I", "H", "layers", "bidirectional", "mode", "nn_lstm_ms", "lstm_ext_ms",
-              "speedup", "lstm_ext_gflops", "rounds"]
+          f"{precision}; lstm_ext {lstm_ext.__version__} {lstm_ext.build_info}")
+    header = ["T", "B", "I", "H", "layers", "bidirectional", "mode", "precision", "nn_lstm_ms",
+              "lstm_ext_ms", "speedup", "lstm_ext_gflops", "rounds"]
     if args.memory:
         header += ["nn_lstm_peak_mb", "lstm_ext_peak_mb"]
     print(f"{'shape (T,B,I,H)':<26} {'mode':<8} {'nn.LSTM ms':>11} {'lstm_ext ms':>12} "
@@ -185,11 +205,12 @@ def main(argv=None):
     rows = []
     for shape in shapes:
         for mode in args.modes:
-            case = Case(*shape, args.device, backward=(mode == "fwd+bwd"))
+            case = Case(*shape, args.device, backward=(mode == "fwd+bwd"), dtype=args.dtype,
+                        autocast=args.autocast)
             theirs, ours, rounds = measure(case, timed, seconds, max_rounds, warmup)
             gflops = flops(*shape, case.backward) / ours / 1e9
-            row = dict(zip(header, [*shape, mode, theirs * 1e3, ours * 1e3, theirs / ours, gflops,
-                                    rounds]))
+            row = dict(zip(header, [*shape, mode, precision, theirs * 1e3, ours * 1e3,
+                                    theirs / ours, gflops, rounds]))
             line = (f"{shape_label(shape):<26} {mode:<8} {theirs * 1e3:>11.3f} {ours * 1e3:>12.3f} "
                     f"{theirs / ours:>7.2f}x {gflops:>8.1f}")
             if args.memory and args.device == "cpu":
@@ -207,7 +228,7 @@ def main(argv=None):
             writer.writerows(rows)
     if args.plot:
         plot(rows, args.plot, f"lstm_ext vs nn.LSTM, {device_name}, "
-                              f"{torch.get_num_threads()} threads")
+                              f"{torch.get_num_threads()} threads, {precision}")
     return rows
 
 

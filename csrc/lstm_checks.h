@@ -65,8 +65,25 @@ inline void check_state_device(const char* op, const at::Tensor& input, const at
 }
 
 inline void check_floating(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t.scalar_type());
+  const at::ScalarType type = t.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kBFloat16 ||
+                  type == at::kHalf,
+              op, ": ", name, " must be float32, float64, bfloat16 or float16, got ", type);
+}
+
+// The dtype of the activated gates and cell states a forward keeps for its backward: float32 for
+// bfloat16 / float16 layers (which compute their gates in float32), else the weights' dtype.
+inline at::ScalarType kept_state_dtype(at::ScalarType weight) {
+  return weight == at::kBFloat16 || weight == at::kHalf ? at::kFloat : weight;
+}
+
+inline void check_kept_state(const char* op, const at::Tensor& weight_ih, const at::Tensor& t,
+                             const char* name) {
+  TORCH_CHECK(t.scalar_type() == kept_state_dtype(weight_ih.scalar_type()), op, ": ", name,
+              " has dtype ", t.scalar_type(), " but a forward with ", weight_ih.scalar_type(),
+              " weights keeps ", kept_state_dtype(weight_ih.scalar_type()));
+  TORCH_CHECK(t.device() == weight_ih.device(), op, ": ", name, " is on ", t.device(),
+              " but weight_ih is on ", weight_ih.device());
 }
 
 // The BLAS interface takes 32-bit dimensions.
@@ -213,8 +230,8 @@ inline LayerSizes check_layer_backward_inputs(
                      : "[T, B, H] (saved by lstm_layer_forward with keep_state=True)",
               per_step_shape(s, packed, s.H));
   check_same_dtype_device(op, weight_ih, "weight_ih", output, "output");
-  check_same_dtype_device(op, weight_ih, "weight_ih", gates, "gates");
-  check_same_dtype_device(op, weight_ih, "weight_ih", cells, "cells");
+  check_kept_state(op, weight_ih, gates, "gates");
+  check_kept_state(op, weight_ih, cells, "cells");
   check_optional_grad(op, grad_output, "grad_output", rows_h, per_step_shape(s, packed, s.P),
                       weight_ih);
   check_optional_grad(op, grad_h_n, "grad_h_n", "[B, P]", {s.B, s.P}, weight_ih);
@@ -257,7 +274,7 @@ inline LayerSizes check_cell_backward_inputs(
   check_shape(op, cy, "cy", "[B, H]", {s.B, s.H});
   check_shape(op, gates, "gates", "[B, 4*H] (saved by lstm_cell_forward)", {s.B, 4 * s.H});
   check_same_dtype_device(op, weight_ih, "weight_ih", cy, "cy");
-  check_same_dtype_device(op, weight_ih, "weight_ih", gates, "gates");
+  check_kept_state(op, weight_ih, gates, "gates");
   check_optional_grad(op, grad_hy, "grad_hy", "[B, H]", {s.B, s.H}, weight_ih);
   check_optional_grad(op, grad_cy, "grad_cy", "[B, H]", {s.B, s.H}, weight_ih);
   return s;

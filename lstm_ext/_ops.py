@@ -56,6 +56,13 @@ _ops = torch.ops.lstm_ext
 # ---- fake kernels: shapes only, for torch.compile / opcheck / meta tensors ----------------------
 
 
+def _kept_dtype(t: Tensor) -> torch.dtype:
+    """The dtype of the gates and cell states a forward keeps: float32 for bfloat16 / float16
+    layers (csrc/lstm_checks.h, kept_state_dtype), else the layer's own."""
+    return torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
+
+
+
 @torch.library.register_fake("lstm_ext::lstm")
 def _lstm_fake(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
                bidirectional, batch_sizes):
@@ -93,7 +100,8 @@ def _(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, t
         for _direction in range(directions):
             if directions == 2 or layer < num_layers - 1:
                 saved.append(input.new_empty(rows + (P,)))
-            saved += [input.new_empty(rows + (4 * H,)), input.new_empty(rows + (H,))]
+            saved += [input.new_empty(rows + (4 * H,), dtype=_kept_dtype(input)),
+                      input.new_empty(rows + (H,), dtype=_kept_dtype(input))]
     return output, h_n, c_n, saved
 
 
@@ -129,7 +137,8 @@ def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_si
     H, P = weight_hh.shape[0] // 4, weight_hh.shape[1]
     B = h0.shape[0]
     return (input.new_empty(rows + (P,)), input.new_empty(B, P), input.new_empty(B, H),
-            input.new_empty(kept + (4 * H,)), input.new_empty(kept + (H,)))
+            input.new_empty(kept + (4 * H,), dtype=_kept_dtype(input)),
+            input.new_empty(kept + (H,), dtype=_kept_dtype(input)))
 
 
 @torch.library.register_fake("lstm_ext::lstm_layer_backward")
@@ -151,7 +160,8 @@ def _(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weig
 def _(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh):
     B = input.shape[0]
     H = weight_hh.shape[1]
-    return input.new_empty(B, H), input.new_empty(B, H), input.new_empty(B, 4 * H)
+    return (input.new_empty(B, H), input.new_empty(B, H),
+            input.new_empty(B, 4 * H, dtype=_kept_dtype(input)))
 
 
 @torch.library.register_fake("lstm_ext::lstm_cell_backward")

@@ -47,9 +47,10 @@ def _dtype_error(owner: str, what: str, got: torch.dtype, expected: torch.dtype,
 
 
 def _check_input_dtype(owner: str, input: Tensor, weight: Tensor) -> None:
-    """The input has the weights' dtype (nn.LSTM's check). That the weights share one dtype and
-    device, and the input's device, the op checks (in nn's words where nn has some)."""
-    if input.dtype != weight.dtype:
+    """The input has the weights' dtype (nn.LSTM's check, which it skips under torch.autocast:
+    the op's autocast kernel casts them alike). That the weights share one dtype and device, and
+    the input's device, the op checks (in nn's words where nn has some)."""
+    if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
         advice = f"Convert input: input.to({weight.dtype}), " + (
             f"or convert model: model.to({input.dtype})" if input.is_floating_point() else
             f"({owner} computes in floating point)")
@@ -57,8 +58,9 @@ def _check_input_dtype(owner: str, input: Tensor, weight: Tensor) -> None:
 
 
 def _check_state_dtype(owner: str, name: str, state: Tensor, input: Tensor) -> None:
-    """A state has the input's dtype. (Its device the op checks, in nn's words.)"""
-    if state.dtype != input.dtype:
+    """A state has the input's dtype, outside torch.autocast. (Its device the op checks, in nn's
+    words.)"""
+    if state.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
         if owner == "lstm_ext.LSTMCell":
             raise _dtype_error(owner, name, state.dtype, input.dtype,
                                f"Convert it: {name.split()[0]}.to({input.dtype})")

@@ -233,7 +233,7 @@ def test_op_layer_forward_checks(index, bad, match):
 
 def test_op_integer_weights():
     args = [a.long() for a in layer_args()]
-    with pytest.raises(RuntimeError, match=r"weight_ih must be float32 or float64, got Long"):
+    with pytest.raises(RuntimeError, match=r"weight_ih must be float32, float64, bfloat16 or float16, got Long"):
         _ops.lstm_layer_forward(*args, None, None, False, True)
 
 

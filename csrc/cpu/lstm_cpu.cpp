@@ -24,10 +24,10 @@
 
 #include "../lstm_checks.h"
 #include "../lstm_steps.h"
-#include "../lstm_math.h"
 #include "blas.h"
-#include "vec_math.h"
-#include "vml.h"
+#include "gates.h"
+#include "layer_common.h"
+#include "lowp.h"
 
 namespace lstm_ext {
 namespace cpu {
@@ -35,40 +35,6 @@ namespace {
 
 using at::Tensor;
 using c10::optional;
-
-// Batch rows are independent through the whole sequence (row b of step t reads only row b of the
-// state), so threads split the batch and each runs every step on its own rows: no synchronisation
-// per step. (Threading each step's small GEMM instead cost a fork/join per step.) A slice gets at
-// least this many multiply-adds of recurrent GEMM per step, or the split is not worth a thread.
-constexpr int64_t kMinStepMacsPerThread = 1 << 15;
-
-// Below this many multiply-adds a step's GEMMs run on one thread: MKL would otherwise hand even a
-// [1, 128] x [128, 512] product to its threads, and the fork/join per step costs more than it saves.
-constexpr int64_t kMinThreadedStepMacs = 1 << 20;
-
-int64_t step_macs_per_row(const LayerSizes& s) {
-  return 4 * s.H * s.P + (s.P != s.H ? s.P * s.H : 0);
-}
-
-int64_t batch_slice_grain(const LayerSizes& s) {
-  return std::max<int64_t>(1, kMinStepMacsPerThread / std::max<int64_t>(step_macs_per_row(s), 1));
-}
-
-// Whether the batch is large enough to split over threads (with more than one thread).
-bool batch_is_split(const LayerSizes& s) { return s.B > batch_slice_grain(s); }
-
-// Runs body(b0, b1) over slices of the batch [0, B), in parallel when a step has enough work.
-template <typename F>
-void for_each_batch_slice(const LayerSizes& s, const F& body) {
-  const int64_t macs_per_row = step_macs_per_row(s);
-  if (!batch_is_split(s) || at::get_num_threads() == 1) {
-    // One slice: the whole batch on this thread (inside an OpenMP region MKL runs serially anyway).
-    MklThreadsOnThisThread single(s.B * macs_per_row < kMinThreadedStepMacs ? 1 : 0);
-    body(int64_t(0), s.B);
-    return;
-  }
-  at::parallel_for(0, s.B, batch_slice_grain(s), body);
-}
 
 // How many chunks of steps the backward hands to a second thread for their weight gradients
 // while the first runs the recurrence (1: no such pipeline). When the weight gradients are enough
@@ -122,189 +88,6 @@ inline void wait_until_at_least(const std::atomic<int64_t>& counter, int64_t tar
       std::this_thread::yield();
     }
   }
-}
-
-// The gate pass of one forward step over B rows and the hidden units [j0, j1), generic version
-// (float64, and float32 where the fused pass below is not used): transcendentals through
-// whole-block vector calls (MKL VML), the rest plain arithmetic.
-//   z [B, 4H] in: x W_ih^T + h_{t-1} W_hh^T (no bias yet); out: activated gates i, f, g, o
-//   bias [4H] (b_ih + b_hh, zeros without bias); c [B, H] in: c_{t-1}, out: c_t
-//   r [B, H] out: o ⊙ tanh(c_t) (h_t, before any projection); exp_neg [B, 4H] scratch
-// (Only units [j0, j1) of each are read or written: threads may share a step by units.)
-template <typename T>
-void gates_forward(int64_t B, int64_t H, int64_t j0, int64_t j1, T* z, const T* bias, T* c, T* r,
-                   T* exp_neg) {
-  const int64_t G = 4 * H, units = j1 - j0;
-  const bool whole = j0 == 0 && j1 == H;  // every unit: a few calls over whole blocks
-  for (int64_t b = 0; b < B; ++b) {
-    T* __restrict__ zb = z + b * G;
-    T* __restrict__ eb = exp_neg + b * G;
-    for (int64_t gate = 0; gate < 4; ++gate) {
-      for (int64_t k = gate * H + j0; k < gate * H + j1; ++k) {
-        zb[k] += bias[k];
-        eb[k] = -zb[k];
-      }
-    }
-  }
-  // e^{-z}: σ(z) = 1 / (1 + e^{-z}) for i, f, o; g = tanh(z_g), in place
-  if (whole) {
-    vector_exp(B * G, exp_neg, exp_neg);
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    if (!whole) {
-      for (int64_t gate : {0, 1, 3}) {
-        T* e = exp_neg + b * G + gate * H + j0;
-        vector_exp(units, e, e);
-      }
-    }
-    vector_tanh(units, z + b * G + 2 * H + j0, z + b * G + 2 * H + j0);
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    T* __restrict__ a = z + b * G;
-    const T* __restrict__ e = exp_neg + b * G;
-    T* __restrict__ cb = c + b * H;
-    for (int64_t j = j0; j < j1; ++j) {
-      const T i = sigmoid_from_exp_neg(e[j]);
-      const T f = sigmoid_from_exp_neg(e[H + j]);
-      const T o = sigmoid_from_exp_neg(e[3 * H + j]);
-      a[j] = i;
-      a[H + j] = f;
-      a[3 * H + j] = o;
-      cb[j] = next_cell(i, f, a[2 * H + j], cb[j]);
-    }
-  }
-  if (whole) {
-    vector_tanh(B * H, c, r);  // tanh(c_t), then r = o ⊙ tanh(c_t)
-  } else {
-    for (int64_t b = 0; b < B; ++b) {
-      vector_tanh(units, c + b * H + j0, r + b * H + j0);
-    }
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    const T* __restrict__ o = z + b * G + 3 * H;
-    T* __restrict__ rb = r + b * H;
-    for (int64_t j = j0; j < j1; ++j) {
-      rb[j] *= o[j];
-    }
-  }
-}
-
-// float32: the same pass fused into one loop, with inline vectorisable exp and tanh.
-LSTM_EXT_TARGET_CLONES
-void gates_forward_fused(int64_t B, int64_t H, int64_t j0, int64_t j1, float* z, const float* bias,
-                         float* c, float* r) {
-  const int64_t G = 4 * H;
-  for (int64_t b = 0; b < B; ++b) {
-    float* __restrict__ a = z + b * G;
-    float* __restrict__ cb = c + b * H;
-    float* __restrict__ rb = r + b * H;
-    const float* __restrict__ bi = bias;
-    // a[j], a[H + j], ... never overlap for j < H, which GCC cannot prove: without this it does
-    // not vectorise.
-#pragma GCC ivdep
-    for (int64_t j = j0; j < j1; ++j) {
-      const float i = sigmoid_f32(a[j] + bi[j]);
-      const float f = sigmoid_f32(a[H + j] + bi[H + j]);
-      const float g = tanh_f32(a[2 * H + j] + bi[2 * H + j]);
-      const float o = sigmoid_f32(a[3 * H + j] + bi[3 * H + j]);
-      const float c_t = next_cell(i, f, g, cb[j]);
-      a[j] = i;
-      a[H + j] = f;
-      a[2 * H + j] = g;
-      a[3 * H + j] = o;
-      cb[j] = c_t;
-      rb[j] = o * tanh_f32(c_t);
-    }
-  }
-}
-
-// Overload resolution picks this for float32 (an exact match beats the template).
-inline void gates_forward(int64_t B, int64_t H, int64_t j0, int64_t j1, float* z,
-                          const float* bias, float* c, float* r, float* /*exp_neg: not needed*/) {
-  gates_forward_fused(B, H, j0, j1, z, bias, c, r);
-}
-
-// The gate pass of one backward step over B rows, generic version (float64): tanh(c_t) through a
-// whole-block vector call, then the gradient arithmetic.
-//   gates [B, 4H] activated gates; cells [B, H] c_t; c_prev: rows r < n_prev from c_prev_rows,
-//   the others from c0_rows (the row started this step from c0); dr [B, H] dL/d(o ⊙ tanh c_t);
-//   dc [B, H] in: dL/dc_t from the next step, out: dL/dc_{t-1}; dgates [B, 4H] out;
-//   db [4H] in/out: dgates' column sums are added to it (the bias gradient, summed while the
-//   values are in registers: a later pass over all of dG cost 4% of forward+backward at
-//   (100, 32, 64, 128), 3% at (200, 8, 32, 64); this costs about 1%);
-//   r [B, H] out: o ⊙ tanh(c_t) (for dW_hr), or null; tanh_c [B, H] scratch
-template <typename T>
-void gates_backward(int64_t B, int64_t H, const T* gates, const T* cells, const T* c_prev_rows,
-                    const T* c0_rows, int64_t n_prev, const T* dr, T* dc, T* dgates, T* db, T* r,
-                    T* tanh_c) {
-  const int64_t G = 4 * H;
-  vector_tanh(B * H, cells, tanh_c);
-  for (int64_t b = 0; b < B; ++b) {
-    const T* __restrict__ a = gates + b * G;
-    T* __restrict__ d = dgates + b * G;
-    const T* __restrict__ tc = tanh_c + b * H;
-    const T* __restrict__ cp = b < n_prev ? c_prev_rows + b * H : c0_rows + b * H;
-    const T* __restrict__ drb = dr + b * H;
-    T* __restrict__ dcb = dc + b * H;
-    T* __restrict__ dbb = db;
-    for (int64_t j = 0; j < H; ++j) {
-      dcb[j] = cell_backward(a[j], a[H + j], a[2 * H + j], a[3 * H + j], cp[j], tc[j], drb[j],
-                             dcb[j], &d[j], &d[H + j], &d[2 * H + j], &d[3 * H + j]);
-    }
-    for (int64_t j = 0; j < G; ++j) {
-      dbb[j] += d[j];
-    }
-    if (r) {
-      for (int64_t j = 0; j < H; ++j) {
-        r[b * H + j] = a[3 * H + j] * tc[j];
-      }
-    }
-  }
-}
-
-// float32: the same pass fused into one loop, tanh(c_t) inline.
-LSTM_EXT_TARGET_CLONES
-void gates_backward_fused(int64_t B, int64_t H, const float* gates, const float* cells,
-                          const float* c_prev_rows, const float* c0_rows, int64_t n_prev,
-                          const float* dr, float* dc, float* dgates, float* db, float* r) {
-  const int64_t G = 4 * H;
-  for (int64_t b = 0; b < B; ++b) {
-    const float* __restrict__ a = gates + b * G;
-    float* __restrict__ d = dgates + b * G;
-    const float* __restrict__ cb = cells + b * H;
-    const float* __restrict__ cp = b < n_prev ? c_prev_rows + b * H : c0_rows + b * H;
-    const float* __restrict__ drb = dr + b * H;
-    float* __restrict__ dcb = dc + b * H;
-    float* __restrict__ dbb = db;
-#pragma GCC ivdep
-    for (int64_t j = 0; j < H; ++j) {
-      const float tc = tanh_f32(cb[j]);
-      float di, df, dg, dout;
-      dcb[j] = cell_backward(a[j], a[H + j], a[2 * H + j], a[3 * H + j], cp[j], tc, drb[j],
-                             dcb[j], &di, &df, &dg, &dout);
-      d[j] = di;
-      d[H + j] = df;
-      d[2 * H + j] = dg;
-      d[3 * H + j] = dout;
-      dbb[j] += di;
-      dbb[H + j] += df;
-      dbb[2 * H + j] += dg;
-      dbb[3 * H + j] += dout;
-    }
-    if (r) {
-      float* __restrict__ rb = r + b * H;
-      for (int64_t j = 0; j < H; ++j) {
-        rb[j] = a[3 * H + j] * tanh_f32(cb[j]);
-      }
-    }
-  }
-}
-
-inline void gates_backward(int64_t B, int64_t H, const float* gates, const float* cells,
-                           const float* c_prev_rows, const float* c0_rows, int64_t n_prev,
-                           const float* dr, float* dc, float* dgates, float* db, float* r,
-                           float* /*tanh_c: not needed*/) {
-  gates_backward_fused(B, H, gates, cells, c_prev_rows, c0_rows, n_prev, dr, dc, dgates, db, r);
 }
 
 // Forward of one layer over all steps.
@@ -660,79 +443,6 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
 }
 
 
-template <typename T>
-T* data_or_null(const optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
-}
-
-optional<Tensor> contiguous_or_none(const optional<Tensor>& t) {
-  if (t.has_value() && t->defined()) {
-    return t->contiguous();
-  }
-  return c10::nullopt;
-}
-
-// The per-call preparation runs for every call, so at small sizes it must cost little: one
-// allocation for all scratch buffers, and transposes / bias sums as plain loops, not ATen calls
-// (each of which costs about a microsecond of dispatch).
-
-// Gate values the forward projects at once (a chunk of steps): 2^20 floats is 4 MB, large enough
-// that the chunk's input-projection GEMM stays efficient, small enough to stay in cache.
-constexpr int64_t kChunkElements = 1 << 20;
-
-// Hands out consecutive pieces of one allocation.
-template <typename T>
-class Workspace {
- public:
-  Workspace(int64_t elements, const at::TensorOptions& options)
-      : buffer_(at::empty({elements}, options)), next_(buffer_.data_ptr<T>()) {}
-  T* take(int64_t elements) {
-    T* piece = next_;
-    next_ += elements;
-    return piece;
-  }
-
- private:
-  Tensor buffer_;
-  T* next_;
-};
-
-// dst [cols, rows] (contiguous) = src^T, for a 2-D src [rows, cols] with any strides; in tiles,
-// so that both sides stay in cache.
-template <typename T>
-void transpose_into(const Tensor& src, T* dst) {
-  const int64_t rows = src.size(0), cols = src.size(1);
-  const int64_t rs = src.stride(0), cs = src.stride(1);
-  const T* p = src.data_ptr<T>();
-  constexpr int64_t tile = 32;
-  for (int64_t r0 = 0; r0 < rows; r0 += tile) {
-    for (int64_t c0 = 0; c0 < cols; c0 += tile) {
-      const int64_t r1 = std::min(rows, r0 + tile), c1 = std::min(cols, c0 + tile);
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t r = r0; r < r1; ++r) {
-          dst[c * rows + r] = p[r * rs + c * cs];
-        }
-      }
-    }
-  }
-}
-
-// dst [4H] = b_ih + b_hh, or zeros without bias (the gate pass always adds one).
-template <typename T>
-void combined_bias_into(const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
-                        int64_t G, T* dst) {
-  if (!bias_ih.has_value()) {
-    std::fill(dst, dst + G, T(0));
-    return;
-  }
-  const T* a = bias_ih->data_ptr<T>();
-  const T* b = bias_hh->data_ptr<T>();
-  const int64_t sa = bias_ih->stride(0), sb = bias_hh->stride(0);
-  for (int64_t k = 0; k < G; ++k) {
-    dst[k] = a[k * sa] + b[k * sb];
-  }
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& weight_hh, const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
@@ -743,6 +453,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
                                           bias_hh, weight_hr, batch_sizes);
   const bool packed = batch_sizes.has_value();
   const Steps steps(s, batch_sizes);
+  if (is_low_precision(input.scalar_type())) {
+    return layer_forward_lowp(s, steps, packed, input, h0, c0, weight_ih, weight_hh, bias_ih,
+                              bias_hh, weight_hr, reverse, keep_state);
+  }
   const auto x = input.expect_contiguous(), h0c = h0.expect_contiguous(),
              c0c = c0.expect_contiguous(), w_ih = weight_ih.expect_contiguous();
   const auto opts = input.options();
@@ -829,6 +543,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   const Steps steps(s, batch_sizes);
   const auto dy = contiguous_or_none(grad_output), dh_n = contiguous_or_none(grad_h_n),
              dc_n = contiguous_or_none(grad_c_n);
+  if (is_low_precision(input.scalar_type())) {
+    return layer_backward_lowp(s, steps, dy ? &*dy : nullptr, dh_n ? &*dh_n : nullptr,
+                               dc_n ? &*dc_n : nullptr, input, h0, c0, weight_ih, weight_hh,
+                               weight_hr, reverse, output, gates, cells, need_grad_input);
+  }
   const auto x = input.expect_contiguous(), h0c = h0.expect_contiguous(),
              c0c = c0.expect_contiguous(), w_ih = weight_ih.expect_contiguous(),
              w_hh = weight_hh.expect_contiguous(), y = output.expect_contiguous(),
@@ -885,6 +604,12 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
   constexpr const char* op = "lstm_ext::lstm_cell_forward";
   const LayerSizes s = check_cell_inputs(op, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
   const Steps steps(s, c10::nullopt);
+  if (is_low_precision(input.scalar_type())) {  // one step of the layer kernel
+    auto [hy, h_n, cy, gates, cells] =
+        layer_forward_lowp(s, steps, false, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+                           c10::nullopt, false, /*keep_state=*/true);
+    return {hy.view({s.B, s.H}), cy, gates.view({s.B, 4 * s.H})};
+  }
   const auto x = input.expect_contiguous(), hxc = hx.expect_contiguous(),
              cxc = cx.expect_contiguous(), w_ih = weight_ih.expect_contiguous();
   const auto opts = input.options();
@@ -933,6 +658,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
 
   const Steps steps(s, c10::nullopt);
   const auto dhy = contiguous_or_none(grad_hy), dcy = contiguous_or_none(grad_cy);
+  if (is_low_precision(input.scalar_type())) {
+    // One step of the layer kernel: its kept cell state is cy (in float32); the forward's output
+    // is never read with one step (every row's previous h is hx), so hx stands in for it.
+    auto [grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, unused] =
+        layer_backward_lowp(s, steps, dhy ? &*dhy : nullptr, nullptr, dcy ? &*dcy : nullptr,
+                            input, hx, cx, weight_ih, weight_hh, c10::nullopt, false, hx, gates,
+                            cy.to(at::kFloat), need_grad_input);
+    return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
+  }
   const auto x = input.expect_contiguous(), hxc = hx.expect_contiguous(),
              cxc = cx.expect_contiguous(), w_ih = weight_ih.expect_contiguous(),
              w_hh = weight_hh.expect_contiguous(), cy_c = cy.expect_contiguous(),
