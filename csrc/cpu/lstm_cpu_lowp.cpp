@@ -103,7 +103,8 @@ class PackedWeight {
     }
   }
 
-  // C[M, N] (+)= A[M, K] @ B. The caller releases the micro-kernel's state (release()) when done.
+  // C[M, N] (+)= A[M, K] @ B. The caller releases the micro-kernel's state (release()) when done,
+  // and before any other code that uses the AMX tiles (MKL's GEMMs) runs on the thread.
   void multiply(int64_t M, const S* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const {
     if (M == 0) {
       return;
@@ -183,6 +184,11 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
       S* r_rows = r_lowp + b0 * H;
       float* y_rows = y_float + b0 * P;
       to_lowp(r_t, r_rows, n * H);
+      if (w_packed) {
+        // MKL's GEMM configures the AMX tiles its own way: the micro-kernel must set its
+        // configuration again afterwards, or its next tile instruction faults.
+        PackedWeight<S>::release();
+      }
       gemm_lowp<S>(false, true, n, P, H, r_rows, H, w_hr, H, 0.f, y_rows, P);
       to_lowp(y_rows, y_t, n * P);
     } else {
@@ -281,6 +287,9 @@ void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool rev
       if (w_hr) {
         S* dh_rows = dh_all + row * P;
         to_lowp(dh_state, dh_rows, n * P);
+        if (w_hh_packed) {
+          PackedWeight<S>::release();  // MKL's GEMM sets the AMX tiles its own way
+        }
         gemm_lowp<S>(false, false, n, H, P, dh_rows, P, w_hr, H, 0.f, dr + b0 * H, H);
         dr_rows = dr + b0 * H;
       }
