@@ -3,6 +3,7 @@
     python -m lstm_ext.sincos                  # train on lstm_ext.LSTM, write sincos.png
     python -m lstm_ext.sincos --compare        # lstm_ext vs torch.nn.LSTM from the same start
     lstm-sincos --backend torch --no-plot      # the same model on torch.nn.LSTM
+    lstm-sincos --dtype bfloat16 --compare     # the model in bfloat16 (or --autocast bfloat16)
 
 The seed's setup: 200 points over t in [0, 12*pi], input sin(t), target cos(t); the first half
 trains, reshaped to [20, 5, 1] ([T, B, 1]) as the seed does, the second half tests. Model
@@ -53,11 +54,11 @@ class Dataset:
     cos: np.ndarray  # [200] float32
     split: int  # index of the first test point
 
-    def tensors(self, part: str, device):
+    def tensors(self, part: str, device, dtype=torch.float32):
         """(x, y), each [T, B, 1] as the seed reshapes them."""
         rows = slice(0, self.split) if part == "train" else slice(self.split, None)
-        x = torch.from_numpy(self.sin[rows].reshape(-1, BATCH, 1)).to(device)
-        y = torch.from_numpy(self.cos[rows].reshape(-1, BATCH, 1)).to(device)
+        x = torch.from_numpy(self.sin[rows].reshape(-1, BATCH, 1)).to(device, dtype)
+        y = torch.from_numpy(self.cos[rows].reshape(-1, BATCH, 1)).to(device, dtype)
         return x, y
 
 
@@ -104,19 +105,36 @@ class Progress:
             print()
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def precision(model: SinCosModel, args):
+    """The model's dtype, and the autocast region its forward runs in (a no-op without
+    --autocast)."""
+    parameter = next(model.parameters())
+    region = torch.autocast(parameter.device.type, dtype=DTYPES[args.autocast or "bfloat16"],
+                            enabled=args.autocast is not None)
+    return parameter.dtype, region
+
+
 def train(model: SinCosModel, data: Dataset, args, backend: str) -> Tuple[Result, List[float]]:
     """Train as the seed does; return the summary and the training loss of every epoch."""
     device = next(model.parameters()).device
-    x, y = data.tensors("train", device)
+    dtype, autocast = precision(model, args)
+    x, y = data.tensors("train", device, dtype)
     loss_fn = nn.MSELoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # Adam's default eps (1e-8) is 0 in float16, and its update then divides by zero.
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr,
+                                 eps=1e-4 if dtype == torch.float16 else 1e-8)
     progress = Progress(BACKEND_NAMES[backend], args.quiet)
     losses = []
     start = time.perf_counter()
     epoch = 0
     loss_value = math.inf
     for epoch in range(1, args.epochs + 1):
-        loss = loss_fn(model(x), y)
+        with autocast:
+            prediction = model(x)
+        loss = loss_fn(prediction.float(), y.float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -127,18 +145,21 @@ def train(model: SinCosModel, data: Dataset, args, backend: str) -> Tuple[Result
         progress.update(epoch, args.epochs, loss_value)
     seconds = time.perf_counter() - start
     progress.close(epoch, args.epochs, loss_value)
-    return Result(backend, epoch, loss_value, evaluate(model, data), seconds), losses
+    return Result(backend, epoch, loss_value, evaluate(model, data, args), seconds), losses
 
 
 @torch.no_grad()
-def predict(model: SinCosModel, data: Dataset, part: str) -> np.ndarray:
+def predict(model: SinCosModel, data: Dataset, part: str, args) -> np.ndarray:
     device = next(model.parameters()).device
-    x, _ = data.tensors(part, device)
-    return model.eval()(x).view(-1).cpu().numpy()
+    dtype, autocast = precision(model, args)
+    x, _ = data.tensors(part, device, dtype)
+    with autocast:
+        prediction = model.eval()(x)
+    return prediction.view(-1).float().cpu().numpy()
 
 
-def evaluate(model: SinCosModel, data: Dataset) -> float:
-    prediction = predict(model, data, "test")
+def evaluate(model: SinCosModel, data: Dataset, args) -> float:
+    prediction = predict(model, data, "test", args)
     model.train()
     return float(np.mean((prediction - data.cos[data.split:]) ** 2))
 
@@ -188,7 +209,7 @@ def plot(path: str, data: Dataset, predictions: Dict[str, Dict[str, np.ndarray]]
     plt.close(fig)
 
 
-def compare_table(results: Dict[str, Result]) -> str:
+def compare_table(results: Dict[str, Result], label: str = "float32") -> str:
     ref = results["torch"]
     lines = [f"{'backend':<15} {'epochs':>7} {'final loss':>11} {'test MSE':>10} {'wall s':>8} "
              f"{'ms/epoch':>9} {'speedup':>8}"]
@@ -197,7 +218,7 @@ def compare_table(results: Dict[str, Result]) -> str:
         speed = (ref.seconds / ref.epochs) / (r.seconds / r.epochs)
         lines.append(f"{BACKEND_NAMES[backend]:<15} {r.epochs:>7} {r.final_loss:>11.3e} "
                      f"{r.test_mse:>10.3e} {r.seconds:>8.2f} {ms:>9.3f} {speed:>7.2f}x")
-    lines.append(f"(speedup: torch.nn.LSTM ms/epoch / this backend's; "
+    lines.append(f"(speedup: torch.nn.LSTM ms/epoch / this backend's; {label}; "
                  f"threads {torch.get_num_threads()}, torch {torch.__version__})")
     return "\n".join(lines)
 
@@ -257,10 +278,18 @@ def parse_args(argv):
                         help="LSTM layers (default: %(default)s)")
     parser.add_argument("--lr", type=positive_float, default=1e-2,
                         help="Adam learning rate (default: %(default)s)")
-    parser.add_argument("--target-loss", type=positive_float, default=1e-4,
-                        help="stop once the training loss is below this (default: %(default)s)")
+    parser.add_argument("--target-loss", type=positive_float,
+                        help="stop once the training loss is below this (default: 1e-4; 1e-3 "
+                             "with --dtype bfloat16/float16 or --autocast)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where to train (default: %(default)s)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="the model's and the data's dtype (default: %(default)s); in "
+                             "bfloat16 or float16 the default --target-loss is 1e-3 (and in "
+                             "float16 Adam's eps 1e-4: 1e-8 is 0 there)")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"],
+                        help="train the float32 model under torch.autocast to this dtype (the "
+                             "default --target-loss is then 1e-3)")
     parser.add_argument("--plot", default="sincos.png", metavar="PATH",
                         help="write the figures to this PNG (default: %(default)s)")
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
@@ -281,6 +310,14 @@ def parse_args(argv):
         parser.error(f"--load: no such file: {args.load}")
     if args.compare and args.save:
         parser.error("--save takes one model: use it without --compare")
+    if args.autocast and args.dtype != "float32":
+        parser.error("--autocast trains a float32 model: use it without --dtype")
+    if (args.autocast == "float16" and args.device == "cpu"
+            and (args.compare or args.backend == "torch")):
+        parser.error("--autocast float16: torch.nn.LSTM does not run under float16 autocast on "
+                     "the CPU (oneDNN refuses it); use it with --backend ext only")
+    if args.target_loss is None:  # a low-precision model's loss stops improving sooner
+        args.target_loss = 1e-3 if args.autocast or args.dtype != "float32" else 1e-4
     outputs = [("--save", args.save), ("--json", args.json)]
     if not args.no_plot:
         outputs.append(("--plot", args.plot))
@@ -334,7 +371,7 @@ def load_state(path: str, hidden: int, layers: int, device: str) -> dict:
 
 def build_model(backend: str, args, state: Optional[dict]) -> SinCosModel:
     torch.manual_seed(args.seed)  # same seed, same initial weights on both backends
-    model = SinCosModel(backend, args.hidden, args.layers).to(args.device)
+    model = SinCosModel(backend, args.hidden, args.layers).to(args.device, DTYPES[args.dtype])
     if state is not None:
         model.load_state_dict(state)
     return model
@@ -358,8 +395,8 @@ def main(argv=None) -> int:
         if not args.quiet:
             print(f"{BACKEND_NAMES[backend]}: {model}".replace("\n", "\n  "))
         results[backend], _ = train(model, data, args, backend)
-        predictions[backend] = {"train": predict(model, data, "train"),
-                                "test": predict(model, data, "test")}
+        predictions[backend] = {"train": predict(model, data, "train", args),
+                                "test": predict(model, data, "test", args)}
         r = results[backend]
         print(f"{BACKEND_NAMES[backend]}: {r.epochs} epochs, final loss {r.final_loss:.3e}, "
               f"test MSE {r.test_mse:.3e}, {r.seconds:.2f} s "
@@ -369,7 +406,7 @@ def main(argv=None) -> int:
         if args.save:
             torch.save(model.state_dict(), args.save)
     if args.compare:
-        print(compare_table(results))
+        print(compare_table(results, f"autocast {args.autocast}" if args.autocast else args.dtype))
     if not args.no_plot:
         plot(args.plot, data, predictions, results)
         print(f"plot written to {args.plot}")

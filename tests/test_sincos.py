@@ -79,8 +79,8 @@ def test_save_and_load_across_backends(tmp_path, saved_by, loaded_by):
     data = sincos.make_dataset()
     saved = sincos.build_model(saved_by, args, state)
     loaded = sincos.build_model(loaded_by, args, state)
-    assert torch.allclose(torch.from_numpy(sincos.predict(saved, data, "test")),
-                          torch.from_numpy(sincos.predict(loaded, data, "test")), atol=1e-5)
+    assert torch.allclose(torch.from_numpy(sincos.predict(saved, data, "test", args)),
+                          torch.from_numpy(sincos.predict(loaded, data, "test", args)), atol=1e-5)
     # and the CLI starts from it: one more epoch from the trained weights is already near-converged
     result = run_main(tmp_path, "--backend", loaded_by, "--load", str(path), "--epochs", "1",
                       "--no-plot")
@@ -205,3 +205,26 @@ def test_console_script_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "s.json").read_text())["epochs"] == 5
     assert "lstm_ext.LSTM: 5 epochs" in result.stdout
+
+
+@pytest.mark.parametrize("argv", [["--dtype", "bfloat16"], ["--autocast", "bfloat16"],
+                                  ["--dtype", "float16"], ["--autocast", "float16"]], ids=str)
+def test_low_precision_training_converges(tmp_path, argv):
+    result = run_main(tmp_path, *argv, "--no-plot")
+    assert result["final_loss"] < 1e-3  # the looser default target in low precision
+    assert result["epochs"] < 10000 and result["test_mse"] < 1e-2
+
+
+def test_low_precision_compare_runs_both_in_the_same_precision(tmp_path, capsys):
+    result = run_main(tmp_path, "--dtype", "bfloat16", "--compare", "--no-plot")
+    assert set(result) == {"ext", "torch"}
+    assert all(r["final_loss"] < 1e-3 for r in result.values())
+    assert "; bfloat16;" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--autocast", "bfloat16", "--dtype", "bfloat16"], "--autocast trains a float32 model"),
+    (["--autocast", "float16", "--compare"], "torch.nn.LSTM does not run under float16 autocast"),
+])
+def test_low_precision_option_errors(argv, message):
+    assert message in one_line_error(run_cli(*argv, "--no-plot"))
