@@ -175,7 +175,7 @@ def test_help_shows_the_defaults():
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     for default in ("(default: ext)", "(default: 10000)", "(default: 16)", "(default: 0.01)",
-                    "(default: 0.0001)", "(default: sincos.png)"):
+                    "(default: 1e-4;", "(default: sincos.png)"):
         assert default in text
 
 
