@@ -44,6 +44,29 @@ def test_empty_batch_cell():
     assert h.shape == c.shape == (0, 5)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=str)
+def test_layer_op_with_no_hidden_units(dtype):
+    """H = 0 with a projection, reachable only through the ops: every output row is r W_hr^T with
+    r of width 0, so output and h_n are zeros, and so are the gradients of input and h0. Memory
+    just freed and full of NaN is what the allocator hands out next: output left unwritten shows."""
+    T, B, I, P = 40, 30, 4, 2
+    r = lambda *shape: torch.randn(*shape, dtype=F64).to(dtype)  # noqa: E731
+    w = (r(0, I), r(0, P), None, None, r(P, 0))
+    x, h0, c0 = r(T, B, I), r(B, P), r(B, 0)
+    ops = torch.ops.lstm_ext
+    for _ in range(3):
+        torch.full((T, B, P), math.nan, dtype=dtype)
+        out = ops.lstm_layer_forward(x, h0, c0, *w, None, False, True)
+        assert torch.equal(out[0], torch.zeros(T, B, P, dtype=dtype))
+        assert torch.equal(out[1], torch.zeros(B, P, dtype=dtype))
+        torch.full((T, B, I), math.nan, dtype=dtype)
+        grads = ops.lstm_layer_backward(torch.ones_like(out[0]), torch.ones_like(out[1]), None, x,
+                                        h0, c0, w[0], w[1], w[4], None, False, out[0], out[3],
+                                        out[4], True)
+        assert torch.equal(grads[0], torch.zeros_like(x))
+        assert torch.equal(grads[1], torch.zeros_like(h0))
+
+
 def test_non_contiguous_input_and_states():
     ref, ext = pair(num_layers=2)
     x = torch.randn(3, 6, 7, dtype=F64).transpose(0, 2)[:, ::2, :3]  # [7, 3, 3], strided

@@ -443,6 +443,33 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
 }
 
 
+// A layer with no hidden units (H = 0, reachable only through the ops, with a projection): its
+// output h_t = r_t W_hr^T is zero at every step, and nothing depends on h0, c0 or the weights,
+// so every gradient is zero. Spelled out here, as the BLAS calls of the kernels below may skip a
+// product over nothing and leave their output unwritten.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> no_hidden_units_forward(
+    const LayerSizes& s, bool packed, const at::TensorOptions& opts, bool keep_state) {
+  const auto kept = opts.dtype(kept_state_dtype(opts.dtype().toScalarType()));
+  std::vector<int64_t> state_shape = per_step_shape(s, packed, 0);
+  if (!keep_state) {
+    state_shape[0] = 0;
+  }
+  return {at::zeros(per_step_shape(s, packed, s.P), opts), at::zeros({s.B, s.P}, opts),
+          at::empty({s.B, 0}, opts), at::empty(state_shape, kept), at::empty(state_shape, kept)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> no_hidden_units_backward(
+    const LayerSizes& s, const Tensor& input, bool proj, bool need_grad_input) {
+  const auto opts = input.options();
+  return {at::zeros(rows_or_none(input.sizes(), need_grad_input), opts),
+          at::zeros({s.B, s.P}, opts),
+          at::empty({s.B, 0}, opts),
+          at::empty({0, s.I}, opts),
+          at::empty({0, s.P}, opts),
+          at::empty({0}, opts),
+          at::empty({proj ? s.P : 0, 0}, opts)};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& weight_hh, const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
@@ -452,6 +479,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   const LayerSizes s = check_layer_inputs(op, input, h0, c0, weight_ih, weight_hh, bias_ih,
                                           bias_hh, weight_hr, batch_sizes);
   const bool packed = batch_sizes.has_value();
+  if (s.H == 0) {
+    return no_hidden_units_forward(s, packed, input.options(), keep_state);
+  }
   const Steps steps(s, batch_sizes);
   if (is_low_precision(input.scalar_type())) {
     return layer_forward_lowp(s, steps, packed, input, h0, c0, weight_ih, weight_hh, bias_ih,
@@ -540,6 +570,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   const LayerSizes s = check_layer_backward_inputs(op, grad_output, grad_h_n, grad_c_n, input, h0,
                                                    c0, weight_ih, weight_hh, weight_hr,
                                                    batch_sizes, output, gates, cells);
+  if (s.H == 0) {
+    return no_hidden_units_backward(s, input, weight_hr.has_value(), need_grad_input);
+  }
   const Steps steps(s, batch_sizes);
   const auto dy = contiguous_or_none(grad_output), dh_n = contiguous_or_none(grad_h_n),
              dc_n = contiguous_or_none(grad_c_n);
