@@ -175,6 +175,9 @@ def main(argv=None):
                         help="the models' and inputs' dtype (default: %(default)s)")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"],
                         help="float32 models and inputs under torch.autocast to this dtype")
+    parser.add_argument("--tf32", action="store_true",
+                        help="CUDA: allow TF32 in both cuDNN and cuBLAS (default: off for both, so "
+                             "that float32 is compared like for like)")
     parser.add_argument("--memory", action="store_true", help="also report peak memory (CPU)")
     parser.add_argument("--csv", help="write the table as CSV")
     parser.add_argument("--plot", help="plot speedup per shape to this PNG (from the table)")
@@ -186,6 +189,8 @@ def main(argv=None):
         parser.error("--autocast runs float32 models: use it without --dtype")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda":  # cuDNN allows TF32 by default, cuBLAS does not: the same for both
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     seconds = 0.2 if args.quick else args.seconds
     max_rounds = 20 if args.quick else 1000
@@ -194,10 +199,11 @@ def main(argv=None):
 
     device_name = (torch.cuda.get_device_name() if args.device == "cuda" else machine_name())
     precision = f"autocast {args.autocast}" if args.autocast else args.dtype
+    tf32 = f"; TF32 {'on' if args.tf32 else 'off'}" if args.device == "cuda" else ""
     print(f"# {device_name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"{precision}; lstm_ext {lstm_ext.__version__} {lstm_ext.build_info}")
-    header = ["T", "B", "I", "H", "layers", "bidirectional", "mode", "precision", "nn_lstm_ms",
-              "lstm_ext_ms", "speedup", "lstm_ext_gflops", "rounds"]
+          f"{precision}{tf32}; lstm_ext {lstm_ext.__version__} {lstm_ext.build_info}")
+    header = ["T", "B", "I", "H", "layers", "bidirectional", "mode", "precision", "tf32",
+              "nn_lstm_ms", "lstm_ext_ms", "speedup", "lstm_ext_gflops", "rounds"]
     if args.memory:
         header += ["nn_lstm_peak_mb", "lstm_ext_peak_mb"]
     print(f"{'shape (T,B,I,H)':<26} {'mode':<8} {'nn.LSTM ms':>11} {'lstm_ext ms':>12} "
@@ -209,8 +215,8 @@ def main(argv=None):
                         autocast=args.autocast)
             theirs, ours, rounds = measure(case, timed, seconds, max_rounds, warmup)
             gflops = flops(*shape, case.backward) / ours / 1e9
-            row = dict(zip(header, [*shape, mode, precision, theirs * 1e3, ours * 1e3,
-                                    theirs / ours, gflops, rounds]))
+            row = dict(zip(header, [*shape, mode, precision, args.device == "cuda" and args.tf32,
+                                    theirs * 1e3, ours * 1e3, theirs / ours, gflops, rounds]))
             line = (f"{shape_label(shape):<26} {mode:<8} {theirs * 1e3:>11.3f} {ours * 1e3:>12.3f} "
                     f"{theirs / ours:>7.2f}x {gflops:>8.1f}")
             if args.memory and args.device == "cpu":

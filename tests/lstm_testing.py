@@ -50,8 +50,8 @@ def forward_backward(model, x, hx, grad_seed=1234):
     names += [f"grad {n}" for n, _ in params]
     out, (h_n, c_n) = model(model_input, hx) if hx is not None else model(model_input)
     out = out.data if packed else out
-    gen = torch.Generator().manual_seed(grad_seed)
-    grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
+    gen = torch.Generator().manual_seed(grad_seed)  # on the CPU: the same numbers on any device
+    grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
              for t in (out, h_n, c_n)]
     results = torch.autograd.grad((out, h_n, c_n), inputs, grads, allow_unused=False)
     return ["output", "h_n", "c_n"] + names, [out, h_n, c_n, *results]
