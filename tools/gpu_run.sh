@@ -4,7 +4,7 @@
 # goes under $OUT (default ./gpu_results). Meant to finish within about 6 minutes on an H100/H200
 # machine (build ~2-3 min with all cores, tests ~1-2 min, benchmark ~1 min), so a rerun fits a
 # 15-minute lease.
-#   bash tools/gpu_run.sh
+#   bash tools/gpu_run.sh                  # with python3 (or $PYTHON) the machine's torch env
 set -uo pipefail
 start=$SECONDS
 say() { echo "gpu_run [$((SECONDS - start)) s]: $*"; }
@@ -15,8 +15,10 @@ out="$(cd "${OUT:-$root/gpu_results}" && pwd)"  # absolute: some steps run from 
 cd "$root"
 
 # 1. In the first seconds: the machine's torch environment (pip and pytest run as `python -m`,
-# so they are that python's), a GPU, the compiler and the Python headers.
-py="$(command -v python)" || fail "no python on PATH"
+# so they are that python's), a GPU, the compiler and the Python headers. $PYTHON if set, else
+# python3 (on the GPU machine the one that holds torch; there may be no plain `python`).
+py="${PYTHON:-$(command -v python3 || command -v python)}"
+[ -n "$py" ] || fail "no python3 or python on PATH"
 "$py" - <<'PY' || fail "the environment is not ready (above)"
 import os, sysconfig, torch
 import pip, pytest  # noqa: F401 - both in this python's environment
