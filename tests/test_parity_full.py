@@ -467,6 +467,44 @@ def cell_forward_backward(cell, x, hx):
     return names, [hy, cy, *results]
 
 
+def test_large_weights_transposed_on_two_threads():
+    """H = 512: W_hh^T is large enough to be transposed on both threads (tiles of rows split
+    between them): float64 with a projection and a non-contiguous W_hh, against nn.LSTM; bfloat16
+    (whose calls of 8+ steps transpose [W_ih | W_hh] for the AMX micro-kernel) as close to float64
+    on the same rounded values as nn.LSTM's bfloat16."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        options = dict(input_size=8, hidden_size=512, proj_size=300)
+        ref = nn.LSTM(dtype=F64, **options)
+        ext = lstm_ext.LSTM(dtype=F64, **options)
+        ext.load_state_dict(ref.state_dict())
+        with torch.no_grad():  # the same values, stored transposed: strides (1, 2048)
+            ext.weight_hh_l0 = nn.Parameter(ext.weight_hh_l0.t().contiguous().t())
+        x = torch.randn(3, 40, 8, dtype=F64)  # 120 rows: not the direct path
+        names, expected = forward_backward(ref, x, None)
+        _, actual = forward_backward(ext, x, None)
+        exact = nn.LSTM(8, 512, dtype=F64)
+        with torch.no_grad():
+            for p in exact.parameters():
+                p.copy_(p.to(torch.bfloat16).double())
+        ours = lstm_ext.LSTM(8, 512, dtype=torch.bfloat16)
+        theirs = nn.LSTM(8, 512, dtype=torch.bfloat16)
+        ours.load_state_dict(exact.state_dict())
+        theirs.load_state_dict(exact.state_dict())
+        x16 = torch.randn(8, 40, 8).to(torch.bfloat16)
+        with torch.no_grad():
+            y_exact = exact(x16.double())[0]
+            error = [(model(x16)[0].double() - y_exact).abs().max().item()
+                     for model in (ours, theirs)]
+    finally:
+        torch.set_num_threads(previous_threads)
+    assert_float64_equal(names, actual, expected)
+    scale = y_exact.abs().max().item()
+    assert error[0] <= 2 * error[1] + scale * 2.0 ** -8, error
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("sizes", [(4, 64, 64), (1, 80, 256), (7, 33, 40), (32, 16, 64)])
 def test_cell_steps_match_nn_lstmcell(dtype, sizes):
