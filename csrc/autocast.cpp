@@ -26,7 +26,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autocast(const Tensor& input, const opti
                                                  at::TensorList params, bool has_biases,
                                                  bool has_projections, int64_t num_layers,
                                                  double dropout, bool train, bool bidirectional,
-                                                 const optional<Tensor>& batch_sizes) {
+                                                 const optional<Tensor>& batch_sizes,
+                                                 const optional<Tensor>& reset) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
@@ -35,10 +36,11 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autocast(const Tensor& input, const opti
           .findSchemaOrThrow("lstm_ext::lstm", "")
           .typed<std::tuple<Tensor, Tensor, Tensor>(
               const Tensor&, const optional<Tensor>&, const optional<Tensor>&, at::TensorList,
-              bool, bool, int64_t, double, bool, bool, const optional<Tensor>&)>();
+              bool, bool, int64_t, double, bool, bool, const optional<Tensor>&,
+              const optional<Tensor>&)>();
   return op.call(cached_cast(dtype, input, device), cached_cast(dtype, h0, device),
                  cached_cast(dtype, c0, device), cached_cast(dtype, params, device), has_biases,
-                 has_projections, num_layers, dropout, train, bidirectional, batch_sizes);
+                 has_projections, num_layers, dropout, train, bidirectional, batch_sizes, reset);
 }
 
 template <c10::DeviceType device>

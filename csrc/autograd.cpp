@@ -43,21 +43,23 @@ using torch::autograd::variable_list;
 const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
-    const optional<Tensor>&, bool, bool)>&
+    const optional<Tensor>&, bool, bool, const optional<Tensor>&)>&
 layer_forward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lstm_ext::lstm_layer_forward", "")
                              .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                  const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
-                                 const optional<Tensor>&, const optional<Tensor>&, bool, bool)>();
+                                 const optional<Tensor>&, const optional<Tensor>&, bool, bool,
+                                 const optional<Tensor>&)>();
   return op;
 }
 
 const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
-    const optional<Tensor>&, bool, const Tensor&, const Tensor&, const Tensor&, bool)>&
+    const optional<Tensor>&, bool, const Tensor&, const Tensor&, const Tensor&, bool,
+    const optional<Tensor>&)>&
 layer_backward_op() {
   static const auto op =
       c10::Dispatcher::singleton()
@@ -66,21 +68,22 @@ layer_backward_op() {
               const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
               const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
               const optional<Tensor>&, const optional<Tensor>&, bool, const Tensor&,
-              const Tensor&, const Tensor&, bool)>();
+              const Tensor&, const Tensor&, bool, const optional<Tensor>&)>();
   return op;
 }
 
 const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
-    const optional<Tensor>&, bool)>&
+    const optional<Tensor>&, bool, const optional<Tensor>&)>&
 layer_reference_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lstm_ext::lstm_layer_reference", "")
                              .typed<std::tuple<Tensor, Tensor, Tensor>(
                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                  const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
-                                 const optional<Tensor>&, const optional<Tensor>&, bool)>();
+                                 const optional<Tensor>&, const optional<Tensor>&, bool,
+                                 const optional<Tensor>&)>();
   return op;
 }
 
@@ -123,14 +126,14 @@ cell_reference_op() {
 
 const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, at::TensorList, bool, bool, int64_t, bool,
-    const optional<Tensor>&, at::TensorList)>&
+    const optional<Tensor>&, at::TensorList, const optional<Tensor>&)>&
 module_reference_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lstm_ext::lstm_reference", "")
                              .typed<std::tuple<Tensor, Tensor, Tensor>(
                                  const Tensor&, const Tensor&, const Tensor&, at::TensorList,
                                  bool, bool, int64_t, bool, const optional<Tensor>&,
-                                 at::TensorList)>();
+                                 at::TensorList, const optional<Tensor>&)>();
   return op;
 }
 
@@ -221,7 +224,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, h_n, c_n, gates, cells] =
         layer_forward_op().call(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                                batch_sizes, reverse, /*keep_state=*/true);
+                                batch_sizes, reverse, /*keep_state=*/true, c10::nullopt);
     ctx->save_for_backward({input, h0, c0, weight_ih, weight_hh, bias_ih.value_or(Tensor()),
                             bias_hh.value_or(Tensor()), weight_hr.value_or(Tensor()), output,
                             gates, cells});
@@ -247,7 +250,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
       auto [ref_output, ref_h_n, ref_c_n] =
           layer_reference_op().call(input, h0, c0, weight_ih, weight_hh, as_optional(bias_ih),
                                     as_optional(bias_hh), as_optional(weight_hr), batch_sizes,
-                                    reverse);
+                                    reverse, c10::nullopt);
       differentiable_grads(ctx, inputs, {ref_output, ref_h_n, ref_c_n}, grad_outputs, grads);
       return grads;
     }
@@ -257,7 +260,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
         layer_backward_op().call(as_optional(grad_outputs[0]), as_optional(grad_outputs[1]),
                                  as_optional(grad_outputs[2]), input, h0, c0, weight_ih,
                                  weight_hh, as_optional(weight_hr), batch_sizes, reverse, output,
-                                 gates, cells, needs_grad(ctx, inputs, 0));
+                                 gates, cells, needs_grad(ctx, inputs, 0), c10::nullopt);
     const Tensor computed[] = {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh};
     for (size_t i = 0; i < 5; ++i) {
       if (needs_grad(ctx, inputs, i)) {
@@ -332,6 +335,7 @@ struct ModuleConfig {
   bool train;
   bool bidirectional;
   optional<Tensor> batch_sizes;
+  optional<Tensor> reset;  // bool [T, B] or None: where rows start anew (csrc/lstm.cpp)
 
   int64_t directions() const { return bidirectional ? 2 : 1; }
   // Parameters per layer and direction: weight_ih, weight_hh, (bias_ih, bias_hh), (weight_hr).
@@ -538,7 +542,8 @@ ForwardResult module_forward(const Tensor& input, const optional<Tensor>& h0,
       runs[direction] = layer_forward_op().call(
           layer_input, has_states ? h0->select(0, index) : zero_h,
           has_states ? c0->select(0, index) : zero_c, p.weight_ih, p.weight_hh, p.bias_ih,
-          p.bias_hh, p.weight_hr, config.batch_sizes, /*reverse=*/direction == 1, keep_state);
+          p.bias_hh, p.weight_hr, config.batch_sizes, /*reverse=*/direction == 1, keep_state,
+          config.reset);
     });
     std::vector<Tensor> outputs;
     for (const auto& [output, h, c, gates, cells] : runs) {
@@ -589,7 +594,7 @@ variable_list module_reference(const Tensor& input, const Tensor& h0, const Tens
                                const std::vector<Tensor>& kept) {
   auto [output, h_n, c_n] = module_reference_op().call(
       input, h0, c0, params, config.has_biases, config.has_projections, config.num_layers,
-      config.bidirectional, config.batch_sizes, dropout_masks(config, kept));
+      config.bidirectional, config.batch_sizes, dropout_masks(config, kept), config.reset);
   return {output, h_n, c_n};
 }
 
@@ -717,7 +722,8 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
                                    c0.defined() ? c0.select(0, index) : zero_c, p.weight_ih,
                                    p.weight_hh, p.weight_hr, config.batch_sizes,
                                    /*reverse=*/direction == 1, output, gates, cells,
-                                   /*need_grad_input=*/layer > 0 || need_grad_input);
+                                   /*need_grad_input=*/layer > 0 || need_grad_input,
+                                   config.reset);
       grad_inputs[direction] = grad_in;
       grads.h0[index] = grad_h;
       grads.c0[index] = grad_c;
@@ -747,8 +753,8 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
 
 // Argument positions of lstm: input, h0, c0, then each parameter, then the configuration (one
 // position each: has_biases, has_projections, num_layers, dropout, train, bidirectional,
-// batch_sizes).
-constexpr size_t kModuleConfigArgs = 7;
+// batch_sizes, reset).
+constexpr size_t kModuleConfigArgs = 8;
 
 class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
  public:
@@ -756,10 +762,11 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
                                const optional<Tensor>& h0, const optional<Tensor>& c0,
                                at::TensorList params, bool has_biases, bool has_projections,
                                int64_t num_layers, double dropout, bool train, bool bidirectional,
-                               const optional<Tensor>& batch_sizes) {
+                               const optional<Tensor>& batch_sizes,
+                               const optional<Tensor>& reset) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
-                              train,      bidirectional,   batch_sizes};
+                              train,      bidirectional,   batch_sizes, reset};
     ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/true);
     // Everything goes through save_for_backward, intermediate results included: the last layer's
     // output is also this node's output, and a tensor held anywhere else in the context would
@@ -773,6 +780,7 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
         has_biases, has_projections, num_layers, train, bidirectional};
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["batch_sizes"] = batch_sizes;
+    ctx->saved_data["reset"] = reset;
     ctx->set_materialize_grads(false);
     return {result.output, result.h_n, result.c_n};
   }
@@ -782,7 +790,8 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
     const auto flags = ctx->saved_data["config"].toIntVector();
     const ModuleConfig config{flags[0] != 0, flags[1] != 0, flags[2],
                               ctx->saved_data["dropout"].toDouble(), flags[3] != 0,
-                              flags[4] != 0, ctx->saved_data["batch_sizes"].toOptional<Tensor>()};
+                              flags[4] != 0, ctx->saved_data["batch_sizes"].toOptional<Tensor>(),
+                              ctx->saved_data["reset"].toOptional<Tensor>()};
     // saved: input, h0, c0, the parameters, the zero states, then `kept`.
     const variable_list saved = ctx->get_saved_variables();
     const size_t n_inputs = 3 + config.num_layers * config.directions() * config.params_per_layer();
@@ -844,7 +853,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_autograd(
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, h_n, c_n, gates, cells] =
         layer_forward_op().call(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                                batch_sizes, reverse, /*keep_state=*/false);
+                                batch_sizes, reverse, /*keep_state=*/false, c10::nullopt);
     return {output, h_n, c_n};
   }
   const variable_list out = LayerFunction::apply(input, h0, c0, weight_ih, weight_hh, bias_ih,
@@ -859,7 +868,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_no_state(
     const optional<Tensor>& weight_hr, const optional<Tensor>& batch_sizes, bool reverse) {
   auto [output, h_n, c_n, gates, cells] =
       layer_forward_op().call(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                              batch_sizes, reverse, /*keep_state=*/false);
+                              batch_sizes, reverse, /*keep_state=*/false, c10::nullopt);
   return {output, h_n, c_n};
 }
 
@@ -900,9 +909,10 @@ std::tuple<Tensor, Tensor, Tensor> lstm_no_state(const Tensor& input, const opti
                                                  at::TensorList params, bool has_biases,
                                                  bool has_projections, int64_t num_layers,
                                                  double dropout, bool train, bool bidirectional,
-                                                 const optional<Tensor>& batch_sizes) {
+                                                 const optional<Tensor>& batch_sizes,
+                                                 const optional<Tensor>& reset) {
   const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
-                            train,      bidirectional,   batch_sizes};
+                            train,      bidirectional,   batch_sizes, reset};
   ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/false);
   return {result.output, result.h_n, result.c_n};
 }
@@ -912,7 +922,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autograd(const Tensor& input, const opti
                                                  at::TensorList params, bool has_biases,
                                                  bool has_projections, int64_t num_layers,
                                                  double dropout, bool train, bool bidirectional,
-                                                 const optional<Tensor>& batch_sizes) {
+                                                 const optional<Tensor>& batch_sizes,
+                                                 const optional<Tensor>& reset) {
   bool track = false;
   if (torch::autograd::GradMode::is_enabled()) {
     const Tensor none;
@@ -924,11 +935,11 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autograd(const Tensor& input, const opti
   if (!track) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return lstm_no_state(input, h0, c0, params, has_biases, has_projections, num_layers, dropout,
-                         train, bidirectional, batch_sizes);
+                         train, bidirectional, batch_sizes, reset);
   }
   const variable_list out =
       ModuleFunction::apply(input, h0, c0, params, has_biases, has_projections, num_layers,
-                            dropout, train, bidirectional, batch_sizes);
+                            dropout, train, bidirectional, batch_sizes, reset);
   return {out[0], out[1], out[2]};
 }
 
@@ -937,9 +948,10 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autograd(const Tensor& input, const opti
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward_kernels(
     const Tensor& input, const optional<Tensor>& h0, const optional<Tensor>& c0,
     at::TensorList params, bool has_biases, bool has_projections, int64_t num_layers,
-    double dropout, bool train, bool bidirectional, const optional<Tensor>& batch_sizes) {
+    double dropout, bool train, bool bidirectional, const optional<Tensor>& batch_sizes,
+    const optional<Tensor>& reset) {
   const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
-                            train,      bidirectional,   batch_sizes};
+                            train,      bidirectional,   batch_sizes, reset};
   ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/true);
   return {result.output, result.h_n, result.c_n, saved_list(result, config)};
 }
@@ -949,9 +961,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_kernels(
     const optional<Tensor>& grad_c_n, const Tensor& input, const optional<Tensor>& h0,
     const optional<Tensor>& c0, at::TensorList params, bool has_biases, bool has_projections,
     int64_t num_layers, double dropout, bool train, bool bidirectional,
-    const optional<Tensor>& batch_sizes, const Tensor& output, at::TensorList saved) {
+    const optional<Tensor>& batch_sizes, const Tensor& output, at::TensorList saved,
+    const optional<Tensor>& reset) {
   const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
-                            train,      bidirectional,   batch_sizes};
+                            train,      bidirectional,   batch_sizes, reset};
   check_module_args(input, h0, c0, params, config);
   const Tensor h0_t = h0.value_or(Tensor()), c0_t = c0.value_or(Tensor());
   Tensor zero_h, zero_c;

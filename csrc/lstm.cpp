@@ -30,11 +30,15 @@ TORCH_LIBRARY(lstm_ext, m) {
   // layers): input [T, B, I] or packed [N, I]; h0 [L*D, B, P] and c0 [L*D, B, H], or both None
   // (zeros); params per layer and direction in nn.LSTM's order: weight_ih, weight_hh,
   // (bias_ih, bias_hh if has_biases), (weight_hr if has_projections).
+  // reset: None, or bool [T, B] (batch rows in batch_sizes' order when packed): where
+  // reset[t, b], row b's sequence ends before step t and a new one starts there, from h0 / c0
+  // (every layer from its own; a reverse direction restarts at step t - 1: see Restarts in
+  // csrc/lstm_steps.h).
   // -> output [T, B, D*P] (or [N, D*P]), h_n [L*D, B, P], c_n [L*D, B, H].
   m.def(
       "lstm(Tensor input, Tensor? h0, Tensor? c0, Tensor[] params, bool has_biases, "
       "bool has_projections, int num_layers, float dropout, bool train, bool bidirectional, "
-      "Tensor? batch_sizes) -> (Tensor output, Tensor h_n, Tensor c_n)",
+      "Tensor? batch_sizes, Tensor? reset=None) -> (Tensor output, Tensor h_n, Tensor c_n)",
       {at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded});
   m.def(
       "lstm_layer(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
@@ -49,14 +53,16 @@ TORCH_LIBRARY(lstm_ext, m) {
   m.def(
       "lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, Tensor? batch_sizes, bool reverse, "
-      "bool keep_state) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)",
+      "bool keep_state, Tensor? reset=None) -> (Tensor output, Tensor h_n, Tensor c_n, "
+      "Tensor gates, Tensor cells)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lstm_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, "
       "Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, Tensor cells, "
-      "bool need_grad_input=True) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
-      "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_hr)",
+      "bool need_grad_input=True, Tensor? reset=None) -> (Tensor grad_input, Tensor grad_h0, "
+      "Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
+      "Tensor grad_weight_hr)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lstm_cell_forward(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
@@ -75,7 +81,8 @@ TORCH_LIBRARY(lstm_ext, m) {
   m.def(
       "lstm_forward(Tensor input, Tensor? h0, Tensor? c0, Tensor[] params, bool has_biases, "
       "bool has_projections, int num_layers, float dropout, bool train, bool bidirectional, "
-      "Tensor? batch_sizes) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)",
+      "Tensor? batch_sizes, Tensor? reset=None) -> (Tensor output, Tensor h_n, Tensor c_n, "
+      "Tensor[] saved)",
       {at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded});
   // -> grad_h0 [L*D, B, P] and grad_c0 [L*D, B, H] also where h0, c0 were None; grad_params in
   // params' order.
@@ -83,8 +90,8 @@ TORCH_LIBRARY(lstm_ext, m) {
       "lstm_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor? h0, Tensor? c0, Tensor[] params, bool has_biases, bool has_projections, "
       "int num_layers, float dropout, bool train, bool bidirectional, Tensor? batch_sizes, "
-      "Tensor output, Tensor[] saved) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
-      "Tensor[] grad_params)",
+      "Tensor output, Tensor[] saved, Tensor? reset=None) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)",
       {at::Tag::pt2_compliant_tag});
   // The pure-PyTorch reference (lstm_ext/reference.py, registered from Python as composite
   // kernels): what a second derivative (create_graph=True) differentiates. dropout_masks: the
@@ -92,11 +99,12 @@ TORCH_LIBRARY(lstm_ext, m) {
   m.def(
       "lstm_reference(Tensor input, Tensor h0, Tensor c0, Tensor[] params, bool has_biases, "
       "bool has_projections, int num_layers, bool bidirectional, Tensor? batch_sizes, "
-      "Tensor[] dropout_masks) -> (Tensor output, Tensor h_n, Tensor c_n)");
+      "Tensor[] dropout_masks, Tensor? reset=None) -> (Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
       "lstm_layer_reference(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, "
-      "Tensor? batch_sizes, bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n)");
+      "Tensor? batch_sizes, bool reverse, Tensor? reset=None) -> (Tensor output, Tensor h_n, "
+      "Tensor c_n)");
   m.def(
       "lstm_cell_reference(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh) -> (Tensor hy, Tensor cy)");
@@ -113,14 +121,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_typed(
     const at::Tensor& input, const c10::optional<at::Tensor>& h0,
     const c10::optional<at::Tensor>& c0, const std::vector<at::Tensor>& params, bool has_biases,
     bool has_projections, int64_t num_layers, double dropout, bool train, bool bidirectional,
-    const c10::optional<at::Tensor>& batch_sizes) {
+    const c10::optional<at::Tensor>& batch_sizes, const c10::optional<at::Tensor>& reset) {
   using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-      at::TensorList, bool, bool, int64_t, double, bool, bool, const c10::optional<at::Tensor>&);
+      at::TensorList, bool, bool, int64_t, double, bool, bool, const c10::optional<at::Tensor>&,
+      const c10::optional<at::Tensor>&);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::lstm", "").typed<Signature>();
   return op.call(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
-                 bidirectional, batch_sizes);
+                 bidirectional, batch_sizes, reset);
 }
 
 // lstm_ext::lstm_cell the same way (a cell is called once per step: per-call cost is most of it).
@@ -144,7 +153,10 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_typed(const at::Tensor& input, cons
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lstm_ext compiled kernels; the ops live under torch.ops.lstm_ext";
   m.def("lstm", &lstm_ext::lstm_typed,
-        "torch.ops.lstm_ext.lstm through its typed handle (same op, less per-call cost)");
+        "torch.ops.lstm_ext.lstm through its typed handle (same op, less per-call cost)",
+        py::arg("input"), py::arg("h0"), py::arg("c0"), py::arg("params"), py::arg("has_biases"),
+        py::arg("has_projections"), py::arg("num_layers"), py::arg("dropout"), py::arg("train"),
+        py::arg("bidirectional"), py::arg("batch_sizes"), py::arg("reset") = py::none());
   m.def("lstm_cell", &lstm_ext::lstm_cell_typed,
         "torch.ops.lstm_ext.lstm_cell through its typed handle (same op, less per-call cost)");
   // Checked by lstm_ext/_ops.py against the running torch (C++ ABI is per torch version).

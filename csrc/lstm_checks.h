@@ -239,6 +239,20 @@ inline LayerSizes check_layer_backward_inputs(
   return s;
 }
 
+// reset: None, or bool [T, B] on the input's device (where a row's sequence starts anew; see
+// Restarts in lstm_steps.h).
+inline void check_reset(const char* op, const c10::optional<at::Tensor>& reset,
+                        const at::Tensor& input, const LayerSizes& s) {
+  if (!reset.has_value() || !reset->defined()) {
+    return;
+  }
+  TORCH_CHECK(reset->scalar_type() == at::kBool, op, ": reset must be a bool tensor, got ",
+              reset->scalar_type());
+  TORCH_CHECK(reset->device() == input.device(), op, ": reset is on ", reset->device(),
+              " but input is on ", input.device());
+  check_shape(op, *reset, "reset", "[T, B]", {s.T, s.B});
+}
+
 // The cell's arguments: input [B, I], hx, cx [B, H] (one step: T = 1, N = B).
 inline LayerSizes check_cell_inputs(const char* op, const at::Tensor& input, const at::Tensor& hx,
                                     const at::Tensor& cx, const at::Tensor& weight_ih,

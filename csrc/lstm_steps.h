@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <utility>
 #include <vector>
 
@@ -41,5 +42,83 @@ struct Steps {
     return {offset[t_first], offset[t_last] + batch[t_last]};
   }
 };
+
+// The rows that start anew from h0 / c0 in mid-sequence, from a layer's `reset` (bool [T, B]:
+// reset[t, b], row b's sequence ends before step t and a new one starts at step t), as flags in
+// the layer's own direction. A forward layer restarts row b at step t where reset[t, b]. A
+// reverse layer meets each boundary from the other side: it runs the later sequence first, and
+// restarts row b at step t - 1, the last step of the earlier one. Step 0 needs no flag (every
+// row starts from h0 / c0 there), and a packed row's flags past its last step are ignored.
+class Restarts {
+ public:
+  Restarts() = default;  // no row restarts
+  Restarts(const Steps& steps, const c10::optional<at::Tensor>& reset, bool reverse) {
+    if (!reset.has_value() || !reset->defined()) {
+      return;
+    }
+    const at::Tensor flags = reset->contiguous();
+    const bool* p = flags.data_ptr<bool>();
+    const int64_t T = static_cast<int64_t>(steps.batch.size());
+    B_ = T > 0 ? steps.batch[0] : 0;
+    flags_.assign(T * B_, 0);
+    step_has_.assign(T, 0);
+    for (int64_t boundary = 1; boundary < T; ++boundary) {
+      const int64_t t = reverse ? boundary - 1 : boundary;
+      // the rows that run at both steps of the boundary (a packed batch shrinks with time)
+      for (int64_t b = 0; b < steps.batch[boundary]; ++b) {
+        if (p[boundary * B_ + b]) {
+          flags_[t * B_ + b] = 1;
+          step_has_[t] = 1;
+        }
+      }
+    }
+  }
+  // Flags of the rows from b0 on at step t (1: the row starts anew from h0 / c0), or null when
+  // no row does.
+  const uint8_t* at(int64_t t, int64_t b0) const {
+    return step_has_.empty() || !step_has_[t] ? nullptr : flags_.data() + t * B_ + b0;
+  }
+  bool any() const { return !step_has_.empty(); }
+
+ private:
+  int64_t B_ = 0;
+  std::vector<uint8_t> flags_;     // [T, B]
+  std::vector<uint8_t> step_has_;  // [T]: whether any row of step t restarts
+};
+
+// Before step t, rows [0, n) whose flag is set restart: the running states take h0 / c0's rows.
+// (C: the running c's type, float32 for the 16-bit kernels.)
+template <typename T, typename C, typename C0>
+void restart_states(const uint8_t* restarts, int64_t n, int64_t P, int64_t H, const T* h0_rows,
+                    const C0* c0_rows, T* h_rows, C* c_rows) {
+  for (int64_t r = 0; r < n; ++r) {
+    if (restarts[r]) {
+      std::copy(h0_rows + r * P, h0_rows + (r + 1) * P, h_rows + r * P);
+      for (int64_t j = 0; j < H; ++j) {
+        c_rows[r * H + j] = static_cast<C>(c0_rows[r * H + j]);
+      }
+    }
+  }
+}
+
+// After step t's backward, for the rows that restarted at t: dL/dh and dL/dc of the state that
+// step read are h0's and c0's (added to dh0_rows, dc0_rows), and the running dh, dc go on to the
+// step before from zero (that step's state did not reach this one).
+template <typename D>
+void move_restart_gradients(const uint8_t* restarts, int64_t n, int64_t P, int64_t H,
+                            D* dh_rows, D* dc_rows, D* dh0_rows, D* dc0_rows) {
+  for (int64_t r = 0; r < n; ++r) {
+    if (restarts[r]) {
+      for (int64_t j = 0; j < P; ++j) {
+        dh0_rows[r * P + j] += dh_rows[r * P + j];
+        dh_rows[r * P + j] = D(0);
+      }
+      for (int64_t j = 0; j < H; ++j) {
+        dc0_rows[r * H + j] += dc_rows[r * H + j];
+        dc_rows[r * H + j] = D(0);
+      }
+    }
+  }
+}
 
 }  // namespace lstm_ext

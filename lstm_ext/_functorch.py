@@ -299,13 +299,21 @@ def _unfold(t: Tensor, at: int, size: int) -> Tensor:
     return t.unflatten(at, (size, -1))
 
 
+def _refuse_reset(reset: Optional[Tensor]) -> None:
+    if reset is not None:
+        raise NotImplementedError(
+            "lstm_ext: reset (rows that start anew mid-sequence) under torch.func transforms is "
+            "not supported yet; call the module outside the transform, or without reset")
+
+
 def _dropout_draws(dropout, train, num_layers) -> bool:
     return train and dropout > 0 and num_layers > 1
 
 
 @torch.library.register_vmap("lstm_ext::lstm_forward")
 def _lstm_forward_vmap(info, in_dims, input, h0, c0, params, has_biases, has_projections,
-                       num_layers, dropout, train, bidirectional, batch_sizes):
+                       num_layers, dropout, train, bidirectional, batch_sizes, reset=None):
+    _refuse_reset(reset)
     args = (input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
             bidirectional, batch_sizes)
     random = _dropout_draws(dropout, train, num_layers)
@@ -324,7 +332,8 @@ def _lstm_forward_vmap(info, in_dims, input, h0, c0, params, has_biases, has_pro
 
 @torch.library.register_vmap("lstm_ext::lstm")
 def _lstm_vmap(info, in_dims, input, h0, c0, params, has_biases, has_projections, num_layers,
-               dropout, train, bidirectional, batch_sizes):
+               dropout, train, bidirectional, batch_sizes, reset=None):
+    _refuse_reset(reset)
     args = (input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
             bidirectional, batch_sizes)
     random = _dropout_draws(dropout, train, num_layers)

@@ -65,7 +65,7 @@ def _kept_dtype(t: Tensor) -> torch.dtype:
 
 @torch.library.register_fake("lstm_ext::lstm")
 def _lstm_fake(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
-               bidirectional, batch_sizes):
+               bidirectional, batch_sizes, reset=None):
     directions = 2 if bidirectional else 1
     H, P = params[1].shape[0] // 4, params[1].shape[1]
     if h0 is not None:
@@ -79,7 +79,7 @@ def _lstm_fake(input, h0, c0, params, has_biases, has_projections, num_layers, d
 
 @torch.library.register_fake("lstm_ext::lstm_forward")
 def _(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
-      bidirectional, batch_sizes):
+      bidirectional, batch_sizes, reset=None):
     output, h_n, c_n = _lstm_fake(input, h0, c0, params, has_biases, has_projections, num_layers,
                                   dropout, train, bidirectional, batch_sizes)
     # saved (csrc/autograd.cpp, saved_list): the zero states without h0; per layer its input
@@ -107,7 +107,7 @@ def _(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, t
 
 @torch.library.register_fake("lstm_ext::lstm_backward")
 def _(grad_output, grad_h_n, grad_c_n, input, h0, c0, params, has_biases, has_projections,
-      num_layers, dropout, train, bidirectional, batch_sizes, output, saved):
+      num_layers, dropout, train, bidirectional, batch_sizes, output, saved, reset=None):
     directions = 2 if bidirectional else 1
     H, P = params[1].shape[0] // 4, params[1].shape[1]
     B = h0.shape[1] if h0 is not None else saved[0].shape[0]
@@ -131,7 +131,7 @@ def _(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh):
 
 @torch.library.register_fake("lstm_ext::lstm_layer_forward")
 def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, reverse,
-      keep_state):
+      keep_state, reset=None):
     rows = tuple(input.shape[:-1])  # (T, B), or (N,) when packed
     kept = rows if keep_state else (0,) + rows[1:]
     H, P = weight_hh.shape[0] // 4, weight_hh.shape[1]
@@ -143,7 +143,7 @@ def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_si
 
 @torch.library.register_fake("lstm_ext::lstm_layer_backward")
 def _(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
-      batch_sizes, reverse, output, gates, cells, need_grad_input=True):
+      batch_sizes, reverse, output, gates, cells, need_grad_input=True, reset=None):
     H, P = weight_hh.shape[0] // 4, weight_hh.shape[1]
     return (
         input.new_empty((input.shape[0] if need_grad_input else 0,) + tuple(input.shape[1:])),
@@ -193,11 +193,12 @@ _reference_library.impl("lstm_reference", lstm_reference, "CompositeImplicitAuto
 def lstm(
     input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], params: List[Tensor],
     has_biases: bool, has_projections: bool, num_layers: int, dropout: float, train: bool,
-    bidirectional: bool, batch_sizes: Optional[Tensor],
+    bidirectional: bool, batch_sizes: Optional[Tensor], reset: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """The whole module, differentiable -> (output [.., D*P], h_n [L*D,B,P], c_n [L*D,B,H])."""
+    """The whole module, differentiable -> (output [.., D*P], h_n [L*D,B,P], c_n [L*D,B,H]).
+    reset: None or bool [T, B]: where rows start anew from h0 / c0 (csrc/lstm.cpp)."""
     return _ops.lstm(input, h0, c0, params, has_biases, has_projections, num_layers, dropout,
-                     train, bidirectional, batch_sizes)
+                     train, bidirectional, batch_sizes, reset)
 
 
 def lstm_layer(
@@ -222,10 +223,11 @@ def lstm_layer_forward(
     input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
     bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], weight_hr: Optional[Tensor],
     batch_sizes: Optional[Tensor], reverse: bool, keep_state: bool,
+    reset: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer over all steps -> (output [.., P], h_n [B,P], c_n [B,H], gates [.., 4H], cells)."""
     return _ops.lstm_layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
-                                   weight_hr, batch_sizes, reverse, keep_state)
+                                   weight_hr, batch_sizes, reverse, keep_state, reset)
 
 
 def lstm_layer_backward(
@@ -233,12 +235,13 @@ def lstm_layer_backward(
     input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
     weight_hr: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
     output: Tensor, gates: Tensor, cells: Tensor, need_grad_input: bool = True,
+    reset: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Reverse loop -> grads of (input (no rows unless need_grad_input), h0, c0, weight_ih,
     weight_hh, bias, weight_hr)."""
     return _ops.lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih,
                                     weight_hh, weight_hr, batch_sizes, reverse, output, gates,
-                                    cells, need_grad_input)
+                                    cells, need_grad_input, reset)
 
 
 def lstm_cell_forward(

@@ -161,6 +161,15 @@ class LSTM(_WeightsAtTheCall):
     Returns output [T, B, D*P] (same layout as the input; a PackedSequence for one) and
     (h_n, c_n) shaped like (h_0, c_0).
 
+    Beyond nn.LSTM: ``forward(input, hx=None, reset=None)``. ``reset``, a bool tensor laid out
+    as the input's leading dimensions ([T, B], [B, T] with batch_first, [T] unbatched; for a
+    PackedSequence, as its padded form), marks where a new sequence starts inside a batch row:
+    where ``reset[t, b]``, every layer runs row b's step t from its h_0 / c_0 (zeros without hx),
+    as if the steps before had been a separate call: an episode or a document ended at t - 1.
+    A reverse direction runs the later sequence first and so starts anew at t - 1. h_n, c_n are
+    each row's state after its last step. Gradients flow to h_0 / c_0 from every restart. On the
+    CPU only so far; not under torch.func transforms or ONNX export.
+
     The weights are whatever ``getattr(module, name)`` gives at the call, as for nn.LSTM: the
     Parameters, or a parametrization's, ``torch.func.functional_call``'s or a pruning hook's
     tensors, or a plain tensor assigned in place of a deleted weight (weight drop).
@@ -250,7 +259,45 @@ class LSTM(_WeightsAtTheCall):
     def all_weights(self) -> List[List[Optional[Tensor]]]:
         return [[getattr(self, name, None) for name in names] for names in self._all_weights]
 
-    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
+    def _time_major_reset(self, reset, input: Tensor, batched: bool, packed: bool,
+                          batch_sizes: Optional[Tensor],
+                          sorted_indices: Optional[Tensor]) -> Tensor:
+        """forward's reset, checked, as the op takes it: bool [T, B], time first, batch rows in
+        the packed order. It comes laid out as the input's leading dimensions: [T, B] ([B, T]
+        with batch_first), [T] unbatched, and for a PackedSequence as its padded form
+        (pad_packed_sequence with this module's batch_first), rows in the original order."""
+        owner = self._owner
+        if not isinstance(reset, Tensor):
+            raise TypeError(f"{owner}: reset must be a bool Tensor or None, got "
+                            f"{type(reset).__name__}")
+        if reset.dtype != torch.bool:
+            raise TypeError(f"{owner}: reset must be a bool tensor, got {reset.dtype} (use "
+                            "reset.bool(), or a comparison such as done > 0)")
+        if reset.device != input.device:
+            raise ValueError(f"{owner}: reset is on {reset.device} but the input is on "
+                             f"{input.device}; move it: reset.to({str(input.device)!r})")
+        steps = len(batch_sizes) if packed else input.shape[0]
+        batch = int(batch_sizes[0]) if packed else input.shape[1]  # input is [T, B, I] here
+        batch_first = self.batch_first and batched
+        if not batched:
+            expected, layout = (steps,), "[T] (unbatched input)"
+        elif batch_first:
+            expected, layout = (batch, steps), "[B, T] (batch_first)"
+        else:
+            expected, layout = (steps, batch), "[T, B]"
+        if tuple(reset.shape) != expected:
+            raise ValueError(f"{owner}: reset must have shape {layout} = {expected}, the input's "
+                             f"leading dimensions, got {_shape(reset)}")
+        if not batched:
+            reset = reset.unsqueeze(1)
+        elif batch_first:
+            reset = reset.t()
+        if sorted_indices is not None:
+            reset = reset.index_select(1, sorted_indices)
+        return reset.contiguous()
+
+    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None,
+                reset: Optional[Tensor] = None):
         owner = self._owner
         compiling = torch.compiler.is_compiling()
         weights = self._weights_for_call(compiling)
@@ -308,6 +355,9 @@ class LSTM(_WeightsAtTheCall):
                 _check_state_dtype(owner, f"hx[{index}] ({what})", state, input)
             if sorted_indices is not None:  # the packed batch is sorted by length
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
+        if reset is not None:
+            reset = self._time_major_reset(reset, input, batched, packed, batch_sizes,
+                                           sorted_indices)
 
         # One C++ op (and one graph node) for every layer and direction. Eager calls it through
         # its typed pybind11 binding (_C.lstm: no boxing of the arguments, a third of the forward's
@@ -318,9 +368,19 @@ class LSTM(_WeightsAtTheCall):
             op = _onnx.lstm if _onnx.exporting() else lstm
         else:
             op = _functorch.lstm if _functorch.transforms_active() else _C.lstm
-        output, h_n_t, c_n_t = op(input, h0, c0, weights, self.bias, self.proj_size > 0,
-                                  self.num_layers, self.dropout, self.training,
-                                  self.bidirectional, batch_sizes)
+        if reset is None:
+            output, h_n_t, c_n_t = op(input, h0, c0, weights, self.bias, self.proj_size > 0,
+                                      self.num_layers, self.dropout, self.training,
+                                      self.bidirectional, batch_sizes)
+        else:
+            if op is _onnx.lstm or op is _functorch.lstm:
+                where = "ONNX export" if op is _onnx.lstm else "torch.func transforms"
+                raise NotImplementedError(
+                    f"{owner}: reset is not supported under {where} yet (ONNX's LSTM has no "
+                    "per-step state reset); call the module without reset there")
+            output, h_n_t, c_n_t = (_C.lstm if op is _C.lstm else lstm)(
+                input, h0, c0, weights, self.bias, self.proj_size > 0, self.num_layers,
+                self.dropout, self.training, self.bidirectional, batch_sizes, reset)
         if packed:
             if unsorted_indices is not None:
                 h_n_t = h_n_t.index_select(1, unsorted_indices)

@@ -7,6 +7,10 @@ Gate order i, f, g, o (nn.LSTM's). For one step, with x_t [B, I] and h_{t-1} [B,
     h_t = o ⊙ tanh(c_t)                                     then output
     h_t = h_t W_hr^T                                        only with a projection (proj_size P)
 
+With reset (bool [T, B]), row b starts step t anew from h0[b], c0[b] where reset[t, b], as if its
+sequence ended at t - 1 and a new one began at t. A reverse layer, which runs the later sequence
+first, starts row b anew at step t - 1 instead (the last step of the earlier sequence).
+
 Being plain differentiable PyTorch, it is also what lstm_ext differentiates through when a second
 derivative is asked for (create_graph=True).
 """
@@ -33,17 +37,32 @@ def lstm_cell_reference(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weig
     return h, c
 
 
+def _restarting_rows(reset: Optional[Tensor], sizes: List[int], t: int,
+                     reverse: bool) -> Optional[Tensor]:
+    """Which of step t's sizes[t] rows start anew from h0 / c0 (bool [sizes[t]]), or None.
+    The boundary before step t (forward) or after it (reverse) restarts the rows that run on
+    both of its sides."""
+    boundary = t + 1 if reverse else t
+    if reset is None or not 0 < boundary < len(sizes):
+        return None
+    both_sides = sizes[boundary]  # <= sizes[boundary - 1]: a packed batch shrinks with time
+    rows = torch.zeros(sizes[t], dtype=torch.bool, device=reset.device)
+    rows[:both_sides] = reset[boundary, :both_sides]
+    return rows
+
+
 def lstm_layer_reference(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor,
                          weight_hh: Tensor, bias_ih: Optional[Tensor] = None,
                          bias_hh: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
-                         batch_sizes: Optional[Tensor] = None,
-                         reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                         batch_sizes: Optional[Tensor] = None, reverse: bool = False,
+                         reset: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction.
 
     input [T, B, I], or a PackedSequence's data [N, I] with its batch_sizes [T] (step t holds the
     first batch_sizes[t] sequences); h0 [B, P], c0 [B, H]. A reverse layer runs from the last step
-    to the first. Returns output (input's layout, P features), h_n [B, P], c_n [B, H]: each
-    sequence's state after its last step.
+    to the first. reset: None or bool [T, B] (the module docstring says what it restarts).
+    Returns output (input's layout, P features), h_n [B, P], c_n [B, H]: each sequence's state
+    after its last step.
     """
     if batch_sizes is None:
         steps, sizes = list(input.unbind(0)), [input.shape[1]] * input.shape[0]
@@ -54,7 +73,12 @@ def lstm_layer_reference(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tenso
     outputs: List[Optional[Tensor]] = [None] * len(steps)
     for t in (reversed(range(len(steps))) if reverse else range(len(steps))):
         b = sizes[t]  # the sequences still running are the first b
-        h_t, c_t = lstm_cell_reference(steps[t], h[:b], c[:b], weight_ih, weight_hh, bias_ih,
+        h_prev, c_prev = h[:b], c[:b]
+        restarting = _restarting_rows(reset, sizes, t, reverse)
+        if restarting is not None:
+            h_prev = torch.where(restarting[:, None], h0[:b], h_prev)
+            c_prev = torch.where(restarting[:, None], c0[:b], c_prev)
+        h_t, c_t = lstm_cell_reference(steps[t], h_prev, c_prev, weight_ih, weight_hh, bias_ih,
                                        bias_hh, weight_hr)
         h, c = torch.cat([h_t, h[b:]]), torch.cat([c_t, c[b:]])
         outputs[t] = h_t
@@ -65,7 +89,8 @@ def lstm_layer_reference(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tenso
 def lstm_reference(input: Tensor, h0: Tensor, c0: Tensor, params: Sequence[Tensor],
                    has_biases: bool, has_projections: bool, num_layers: int, bidirectional: bool,
                    batch_sizes: Optional[Tensor] = None,
-                   dropout_masks: Sequence[Tensor] = ()) -> Tuple[Tensor, Tensor, Tensor]:
+                   dropout_masks: Sequence[Tensor] = (),
+                   reset: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The whole of nn.LSTM's computation: layers, each of one or two directions.
 
     input [T, B, I], or a PackedSequence's data [N, I] with its batch_sizes; h0 [L*D, B, P],
@@ -73,6 +98,7 @@ def lstm_reference(input: Tensor, h0: Tensor, c0: Tensor, params: Sequence[Tenso
     direction: weight_ih, weight_hh, (bias_ih, bias_hh), (weight_hr). A layer's input is the
     previous layer's output, both directions' concatenated; dropout_masks, when given, are the
     dropout between layers: one per layer but the last, multiplied into that layer's output.
+    reset: None or bool [T, B]: every layer restarts those rows from its own h0 / c0.
     Returns output (input's layout, D*P features), h_n [L*D, B, P], c_n [L*D, B, H].
     """
     directions = 2 if bidirectional else 1
@@ -89,7 +115,7 @@ def lstm_reference(input: Tensor, h0: Tensor, c0: Tensor, params: Sequence[Tenso
             weight_hr = weights[-1] if has_projections else None
             output, h, c = lstm_layer_reference(layer_input, h0[index], c0[index], weights[0],
                                                 weights[1], *biases, weight_hr, batch_sizes,
-                                                reverse=direction == 1)
+                                                reverse=direction == 1, reset=reset)
             outputs.append(output)
             h_n.append(h)
             c_n.append(c)

@@ -116,7 +116,8 @@ inline void gates_forward(int64_t B, int64_t H, int64_t j0, int64_t j1, float* z
 // The gate pass of one backward step over B rows, generic version (float64): tanh(c_t) through a
 // whole-block vector call, then the gradient arithmetic.
 //   gates [B, 4H] activated gates; cells [B, H] c_t; c_prev: rows r < n_prev from c_prev_rows,
-//   the others from c0_rows (the row started this step from c0); dr [B, H] dL/d(o ⊙ tanh c_t);
+//   the others from c0_rows (the row started this step from c0), as do the rows whose restarts
+//   flag is set (restarts: [B] or null; see Restarts); dr [B, H] dL/d(o ⊙ tanh c_t);
 //   dc [B, H] in: dL/dc_t from the next step, out: dL/dc_{t-1}; dgates [B, 4H] out;
 //   db [4H] in/out: dgates' column sums are added to it (the bias gradient, summed while the
 //   values are in registers: a later pass over all of dG cost 4% of forward+backward at
@@ -124,15 +125,16 @@ inline void gates_forward(int64_t B, int64_t H, int64_t j0, int64_t j1, float* z
 //   r [B, H] out: o ⊙ tanh(c_t) (for dW_hr), or null; tanh_c [B, H] scratch
 template <typename T>
 void gates_backward(int64_t B, int64_t H, const T* gates, const T* cells, const T* c_prev_rows,
-                    const T* c0_rows, int64_t n_prev, const T* dr, T* dc, T* dgates, T* db, T* r,
-                    T* tanh_c) {
+                    const T* c0_rows, int64_t n_prev, const uint8_t* restarts, const T* dr, T* dc,
+                    T* dgates, T* db, T* r, T* tanh_c) {
   const int64_t G = 4 * H;
   vector_tanh(B * H, cells, tanh_c);
   for (int64_t b = 0; b < B; ++b) {
     const T* __restrict__ a = gates + b * G;
     T* __restrict__ d = dgates + b * G;
     const T* __restrict__ tc = tanh_c + b * H;
-    const T* __restrict__ cp = b < n_prev ? c_prev_rows + b * H : c0_rows + b * H;
+    const bool from_c0 = b >= n_prev || (restarts && restarts[b]);
+    const T* __restrict__ cp = from_c0 ? c0_rows + b * H : c_prev_rows + b * H;
     const T* __restrict__ drb = dr + b * H;
     T* __restrict__ dcb = dc + b * H;
     T* __restrict__ dbb = db;
@@ -155,13 +157,15 @@ void gates_backward(int64_t B, int64_t H, const T* gates, const T* cells, const 
 LSTM_EXT_TARGET_CLONES
 inline void gates_backward_fused(int64_t B, int64_t H, const float* gates, const float* cells,
                                  const float* c_prev_rows, const float* c0_rows, int64_t n_prev,
-                                 const float* dr, float* dc, float* dgates, float* db, float* r) {
+                                 const uint8_t* restarts, const float* dr, float* dc,
+                                 float* dgates, float* db, float* r) {
   const int64_t G = 4 * H;
   for (int64_t b = 0; b < B; ++b) {
     const float* __restrict__ a = gates + b * G;
     float* __restrict__ d = dgates + b * G;
     const float* __restrict__ cb = cells + b * H;
-    const float* __restrict__ cp = b < n_prev ? c_prev_rows + b * H : c0_rows + b * H;
+    const bool from_c0 = b >= n_prev || (restarts && restarts[b]);
+    const float* __restrict__ cp = from_c0 ? c0_rows + b * H : c_prev_rows + b * H;
     const float* __restrict__ drb = dr + b * H;
     float* __restrict__ dcb = dc + b * H;
     float* __restrict__ dbb = db;
@@ -191,9 +195,10 @@ inline void gates_backward_fused(int64_t B, int64_t H, const float* gates, const
 
 inline void gates_backward(int64_t B, int64_t H, const float* gates, const float* cells,
                            const float* c_prev_rows, const float* c0_rows, int64_t n_prev,
-                           const float* dr, float* dc, float* dgates, float* db, float* r,
-                           float* /*tanh_c: not needed*/) {
-  gates_backward_fused(B, H, gates, cells, c_prev_rows, c0_rows, n_prev, dr, dc, dgates, db, r);
+                           const uint8_t* restarts, const float* dr, float* dc, float* dgates,
+                           float* db, float* r, float* /*tanh_c: not needed*/) {
+  gates_backward_fused(B, H, gates, cells, c_prev_rows, c0_rows, n_prev, restarts, dr, dc, dgates,
+                       db, r);
 }
 
 }  // namespace cpu

@@ -27,7 +27,8 @@ inline bool is_low_precision(at::ScalarType type) {
 // The layer forward: output [.., P], h_n [B, P], c_n [B, H] in the input's dtype; gates [.., 4H]
 // and cells [.., H] in float32 (with no rows unless keep_state).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward_lowp(
-    const LayerSizes& s, const Steps& steps, bool packed, const at::Tensor& input,
+    const LayerSizes& s, const Steps& steps, const Restarts& restarts, bool packed,
+    const at::Tensor& input,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
     const c10::optional<at::Tensor>& bias_hh, const c10::optional<at::Tensor>& weight_hr,
@@ -36,7 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
 // The layer backward: gradients of input (no rows unless need_grad_input), h0, c0, weight_ih,
 // weight_hh, the bias, weight_hr (no rows without it), in the input's dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-layer_backward_lowp(const LayerSizes& s, const Steps& steps, const at::Tensor* grad_output,
+layer_backward_lowp(const LayerSizes& s, const Steps& steps, const Restarts& restarts,
+                    const at::Tensor* grad_output,
                     const at::Tensor* grad_h_n, const at::Tensor* grad_c_n,
                     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                     const at::Tensor& weight_ih, const at::Tensor& weight_hh,

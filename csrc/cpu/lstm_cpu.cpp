@@ -105,10 +105,11 @@ inline void wait_until_at_least(const std::atomic<int64_t>& counter, int64_t tar
 //   cells  [rows, H]     c_t of every step, or null when the backward will not run
 //   exp_scratch [B, 4H]; r_scratch [B, H] (o ⊙ tanh(c_t) before the projection; with w_hr only)
 template <typename T>
-void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const T* x, const T* h0,
-                   const T* c0, const T* w_ih, const T* w_hh_t, const T* bias, const T* w_hr_t,
-                   T* y, T* h_n, T* c_n, T* gates, bool gates_all_rows, int64_t chunk_steps,
-                   bool pipelined, T* cells, T* exp_scratch, T* r_scratch) {
+void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const Restarts& restarts,
+                   const T* x, const T* h0, const T* c0, const T* w_ih, const T* w_hh_t,
+                   const T* bias, const T* w_hr_t, T* y, T* h_n, T* c_n, T* gates,
+                   bool gates_all_rows, int64_t chunk_steps, bool pipelined, T* cells,
+                   T* exp_scratch, T* r_scratch) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   std::memcpy(h_n, h0, s.B * P * sizeof(T));
   std::memcpy(c_n, c0, s.B * H * sizeof(T));
@@ -136,6 +137,9 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
       const int64_t row = steps.offset[t] + b0;
       T* gates_t = gates_chunk + (row - row_begin) * G;
       T* y_t = y + row * P;
+      if (const uint8_t* restart = restarts.at(t, b0)) {
+        restart_states(restart, n, P, H, h0 + b0 * P, c0 + b0 * H, h_state, c_state);
+      }
       gemm<T>(false, false, n, G, P, T(1), h_state, P, w_hh_t, G, T(1), gates_t, G);
       // c_state holds c_{t-1} and receives c_t.
       T* r_t = w_hr_t ? r_scratch + b0 * H : y_t;
@@ -203,10 +207,11 @@ constexpr int64_t kMinSplitStepMacs = int64_t(1) << 17;
 //   gates [rows, 4H] (gates_all_rows: kept for the backward) or one step's [B, 4H] scratch
 //   cells [rows, H] or null; exp_scratch [B, 4H]; r_scratch [B, H] (with w_hr only)
 template <typename T>
-void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse, const T* x,
-                          const T* h0, const T* c0, const T* w_ih, const T* w_hh, const T* bias,
-                          const T* w_hr, T* y, T* h_n, T* c_n, T* gates, bool gates_all_rows,
-                          T* cells, T* exp_scratch, T* r_scratch) {
+void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse,
+                          const Restarts& restarts, const T* x, const T* h0, const T* c0,
+                          const T* w_ih, const T* w_hh, const T* bias, const T* w_hr, T* y,
+                          T* h_n, T* c_n, T* gates, bool gates_all_rows, T* cells,
+                          T* exp_scratch, T* r_scratch) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H, I = s.I;
   std::memcpy(h_n, h0, s.B * P * sizeof(T));
   std::memcpy(c_n, c0, s.B * H * sizeof(T));
@@ -219,6 +224,9 @@ void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse,
     T* gates_t = gates_all_rows ? gates + row * G : gates;
     T* y_t = y + row * P;
     T* r_t = w_hr ? r_scratch : y_t;  // o ⊙ tanh(c_t), before any projection
+    if (const uint8_t* restart = restarts.at(t, 0)) {
+      restart_states(restart, n, P, H, h0, c0, h_n, c_n);
+    }
     // Units [j0, j1): their columns of each gate block, then their gate pass (h_n, the state this
     // step reads, is written only after every unit is done).
     auto units = [&](int64_t j0, int64_t j1) {
@@ -258,12 +266,14 @@ void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse,
 //   r_all [rows, H], dr [B, H]; tanh_c [B, H]; db_slices [B, 4H] (a batch slice [b0, b1) sums
 //   its bias gradient in row b0). K = I + P with fuse_x, else P.
 template <typename T>
-void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const T* dy,
-                    const T* dh_n, const T* dc_n, const T* x, const T* h0, const T* c0,
+void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
+                    const Restarts& restarts, const T* dy, const T* dh_n, const T* dc_n,
+                    const T* x, const T* h0, const T* c0,
                     const T* w_ih, const T* w_hh, const T* w_hr, const T* y, const T* gates,
                     const T* cells, T* dx, T* dh0, T* dc0, T* dw_ih, T* dw_hh, T* dw_hr, T* db,
                     T* dgates, bool fuse_x, T* xh, T* dw_cat, T* dh_all, T* r_all,
-                    T* dr_scratch, T* tanh_c, T* db_slices, int64_t pipeline_chunks) {
+                    T* dr_scratch, T* tanh_c, T* db_slices, T* restart_dh, T* restart_dc,
+                    int64_t pipeline_chunks) {
   const int64_t xw = fuse_x ? s.I : 0, K = xw + s.P;  // xh: [x (xw columns) | h (P columns)]
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   T* dh = dh0;
@@ -279,6 +289,10 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
     std::fill(dc, dc + s.B * H, T(0));
   }
   std::fill(db_slices, db_slices + s.B * G, T(0));
+  if (restarts.any()) {
+    std::fill(restart_dh, restart_dh + s.B * P, T(0));
+    std::fill(restart_dc, restart_dc + s.B * H, T(0));
+  }
   // The reverse loop over batch rows [b0, b1), every step (rows are independent, as in the
   // forward). With `done`, it publishes how many steps it has finished (all rows).
   auto recurrence = [&](int64_t b0, int64_t b1, std::atomic<int64_t>* done) {
@@ -300,12 +314,14 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
         n_prev = std::max<int64_t>(0, std::min(steps.batch[t_prev], b0 + n) - b0);
         prev_row = steps.offset[t_prev] + b0;
       }
+      const uint8_t* restart = restarts.at(t, b0);  // rows that read h0 / c0 although r < n_prev
       for (int64_t r = 0; r < n; ++r) {
         T* xh_row = xh + (row + r) * K;
         if (fuse_x) {
           std::memcpy(xh_row, x + (row + r) * s.I, s.I * sizeof(T));
         }
-        const T* h_read = r < n_prev ? y + (prev_row + r) * P : h0 + (b0 + r) * P;
+        const bool from_h0 = r >= n_prev || (restart && restart[r]);
+        const T* h_read = from_h0 ? h0 + (b0 + r) * P : y + (prev_row + r) * P;
         std::memcpy(xh_row + xw, h_read, P * sizeof(T));
       }
 
@@ -325,10 +341,14 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
       }
       T* dgates_t = dgates + row * G;
       gates_backward(n, H, gates + row * G, cells + row * H, cells + prev_row * H, c0 + b0 * H,
-                     n_prev, dr, dc_state, dgates_t, db_slice, w_hr ? r_all + row * H : nullptr,
-                     tanh_c + b0 * H);
+                     n_prev, restart, dr, dc_state, dgates_t, db_slice,
+                     w_hr ? r_all + row * H : nullptr, tanh_c + b0 * H);
       // dL/dh of the state this step read = dG_t W_hh
       gemm<T>(false, false, n, P, G, T(1), dgates_t, G, w_hh, P, T(0), dh_state, P);
+      if (restart) {
+        move_restart_gradients(restart, n, P, H, dh_state, dc_state, restart_dh + b0 * P,
+                               restart_dc + b0 * H);
+      }
       if (done) {
         done->store(s.T - k, std::memory_order_release);
       }
@@ -426,6 +446,14 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse, const
       row_gradients(0, s.N, false);
     }
   }
+  if (restarts.any()) {  // dh0, dc0: what reached them from the restarts, too
+    for (int64_t u = 0; u < s.B * P; ++u) {
+      dh0[u] += restart_dh[u];
+    }
+    for (int64_t u = 0; u < s.B * H; ++u) {
+      dc0[u] += restart_dc[u];
+    }
+  }
   // db: the slices' sums (rows of db_slices no slice started at are zeros).
   std::fill(db, db + G, T(0));
   for (int64_t b = 0; b < s.B; ++b) {
@@ -474,18 +502,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& weight_hh, const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
     const optional<Tensor>& weight_hr, const optional<Tensor>& batch_sizes, bool reverse,
-    bool keep_state) {
+    bool keep_state, const optional<Tensor>& reset) {
   constexpr const char* op = "lstm_ext::lstm_layer_forward";
   const LayerSizes s = check_layer_inputs(op, input, h0, c0, weight_ih, weight_hh, bias_ih,
                                           bias_hh, weight_hr, batch_sizes);
+  check_reset(op, reset, input, s);
   const bool packed = batch_sizes.has_value();
   if (s.H == 0) {
     return no_hidden_units_forward(s, packed, input.options(), keep_state);
   }
   const Steps steps(s, batch_sizes);
+  const Restarts restarts(steps, reset, reverse);
   if (is_low_precision(input.scalar_type())) {
-    return layer_forward_lowp(s, steps, packed, input, h0, c0, weight_ih, weight_hh, bias_ih,
-                              bias_hh, weight_hr, reverse, keep_state);
+    return layer_forward_lowp(s, steps, restarts, packed, input, h0, c0, weight_ih, weight_hh,
+                              bias_ih, bias_hh, weight_hr, reverse, keep_state);
   }
   const auto x = input.expect_contiguous(), h0c = h0.expect_contiguous(),
              c0c = c0.expect_contiguous(), w_ih = weight_ih.expect_contiguous();
@@ -519,7 +549,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
       const auto w_hh = weight_hh.expect_contiguous();
       const auto w_hr = contiguous_or_none(weight_hr);
       layer_forward_direct<scalar_t>(
-          s, steps, reverse, x->data_ptr<scalar_t>(), h0c->data_ptr<scalar_t>(),
+          s, steps, reverse, restarts, x->data_ptr<scalar_t>(), h0c->data_ptr<scalar_t>(),
           c0c->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(), bias,
           data_or_null<scalar_t>(w_hr), output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
           c_n.data_ptr<scalar_t>(), gates_buffer, keep_state,
@@ -542,9 +572,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
     scalar_t* exp_scratch = work.take(s.B * G);
     scalar_t* r_scratch = proj ? work.take(s.B * s.H) : nullptr;
     scalar_t* gates_buffer = keep_state ? gates.data_ptr<scalar_t>() : work.take(buffer_rows * G);
-    layer_forward<scalar_t>(s, steps, reverse, x->data_ptr<scalar_t>(), h0c->data_ptr<scalar_t>(),
-                            c0c->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh_t, bias,
-                            w_hr_t, output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
+    layer_forward<scalar_t>(s, steps, reverse, restarts, x->data_ptr<scalar_t>(),
+                            h0c->data_ptr<scalar_t>(), c0c->data_ptr<scalar_t>(),
+                            w_ih->data_ptr<scalar_t>(), w_hh_t, bias, w_hr_t, output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
                             c_n.data_ptr<scalar_t>(), gates_buffer, gates_all_rows, chunk_steps,
                             pipelined, keep_state ? cells.data_ptr<scalar_t>() : nullptr,
                             exp_scratch, r_scratch);
@@ -565,19 +595,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
     const Tensor& weight_ih, const Tensor& weight_hh, const optional<Tensor>& weight_hr,
     const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output, const Tensor& gates,
-    const Tensor& cells, bool need_grad_input) {
+    const Tensor& cells, bool need_grad_input, const optional<Tensor>& reset) {
   constexpr const char* op = "lstm_ext::lstm_layer_backward";
   const LayerSizes s = check_layer_backward_inputs(op, grad_output, grad_h_n, grad_c_n, input, h0,
                                                    c0, weight_ih, weight_hh, weight_hr,
                                                    batch_sizes, output, gates, cells);
+  check_reset(op, reset, input, s);
   if (s.H == 0) {
     return no_hidden_units_backward(s, input, weight_hr.has_value(), need_grad_input);
   }
   const Steps steps(s, batch_sizes);
+  const Restarts restarts(steps, reset, reverse);
   const auto dy = contiguous_or_none(grad_output), dh_n = contiguous_or_none(grad_h_n),
              dc_n = contiguous_or_none(grad_c_n);
   if (is_low_precision(input.scalar_type())) {
-    return layer_backward_lowp(s, steps, dy ? &*dy : nullptr, dh_n ? &*dh_n : nullptr,
+    return layer_backward_lowp(s, steps, restarts, dy ? &*dy : nullptr, dh_n ? &*dh_n : nullptr,
                                dc_n ? &*dc_n : nullptr, input, h0, c0, weight_ih, weight_hh,
                                weight_hr, reverse, output, gates, cells, need_grad_input);
   }
@@ -603,8 +635,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const bool fuse_x = 2 * s.I <= s.P;
     const int64_t K = (fuse_x ? s.I : 0) + s.P;
     const int64_t proj_elements = proj ? s.N * (s.P + s.H) + s.B * s.H : 0;
-    Workspace<scalar_t> work(
-        s.N * (G + K) + (fuse_x ? G * K : 0) + s.B * s.H + s.B * G + proj_elements, opts);
+    const int64_t restart_elements = restarts.any() ? s.B * (s.P + s.H) : 0;
+    Workspace<scalar_t> work(s.N * (G + K) + (fuse_x ? G * K : 0) + s.B * s.H + s.B * G +
+                                 proj_elements + restart_elements,
+                             opts);
     scalar_t* dgates = work.take(s.N * G);
     scalar_t* xh = work.take(s.N * K);
     scalar_t* dw_cat = fuse_x ? work.take(G * K) : nullptr;
@@ -613,8 +647,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     scalar_t* dh_all = proj ? work.take(s.N * s.P) : nullptr;
     scalar_t* r_all = proj ? work.take(s.N * s.H) : nullptr;
     scalar_t* dr_scratch = proj ? work.take(s.B * s.H) : nullptr;
+    // restart_dh [B, P], restart_dc [B, H]: what the restarts pass to h0, c0
+    scalar_t* restart_dh = restarts.any() ? work.take(s.B * s.P) : nullptr;
+    scalar_t* restart_dc = restarts.any() ? work.take(s.B * s.H) : nullptr;
     layer_backward<scalar_t>(
-        s, steps, reverse, data_or_null<scalar_t>(dy), data_or_null<scalar_t>(dh_n),
+        s, steps, reverse, restarts, data_or_null<scalar_t>(dy), data_or_null<scalar_t>(dh_n),
         data_or_null<scalar_t>(dc_n), x->data_ptr<scalar_t>(), h0c->data_ptr<scalar_t>(),
         c0c->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(),
         data_or_null<scalar_t>(w_hr), y->data_ptr<scalar_t>(), gates_c->data_ptr<scalar_t>(),
@@ -622,7 +659,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
         grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(),
         grad_w_ih.data_ptr<scalar_t>(), grad_w_hh.data_ptr<scalar_t>(),
         proj ? grad_w_hr.data_ptr<scalar_t>() : nullptr, grad_bias.data_ptr<scalar_t>(), dgates,
-        fuse_x, xh, dw_cat, dh_all, r_all, dr_scratch, tanh_c, db_slices,
+        fuse_x, xh, dw_cat, dh_all, r_all, dr_scratch, tanh_c, db_slices, restart_dh, restart_dc,
         backward_pipeline_chunks(s));
   });
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
@@ -639,7 +676,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
   const Steps steps(s, c10::nullopt);
   if (is_low_precision(input.scalar_type())) {  // one step of the layer kernel
     auto [hy, h_n, cy, gates, cells] =
-        layer_forward_lowp(s, steps, false, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+        layer_forward_lowp(s, steps, Restarts(), false, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                            c10::nullopt, false, /*keep_state=*/true);
     return {hy.view({s.B, s.H}), cy, gates.view({s.B, 4 * s.H})};
   }
@@ -663,7 +700,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
     if (direct) {
       const auto w_hh = weight_hh.expect_contiguous();
       layer_forward_direct<scalar_t>(
-          s, steps, false, x->data_ptr<scalar_t>(), hxc->data_ptr<scalar_t>(),
+          s, steps, false, Restarts(), x->data_ptr<scalar_t>(), hxc->data_ptr<scalar_t>(),
           cxc->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(), bias,
           nullptr, hy.data_ptr<scalar_t>(), h_n, cy.data_ptr<scalar_t>(),
           gates.data_ptr<scalar_t>(), /*gates_all_rows=*/true, nullptr, exp_scratch, nullptr);
@@ -671,7 +708,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
     }
     scalar_t* w_hh_t = work.take(s.H * G);
     transpose_into(weight_hh, w_hh_t);
-    layer_forward<scalar_t>(s, steps, false, x->data_ptr<scalar_t>(), hxc->data_ptr<scalar_t>(),
+    layer_forward<scalar_t>(s, steps, false, Restarts(), x->data_ptr<scalar_t>(),
+                            hxc->data_ptr<scalar_t>(),
                             cxc->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh_t, bias,
                             nullptr, hy.data_ptr<scalar_t>(), h_n, cy.data_ptr<scalar_t>(),
                             gates.data_ptr<scalar_t>(), /*gates_all_rows=*/true,
@@ -695,7 +733,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
     // One step of the layer kernel: its kept cell state is cy (in float32); the forward's output
     // is never read with one step (every row's previous h is hx), so hx stands in for it.
     auto [grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, unused] =
-        layer_backward_lowp(s, steps, dhy ? &*dhy : nullptr, nullptr, dcy ? &*dcy : nullptr,
+        layer_backward_lowp(s, steps, Restarts(), dhy ? &*dhy : nullptr, nullptr, dcy ? &*dcy : nullptr,
                             input, hx, cx, weight_ih, weight_hh, c10::nullopt, false, hx, gates,
                             cy.to(at::kFloat), need_grad_input);
     return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
@@ -724,7 +762,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
     // One step of the layer backward: grad_hy is that step's output gradient, grad_cy its dc.
     // With one step the forward output is never read (every row's previous h is hx).
     layer_backward<scalar_t>(
-        s, steps, false, data_or_null<scalar_t>(dhy), nullptr, data_or_null<scalar_t>(dcy),
+        s, steps, false, Restarts(), data_or_null<scalar_t>(dhy), nullptr, data_or_null<scalar_t>(dcy),
         x->data_ptr<scalar_t>(), hxc->data_ptr<scalar_t>(), cxc->data_ptr<scalar_t>(),
         w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(), nullptr, nullptr,
         gates_c->data_ptr<scalar_t>(), cy_c->data_ptr<scalar_t>(),
@@ -732,7 +770,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
         grad_cx.data_ptr<scalar_t>(), grad_w_ih.data_ptr<scalar_t>(),
         grad_w_hh.data_ptr<scalar_t>(), nullptr, grad_bias.data_ptr<scalar_t>(), dgates,
         /*fuse_x=*/false, xh, /*dw_cat=*/nullptr, nullptr, nullptr, nullptr, tanh_c, db_slices,
-        /*pipeline_chunks=*/1);
+        /*restart_dh=*/nullptr, /*restart_dc=*/nullptr, /*pipeline_chunks=*/1);
   });
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }

@@ -163,8 +163,8 @@ void to_float(const S* src, float* dst, int64_t n) {
 //   r [B, H] float32: o ⊙ tanh(c_t); with w_hr: r_lowp [B, H], y_float [B, P] scratch
 //   xh [B, I + P]: a step's [x_t | h] (with w_packed)
 template <typename S>
-void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const S* x, const S* h0,
-                   const S* c0, const S* w_ih, const S* w_hh, const PackedWeight<S>* w_packed,
+void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const Restarts& restarts,
+                   const S* x, const S* h0, const S* c0, const S* w_ih, const S* w_hh, const PackedWeight<S>* w_packed,
                    const float* bias, const S* w_hr, S* y, S* h_n, float* c_state, float* gates,
                    bool gates_all_rows, int64_t chunk_steps, float* cells, float* r, S* r_lowp,
                    float* y_float, S* xh) {
@@ -205,6 +205,10 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
           continue;
         }
         const int64_t row = steps.offset[t] + b0;
+        if (const uint8_t* restart = restarts.at(t, b0)) {
+          restart_states(restart, n, P, H, h0 + b0 * P, c0 + b0 * H, h_n + b0 * P,
+                         c_state + b0 * H);
+        }
         S* a = xh + b0 * K;
         for (int64_t i = 0; i < n; ++i) {
           std::memcpy(a + i * K, x + (row + i) * s.I, s.I * sizeof(S));
@@ -233,6 +237,10 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
         }
         const int64_t row = steps.offset[t] + b0;
         float* gates_t = chunk + (row - row_begin) * G;
+        if (const uint8_t* restart = restarts.at(t, b0)) {
+          restart_states(restart, n, P, H, h0 + b0 * P, c0 + b0 * H, h_n + b0 * P,
+                         c_state + b0 * H);
+        }
         gemm_lowp<S>(false, true, n, G, P, h_n + b0 * P, P, w_hh, P, 1.f, gates_t, G);
         finish_step(n, row, b0, gates_t);
       }
@@ -249,12 +257,14 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
 //   r_step, dr [B, H] float32
 //   w_hh_packed: W_hh [4H, P] packed for brgemm, or null
 template <typename S>
-void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool reverse, const S* dy,
+void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool reverse,
+                               const Restarts& restarts, const S* dy,
                                const S* h0, const float* c0f, const S* w_hh,
                                const PackedWeight<S>* w_hh_packed, const S* w_hr,
                                const S* y, const float* gates, const float* cells, float* dh,
                                float* dc, float* dgates_step, S* dgates, float* db_slices, S* xh,
-                               S* dh_all, S* r_all, float* r_step, float* dr) {
+                               S* dh_all, S* r_all, float* r_step, float* dr,
+                               float* restart_dh, float* restart_dc) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   for_each_batch_slice(s, [&](int64_t b0, int64_t b1) {
     float* dh_state = dh + b0 * P;
@@ -273,8 +283,10 @@ void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool rev
         n_prev = std::max<int64_t>(0, std::min(steps.batch[t_prev], b0 + n) - b0);
         prev_row = steps.offset[t_prev] + b0;
       }
+      const uint8_t* restart = restarts.at(t, b0);  // rows that read h0 / c0 although r < n_prev
       for (int64_t r = 0; r < n; ++r) {
-        const S* h_read = r < n_prev ? y + (prev_row + r) * P : h0 + (b0 + r) * P;
+        const bool from_h0 = r >= n_prev || (restart && restart[r]);
+        const S* h_read = from_h0 ? h0 + (b0 + r) * P : y + (prev_row + r) * P;
         std::memcpy(xh + (row + r) * P, h_read, P * sizeof(S));
       }
       if (dy) {
@@ -295,8 +307,8 @@ void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool rev
       }
       float* dg = dgates_step + b0 * G;
       gates_backward(n, H, gates + row * G, cells + row * H, cells + prev_row * H, c0f + b0 * H,
-                     n_prev, dr_rows, dc_state, dg, db_slice, w_hr ? r_step + b0 * H : nullptr,
-                     nullptr);
+                     n_prev, restart, dr_rows, dc_state, dg, db_slice,
+                     w_hr ? r_step + b0 * H : nullptr, nullptr);
       if (w_hr) {
         to_lowp(r_step + b0 * H, r_all + row * H, n * H);
       }
@@ -307,6 +319,10 @@ void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool rev
         w_hh_packed->multiply(n, dg_rows, G, false, dh_state, P);
       } else {
         gemm_lowp<S>(false, false, n, P, G, dg_rows, G, w_hh, P, 0.f, dh_state, P);
+      }
+      if (restart) {
+        move_restart_gradients(restart, n, P, H, dh_state, dc_state, restart_dh + b0 * P,
+                               restart_dc + b0 * H);
       }
     }
     if (w_hh_packed) {
@@ -322,7 +338,8 @@ bool has_lowp_blas() {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward_lowp(
-    const LayerSizes& s, const Steps& steps, bool packed, const at::Tensor& input,
+    const LayerSizes& s, const Steps& steps, const Restarts& restarts, bool packed,
+    const at::Tensor& input,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
     const c10::optional<at::Tensor>& bias_hh, const c10::optional<at::Tensor>& weight_hr,
@@ -369,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
       xh = at::empty({s.B, s.I + s.P}, opts);
     }
     layer_forward<scalar_t>(
-        s, steps, reverse, x->data_ptr<scalar_t>(), h0c->data_ptr<scalar_t>(),
+        s, steps, reverse, restarts, x->data_ptr<scalar_t>(), h0c->data_ptr<scalar_t>(),
         c0c->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(),
         w_packed ? &*w_packed : nullptr, bias, data_or_null<scalar_t>(w_hr),
         output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), c_state, gates_buffer, keep_state,
@@ -382,7 +399,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-layer_backward_lowp(const LayerSizes& s, const Steps& steps, const at::Tensor* grad_output,
+layer_backward_lowp(const LayerSizes& s, const Steps& steps, const Restarts& restarts,
+                    const at::Tensor* grad_output,
                     const at::Tensor* grad_h_n, const at::Tensor* grad_c_n,
                     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                     const at::Tensor& weight_ih, const at::Tensor& weight_hh,
@@ -408,11 +426,13 @@ layer_backward_lowp(const LayerSizes& s, const Steps& steps, const at::Tensor* g
   AT_DISPATCH_REDUCED_FLOATING_TYPES(input.scalar_type(), "lstm_layer_backward_lowp", [&] {
     using S = scalar_t;
     // float32: dh [B, P], dc [B, H], c0f [B, H], dgates_step [B, 4H], db_slices [B, 4H],
-    // r_step, dr [B, H] (proj), weight-gradient scratch [4H, max(I, P)], dx [rows, I], db [4H]
+    // r_step, dr [B, H] (proj), weight-gradient scratch [4H, max(I, P)], dx [rows, I], db [4H],
+    // restart_dh [B, P] and restart_dc [B, H] (what the restarts pass to h0, c0)
     // S: dgates [rows, 4H], xh [rows, P], dh_all [rows, P] and r_all [rows, H] (proj)
     const int64_t dw_elements = G * std::max(s.I, P);
     Workspace<float> work(s.B * (P + 2 * H + 2 * G) + (proj ? 2 * s.B * H : 0) + dw_elements +
-                              (need_grad_input ? s.N * s.I : 0) + G,
+                              (need_grad_input ? s.N * s.I : 0) + G +
+                              (restarts.any() ? s.B * (P + H) : 0),
                           float_opts);
     float* dh = work.take(s.B * P);
     float* dc = work.take(s.B * H);
@@ -424,6 +444,12 @@ layer_backward_lowp(const LayerSizes& s, const Steps& steps, const at::Tensor* g
     float* dw = work.take(dw_elements);
     float* dx = need_grad_input ? work.take(s.N * s.I) : nullptr;
     float* db = work.take(G);
+    float* restart_dh = restarts.any() ? work.take(s.B * P) : nullptr;
+    float* restart_dc = restarts.any() ? work.take(s.B * H) : nullptr;
+    if (restarts.any()) {
+      std::fill(restart_dh, restart_dh + s.B * P, 0.f);
+      std::fill(restart_dc, restart_dc + s.B * H, 0.f);
+    }
     Workspace<S> lowp(s.N * (G + P) + (proj ? s.N * (P + H) : 0), opts);
     S* dgates = lowp.take(s.N * G);
     S* xh = lowp.take(s.N * P);
@@ -446,11 +472,19 @@ layer_backward_lowp(const LayerSizes& s, const Steps& steps, const at::Tensor* g
       w_hh_packed.emplace(w_hh->data_ptr<S>(), G, P, opts);  // W_hh [4H, P] = B [K, N] as stored
     }
     layer_recurrence_backward<S>(
-        s, steps, reverse, grad_output ? grad_output->data_ptr<S>() : nullptr,
+        s, steps, reverse, restarts, grad_output ? grad_output->data_ptr<S>() : nullptr,
         h0c->data_ptr<S>(), c0f, w_hh->data_ptr<S>(), w_hh_packed ? &*w_hh_packed : nullptr,
         data_or_null<S>(w_hr), y->data_ptr<S>(),
         gates_c->data_ptr<float>(), cells_c->data_ptr<float>(), dh, dc, dgates_step, dgates,
-        db_slices, xh, dh_all, r_all, r_step, dr);
+        db_slices, xh, dh_all, r_all, r_step, dr, restart_dh, restart_dc);
+    if (restarts.any()) {  // dh0, dc0: what reached them from the restarts, too
+      for (int64_t u = 0; u < s.B * P; ++u) {
+        dh[u] += restart_dh[u];
+      }
+      for (int64_t u = 0; u < s.B * H; ++u) {
+        dc[u] += restart_dc[u];
+      }
+    }
     // The weight gradients and dx as single GEMMs over all rows (MKL's threads), then rounded.
     if (dx) {
       gemm_lowp<S>(false, false, s.N, s.I, G, dgates, G, w_ih->data_ptr<S>(), s.I, 0.f, dx, s.I);

@@ -246,14 +246,23 @@ struct LayerOps {
     return t.has_value() && t->defined() ? t->contiguous() : Tensor();
   }
 
+  // Restarting rows mid-sequence (reset) runs on the CPU kernels only, so far.
+  static void check_no_reset(const char* op, const optional<Tensor>& reset) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!reset.has_value() || !reset->defined(), op,
+                                ": reset (rows that start anew mid-sequence) is implemented on "
+                                "the CPU only, not yet on CUDA; run the module on the CPU, or "
+                                "without reset");
+  }
+
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
       const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
       const Tensor& weight_hh, const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
       const optional<Tensor>& weight_hr, const optional<Tensor>& batch_sizes, bool reverse,
-      bool keep_state) {
+      bool keep_state, const optional<Tensor>& reset) {
     constexpr const char* op = "lstm_ext::lstm_layer_forward";
     const LayerSizes s = check_layer_inputs(op, input, h0, c0, weight_ih, weight_hh, bias_ih,
                                             bias_hh, weight_hr, batch_sizes);
+    check_no_reset(op, reset);
     const typename Kernels::DeviceGuard guard(input.device());
     const bool packed = batch_sizes.has_value();
     const Steps steps(s, batch_sizes);
@@ -278,11 +287,12 @@ struct LayerOps {
       const optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
       const Tensor& weight_ih, const Tensor& weight_hh, const optional<Tensor>& weight_hr,
       const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output, const Tensor& gates,
-      const Tensor& cells, bool need_grad_input) {
+      const Tensor& cells, bool need_grad_input, const optional<Tensor>& reset) {
     constexpr const char* op = "lstm_ext::lstm_layer_backward";
     const LayerSizes s = check_layer_backward_inputs(op, grad_output, grad_h_n, grad_c_n, input,
                                                      h0, c0, weight_ih, weight_hh, weight_hr,
                                                      batch_sizes, output, gates, cells);
+    check_no_reset(op, reset);
     const typename Kernels::DeviceGuard guard(input.device());
     const Steps steps(s, batch_sizes);
     const Tensor dy = defined_or_none(grad_output);
