@@ -237,7 +237,8 @@ def test_bad_reset_is_a_clear_error():
         ours(x, reset=reset.float())
     with pytest.raises(TypeError, match="reset must be a bool Tensor or None, got list"):
         ours(x, reset=[[True]])
-    with pytest.raises(ValueError, match=r"reset must have shape \[T, B\] = \(9, 4\).*got \[4, 9\]"):
+    with pytest.raises(ValueError,
+                       match=r"reset must have shape \[T, B\] = \(9, 4\).*got \[4, 9\]"):
         ours(x, reset=reset.t())
     ours.batch_first = True
     with pytest.raises(ValueError, match=r"\[B, T\] \(batch_first\) = \(9, 4\)"):

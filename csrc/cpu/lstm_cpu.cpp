@@ -91,6 +91,7 @@ inline void wait_until_at_least(const std::atomic<int64_t>& counter, int64_t tar
 }
 
 // Forward of one layer over all steps.
+//   restarts: the rows that start anew from h0 / c0 before a step (reset; csrc/lstm_steps.h)
 //   x      [rows, I]     h0 [B, P], c0 [B, H]
 //   w_ih   [4H, I]       w_hh_t [P, 4H]   bias [4H] (b_ih + b_hh, or zeros)  w_hr_t [H, P] or null
 //   (the recurrent weights transposed: the per-step GEMMs are then plain row-major A @ B, which
@@ -258,6 +259,8 @@ void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse,
 //   x, h0, c0, w_ih, w_hh, w_hr as in the forward; y [rows, P] the forward's output
 //   gates [rows, 4H] activated gates, cells [rows, H] c_t, both saved by the forward
 //   dx [rows, I] or null (not wanted); dh0 [B, P], dc0 [B, H] (also the running dh, dc);
+//   restarts as in the forward, with restart_dh [B, P], restart_dc [B, H] (when any): what the
+//   restarts pass to dh0, dc0, added at the end;
 //   dw_ih [4H, I]; dw_hh [4H, P];
 //   dw_hr [P, H] (with w_hr); db [4H]
 //   workspaces: dgates [rows, 4H] (pre-activation gradients); xh [rows, K] (the h each step read,
@@ -574,7 +577,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
     scalar_t* gates_buffer = keep_state ? gates.data_ptr<scalar_t>() : work.take(buffer_rows * G);
     layer_forward<scalar_t>(s, steps, reverse, restarts, x->data_ptr<scalar_t>(),
                             h0c->data_ptr<scalar_t>(), c0c->data_ptr<scalar_t>(),
-                            w_ih->data_ptr<scalar_t>(), w_hh_t, bias, w_hr_t, output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
+                            w_ih->data_ptr<scalar_t>(), w_hh_t, bias, w_hr_t,
+                            output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
                             c_n.data_ptr<scalar_t>(), gates_buffer, gates_all_rows, chunk_steps,
                             pipelined, keep_state ? cells.data_ptr<scalar_t>() : nullptr,
                             exp_scratch, r_scratch);
@@ -676,8 +680,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
   const Steps steps(s, c10::nullopt);
   if (is_low_precision(input.scalar_type())) {  // one step of the layer kernel
     auto [hy, h_n, cy, gates, cells] =
-        layer_forward_lowp(s, steps, Restarts(), false, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
-                           c10::nullopt, false, /*keep_state=*/true);
+        layer_forward_lowp(s, steps, Restarts(), false, input, hx, cx, weight_ih, weight_hh,
+                           bias_ih, bias_hh, c10::nullopt, false, /*keep_state=*/true);
     return {hy.view({s.B, s.H}), cy, gates.view({s.B, 4 * s.H})};
   }
   const auto x = input.expect_contiguous(), hxc = hx.expect_contiguous(),
@@ -733,8 +737,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
     // One step of the layer kernel: its kept cell state is cy (in float32); the forward's output
     // is never read with one step (every row's previous h is hx), so hx stands in for it.
     auto [grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, unused] =
-        layer_backward_lowp(s, steps, Restarts(), dhy ? &*dhy : nullptr, nullptr, dcy ? &*dcy : nullptr,
-                            input, hx, cx, weight_ih, weight_hh, c10::nullopt, false, hx, gates,
+        layer_backward_lowp(s, steps, Restarts(), dhy ? &*dhy : nullptr, nullptr,
+                            dcy ? &*dcy : nullptr, input, hx, cx, weight_ih, weight_hh, c10::nullopt, false, hx, gates,
                             cy.to(at::kFloat), need_grad_input);
     return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
   }
@@ -762,8 +766,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
     // One step of the layer backward: grad_hy is that step's output gradient, grad_cy its dc.
     // With one step the forward output is never read (every row's previous h is hx).
     layer_backward<scalar_t>(
-        s, steps, false, Restarts(), data_or_null<scalar_t>(dhy), nullptr, data_or_null<scalar_t>(dcy),
-        x->data_ptr<scalar_t>(), hxc->data_ptr<scalar_t>(), cxc->data_ptr<scalar_t>(),
+        s, steps, false, Restarts(), data_or_null<scalar_t>(dhy), nullptr,
+        data_or_null<scalar_t>(dcy), x->data_ptr<scalar_t>(), hxc->data_ptr<scalar_t>(), cxc->data_ptr<scalar_t>(),
         w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(), nullptr, nullptr,
         gates_c->data_ptr<scalar_t>(), cy_c->data_ptr<scalar_t>(),
         need_grad_input ? grad_input.data_ptr<scalar_t>() : nullptr, grad_hx.data_ptr<scalar_t>(),

@@ -164,7 +164,8 @@ void to_float(const S* src, float* dst, int64_t n) {
 //   xh [B, I + P]: a step's [x_t | h] (with w_packed)
 template <typename S>
 void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const Restarts& restarts,
-                   const S* x, const S* h0, const S* c0, const S* w_ih, const S* w_hh, const PackedWeight<S>* w_packed,
+                   const S* x, const S* h0, const S* c0, const S* w_ih, const S* w_hh,
+                   const PackedWeight<S>* w_packed,
                    const float* bias, const S* w_hr, S* y, S* h_n, float* c_state, float* gates,
                    bool gates_all_rows, int64_t chunk_steps, float* cells, float* r, S* r_lowp,
                    float* y_float, S* xh) {
