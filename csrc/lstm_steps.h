@@ -121,4 +121,17 @@ void move_restart_gradients(const uint8_t* restarts, int64_t n, int64_t P, int64
   }
 }
 
+// At the end of a backward: dh0 [B, P], dc0 [B, H] also get what the restarts passed on
+// (restart_dh, restart_dc: move_restart_gradients' dh0_rows, dc0_rows over the whole batch).
+template <typename D>
+void add_restart_gradients(int64_t B, int64_t P, int64_t H, const D* restart_dh,
+                           const D* restart_dc, D* dh0, D* dc0) {
+  for (int64_t u = 0; u < B * P; ++u) {
+    dh0[u] += restart_dh[u];
+  }
+  for (int64_t u = 0; u < B * H; ++u) {
+    dc0[u] += restart_dc[u];
+  }
+}
+
 }  // namespace lstm_ext

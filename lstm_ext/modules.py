@@ -378,7 +378,7 @@ class LSTM(_WeightsAtTheCall):
                 raise NotImplementedError(
                     f"{owner}: reset is not supported under {where} yet (ONNX's LSTM has no "
                     "per-step state reset); call the module without reset there")
-            output, h_n_t, c_n_t = (_C.lstm if op is _C.lstm else lstm)(
+            output, h_n_t, c_n_t = op(
                 input, h0, c0, weights, self.bias, self.proj_size > 0, self.num_layers,
                 self.dropout, self.training, self.bidirectional, batch_sizes, reset)
         if packed:

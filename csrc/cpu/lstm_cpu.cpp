@@ -449,13 +449,8 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
       row_gradients(0, s.N, false);
     }
   }
-  if (restarts.any()) {  // dh0, dc0: what reached them from the restarts, too
-    for (int64_t u = 0; u < s.B * P; ++u) {
-      dh0[u] += restart_dh[u];
-    }
-    for (int64_t u = 0; u < s.B * H; ++u) {
-      dc0[u] += restart_dc[u];
-    }
+  if (restarts.any()) {
+    add_restart_gradients(s.B, P, H, restart_dh, restart_dc, dh0, dc0);
   }
   // db: the slices' sums (rows of db_slices no slice started at are zeros).
   std::fill(db, db + G, T(0));

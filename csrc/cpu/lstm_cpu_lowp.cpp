@@ -478,13 +478,8 @@ layer_backward_lowp(const LayerSizes& s, const Steps& steps, const Restarts& res
         data_or_null<S>(w_hr), y->data_ptr<S>(),
         gates_c->data_ptr<float>(), cells_c->data_ptr<float>(), dh, dc, dgates_step, dgates,
         db_slices, xh, dh_all, r_all, r_step, dr, restart_dh, restart_dc);
-    if (restarts.any()) {  // dh0, dc0: what reached them from the restarts, too
-      for (int64_t u = 0; u < s.B * P; ++u) {
-        dh[u] += restart_dh[u];
-      }
-      for (int64_t u = 0; u < s.B * H; ++u) {
-        dc[u] += restart_dc[u];
-      }
+    if (restarts.any()) {
+      add_restart_gradients(s.B, P, H, restart_dh, restart_dc, dh, dc);
     }
     // The weight gradients and dx as single GEMMs over all rows (MKL's threads), then rounded.
     if (dx) {
