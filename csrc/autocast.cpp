@@ -27,7 +27,9 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autocast(const Tensor& input, const opti
                                                  bool has_projections, int64_t num_layers,
                                                  double dropout, bool train, bool bidirectional,
                                                  const optional<Tensor>& batch_sizes,
-                                                 const optional<Tensor>& reset) {
+                                                 const optional<Tensor>& reset,
+                                                 double zoneout_c, double zoneout_h,
+                                                 double recurrent_dropout) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
@@ -37,10 +39,11 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autocast(const Tensor& input, const opti
           .typed<std::tuple<Tensor, Tensor, Tensor>(
               const Tensor&, const optional<Tensor>&, const optional<Tensor>&, at::TensorList,
               bool, bool, int64_t, double, bool, bool, const optional<Tensor>&,
-              const optional<Tensor>&)>();
+              const optional<Tensor>&, double, double, double)>();
   return op.call(cached_cast(dtype, input, device), cached_cast(dtype, h0, device),
                  cached_cast(dtype, c0, device), cached_cast(dtype, params, device), has_biases,
-                 has_projections, num_layers, dropout, train, bidirectional, batch_sizes, reset);
+                 has_projections, num_layers, dropout, train, bidirectional, batch_sizes, reset,
+                 zoneout_c, zoneout_h, recurrent_dropout);
 }
 
 template <c10::DeviceType device>

@@ -28,7 +28,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace lstm_ext {
@@ -43,7 +45,8 @@ using torch::autograd::variable_list;
 const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
-    const optional<Tensor>&, bool, bool, const optional<Tensor>&)>&
+    const optional<Tensor>&, bool, bool, const optional<Tensor>&, double, double,
+    const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&)>&
 layer_forward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lstm_ext::lstm_layer_forward", "")
@@ -51,7 +54,8 @@ layer_forward_op() {
                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                  const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
                                  const optional<Tensor>&, const optional<Tensor>&, bool, bool,
-                                 const optional<Tensor>&)>();
+                                 const optional<Tensor>&, double, double, const optional<Tensor>&,
+                                 const optional<Tensor>&, const optional<Tensor>&)>();
   return op;
 }
 
@@ -59,6 +63,7 @@ const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor
     const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
     const optional<Tensor>&, bool, const Tensor&, const Tensor&, const Tensor&, bool,
+    const optional<Tensor>&, double, double, const optional<Tensor>&, const optional<Tensor>&,
     const optional<Tensor>&)>&
 layer_backward_op() {
   static const auto op =
@@ -68,14 +73,16 @@ layer_backward_op() {
               const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
               const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
               const optional<Tensor>&, const optional<Tensor>&, bool, const Tensor&,
-              const Tensor&, const Tensor&, bool, const optional<Tensor>&)>();
+              const Tensor&, const Tensor&, bool, const optional<Tensor>&, double, double,
+              const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&)>();
   return op;
 }
 
 const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
-    const optional<Tensor>&, bool, const optional<Tensor>&)>&
+    const optional<Tensor>&, bool, const optional<Tensor>&, double, double,
+    const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&)>&
 layer_reference_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lstm_ext::lstm_layer_reference", "")
@@ -83,7 +90,8 @@ layer_reference_op() {
                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                  const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
                                  const optional<Tensor>&, const optional<Tensor>&, bool,
-                                 const optional<Tensor>&)>();
+                                 const optional<Tensor>&, double, double, const optional<Tensor>&,
+                                 const optional<Tensor>&, const optional<Tensor>&)>();
   return op;
 }
 
@@ -126,14 +134,17 @@ cell_reference_op() {
 
 const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, at::TensorList, bool, bool, int64_t, bool,
-    const optional<Tensor>&, at::TensorList, const optional<Tensor>&)>&
+    const optional<Tensor>&, at::TensorList, const c10::List<optional<Tensor>>&,
+    const c10::List<optional<Tensor>>&, const optional<Tensor>&, double, double)>&
 module_reference_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lstm_ext::lstm_reference", "")
                              .typed<std::tuple<Tensor, Tensor, Tensor>(
                                  const Tensor&, const Tensor&, const Tensor&, at::TensorList,
                                  bool, bool, int64_t, bool, const optional<Tensor>&,
-                                 at::TensorList, const optional<Tensor>&)>();
+                                 at::TensorList, const c10::List<optional<Tensor>>&,
+                                 const c10::List<optional<Tensor>>&, const optional<Tensor>&,
+                                 double, double)>();
   return op;
 }
 
@@ -224,7 +235,8 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, h_n, c_n, gates, cells] =
         layer_forward_op().call(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                                batch_sizes, reverse, /*keep_state=*/true, c10::nullopt);
+                                batch_sizes, reverse, /*keep_state=*/true, c10::nullopt, 0.,
+                                0., c10::nullopt, c10::nullopt, c10::nullopt);
     ctx->save_for_backward({input, h0, c0, weight_ih, weight_hh, bias_ih.value_or(Tensor()),
                             bias_hh.value_or(Tensor()), weight_hr.value_or(Tensor()), output,
                             gates, cells});
@@ -250,7 +262,8 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
       auto [ref_output, ref_h_n, ref_c_n] =
           layer_reference_op().call(input, h0, c0, weight_ih, weight_hh, as_optional(bias_ih),
                                     as_optional(bias_hh), as_optional(weight_hr), batch_sizes,
-                                    reverse, c10::nullopt);
+                                    reverse, c10::nullopt, 0., 0., c10::nullopt, c10::nullopt,
+                                    c10::nullopt);
       differentiable_grads(ctx, inputs, {ref_output, ref_h_n, ref_c_n}, grad_outputs, grads);
       return grads;
     }
@@ -260,7 +273,8 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
         layer_backward_op().call(as_optional(grad_outputs[0]), as_optional(grad_outputs[1]),
                                  as_optional(grad_outputs[2]), input, h0, c0, weight_ih,
                                  weight_hh, as_optional(weight_hr), batch_sizes, reverse, output,
-                                 gates, cells, needs_grad(ctx, inputs, 0), c10::nullopt);
+                                 gates, cells, needs_grad(ctx, inputs, 0), c10::nullopt, 0., 0.,
+                                 c10::nullopt, c10::nullopt, c10::nullopt);
     const Tensor computed[] = {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh};
     for (size_t i = 0; i < 5; ++i) {
       if (needs_grad(ctx, inputs, i)) {
@@ -336,8 +350,15 @@ struct ModuleConfig {
   bool bidirectional;
   optional<Tensor> batch_sizes;
   optional<Tensor> reset;  // bool [T, B] or None: where rows start anew (csrc/lstm.cpp)
+  // zoneout and recurrent dropout probabilities (csrc/lstm_regularize.h)
+  double zoneout_c = 0, zoneout_h = 0, recurrent_dropout = 0;
 
   int64_t directions() const { return bidirectional ? 2 : 1; }
+  // Whether the forward draws masks for zoneout or recurrent dropout (training only: in eval
+  // zoneout is its expectation and recurrent dropout nothing).
+  bool draws_masks() const {
+    return train && (zoneout_c > 0 || zoneout_h > 0 || recurrent_dropout > 0);
+  }
   // Parameters per layer and direction: weight_ih, weight_hh, (bias_ih, bias_hh), (weight_hr).
   int64_t params_per_layer() const { return 2 + (has_biases ? 2 : 0) + (has_projections ? 1 : 0); }
   bool dropout_after(int64_t layer) const {
@@ -393,6 +414,12 @@ void check_module_args(const Tensor& input, const optional<Tensor>& h0, const op
               config.num_layers);
   TORCH_CHECK(config.dropout >= 0 && config.dropout <= 1, op,
               ": dropout must be a probability in [0, 1], got ", config.dropout);
+  for (const auto& [p, name] : {std::pair<double, const char*>{config.zoneout_c, "zoneout_c"},
+                                {config.zoneout_h, "zoneout_h"},
+                                {config.recurrent_dropout, "recurrent_dropout"}}) {
+    TORCH_CHECK_VALUE(p >= 0 && p < 1, op, ": ", name, " must be a probability in [0, 1), got ",
+                      p);
+  }
   const int64_t expected = config.num_layers * config.directions() * config.params_per_layer();
   TORCH_CHECK(static_cast<int64_t>(params.size()) == expected, op, ": expected ", expected,
               " parameters (", config.num_layers, " layers x ", config.directions(),
@@ -436,7 +463,39 @@ struct ForwardResult {
   Tensor zero_h, zero_c;  // the states every layer started from when h0, c0 were not given
   std::vector<Tensor> kept;  // per layer: layer input, dropout mask (or undefined), then per
                              // direction: output, gates, cells
+  // When config.draws_masks(), per layer-direction: zoneout's masks of c and h, the recurrent
+  // dropout mask (each undefined where its probability is 0); else empty.
+  std::vector<Tensor> masks;
 };
+
+constexpr int64_t kMasksPerDirection = 3;
+
+// The masks of one layer-direction whose input is layer_input ([T, B, .] or packed [N, .]),
+// drawn from the default generator in a fixed order (zoneout c, zoneout h, recurrent), so a
+// seeded run draws the same ones in eager and under torch.compile (the op is opaque to it).
+std::array<Tensor, kMasksPerDirection> draw_masks(const Tensor& layer_input, int64_t batch,
+                                                  const LayerParams& p,
+                                                  const ModuleConfig& config) {
+  const int64_t hidden = p.weight_hh.size(0) / 4, real_hidden = p.weight_hh.size(1);
+  std::vector<int64_t> rows(layer_input.sizes().begin(), layer_input.sizes().end() - 1);
+  auto zoneout_mask = [&](double probability, int64_t width) {
+    if (probability == 0) {
+      return Tensor();
+    }
+    std::vector<int64_t> shape = rows;
+    shape.push_back(width);
+    return at::empty(shape, layer_input.options().dtype(at::kBool)).bernoulli_(probability);
+  };
+  std::array<Tensor, kMasksPerDirection> masks = {zoneout_mask(config.zoneout_c, hidden),
+                                                  zoneout_mask(config.zoneout_h, real_hidden),
+                                                  Tensor()};
+  if (config.recurrent_dropout > 0) {
+    masks[2] = at::empty({batch, real_hidden}, layer_input.options())
+                   .bernoulli_(1 - config.recurrent_dropout)
+                   .div_(1 - config.recurrent_dropout);
+  }
+  return masks;
+}
 
 constexpr int64_t kKeptPerLayer = 2;
 constexpr int64_t kKeptPerDirection = 3;
@@ -534,16 +593,29 @@ ForwardResult module_forward(const Tensor& input, const optional<Tensor>& h0,
       result.kept.push_back(layer_input);
       result.kept.emplace_back();  // the mask, set below
     }
+    if (config.draws_masks()) {  // on this thread, before the directions run
+      for (int64_t direction = 0; direction < directions; ++direction) {
+        const auto masks = draw_masks(layer_input, batch_of(input, config),
+                                      layer_params(params, config, layer * directions + direction),
+                                      config);
+        result.masks.insert(result.masks.end(), masks.begin(), masks.end());
+      }
+    }
     // per direction: output, h_n, c_n, gates, cells
     std::vector<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>> runs(directions);
     for_each_direction(directions, concurrently, [&](int64_t direction) {
       const int64_t index = layer * directions + direction;
       const LayerParams p = layer_params(params, config, index);
+      const Tensor* masks = result.masks.empty() ? nullptr
+                                                 : &result.masks[index * kMasksPerDirection];
       runs[direction] = layer_forward_op().call(
           layer_input, has_states ? h0->select(0, index) : zero_h,
           has_states ? c0->select(0, index) : zero_c, p.weight_ih, p.weight_hh, p.bias_ih,
           p.bias_hh, p.weight_hr, config.batch_sizes, /*reverse=*/direction == 1, keep_state,
-          config.reset);
+          config.reset, config.zoneout_c, config.zoneout_h,
+          masks ? as_optional(masks[0]) : c10::nullopt,
+          masks ? as_optional(masks[1]) : c10::nullopt,
+          masks ? as_optional(masks[2]) : c10::nullopt);
     });
     std::vector<Tensor> outputs;
     for (const auto& [output, h, c, gates, cells] : runs) {
@@ -589,12 +661,25 @@ std::vector<Tensor> dropout_masks(const ModuleConfig& config, const std::vector<
 
 // The same forward in pure PyTorch with autograd on (lstm_ext/reference.py, the lstm_reference
 // op), with the first forward's dropout masks: what a second derivative differentiates.
+// masks: the forward's zoneout and recurrent dropout masks (ForwardResult::masks).
 variable_list module_reference(const Tensor& input, const Tensor& h0, const Tensor& c0,
                                at::TensorList params, const ModuleConfig& config,
-                               const std::vector<Tensor>& kept) {
+                               const std::vector<Tensor>& kept,
+                               const std::vector<Tensor>& masks) {
+  c10::List<optional<Tensor>> zoneout_masks, recurrent_masks;
+  for (size_t k = 0; k < masks.size(); k += kMasksPerDirection) {
+    if (config.zoneout_c > 0 || config.zoneout_h > 0) {  // undefined where that p is 0: None
+      zoneout_masks.push_back(as_optional(masks[k]));
+      zoneout_masks.push_back(as_optional(masks[k + 1]));
+    }
+    if (config.recurrent_dropout > 0) {
+      recurrent_masks.push_back(as_optional(masks[k + 2]));
+    }
+  }
   auto [output, h_n, c_n] = module_reference_op().call(
       input, h0, c0, params, config.has_biases, config.has_projections, config.num_layers,
-      config.bidirectional, config.batch_sizes, dropout_masks(config, kept), config.reset);
+      config.bidirectional, config.batch_sizes, dropout_masks(config, kept), zoneout_masks,
+      recurrent_masks, config.reset, config.zoneout_c, config.zoneout_h);
   return {output, h_n, c_n};
 }
 
@@ -685,7 +770,8 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
                             const Tensor& grad_c_n, const Tensor& input, const Tensor& h0,
                             const Tensor& c0, at::TensorList params, const ModuleConfig& config,
                             const Tensor& zero_h, const Tensor& zero_c,
-                            const std::vector<Tensor>& kept, bool need_grad_input) {
+                            const std::vector<Tensor>& kept, const std::vector<Tensor>& masks,
+                            bool need_grad_input) {
   const int64_t directions = config.directions();
   const int64_t per_layer = config.params_per_layer();
   ModuleGrads grads;
@@ -716,6 +802,7 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
           grad_h_n.defined() ? optional<Tensor>(grad_h_n.select(0, index)) : c10::nullopt;
       const optional<Tensor> dc_n =
           grad_c_n.defined() ? optional<Tensor>(grad_c_n.select(0, index)) : c10::nullopt;
+      const Tensor* layer_masks = masks.empty() ? nullptr : &masks[index * kMasksPerDirection];
       auto [grad_in, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
           layer_backward_op().call(dy, dh_n, dc_n, layer_input,
                                    h0.defined() ? h0.select(0, index) : zero_h,
@@ -723,7 +810,10 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
                                    p.weight_hh, p.weight_hr, config.batch_sizes,
                                    /*reverse=*/direction == 1, output, gates, cells,
                                    /*need_grad_input=*/layer > 0 || need_grad_input,
-                                   config.reset);
+                                   config.reset, config.zoneout_c, config.zoneout_h,
+                                   layer_masks ? as_optional(layer_masks[0]) : c10::nullopt,
+                                   layer_masks ? as_optional(layer_masks[1]) : c10::nullopt,
+                                   layer_masks ? as_optional(layer_masks[2]) : c10::nullopt);
       grad_inputs[direction] = grad_in;
       grads.h0[index] = grad_h;
       grads.c0[index] = grad_c;
@@ -753,8 +843,8 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
 
 // Argument positions of lstm: input, h0, c0, then each parameter, then the configuration (one
 // position each: has_biases, has_projections, num_layers, dropout, train, bidirectional,
-// batch_sizes, reset).
-constexpr size_t kModuleConfigArgs = 8;
+// batch_sizes, reset, zoneout_c, zoneout_h, recurrent_dropout).
+constexpr size_t kModuleConfigArgs = 11;
 
 class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
  public:
@@ -763,10 +853,12 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
                                at::TensorList params, bool has_biases, bool has_projections,
                                int64_t num_layers, double dropout, bool train, bool bidirectional,
                                const optional<Tensor>& batch_sizes,
-                               const optional<Tensor>& reset) {
+                               const optional<Tensor>& reset, double zoneout_c, double zoneout_h,
+                               double recurrent_dropout) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
-                              train,      bidirectional,   batch_sizes, reset};
+    const ModuleConfig config{has_biases, has_projections, num_layers, dropout,    train,
+                              bidirectional, batch_sizes, reset,       zoneout_c, zoneout_h,
+                              recurrent_dropout};
     ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/true);
     // Everything goes through save_for_backward, intermediate results included: the last layer's
     // output is also this node's output, and a tensor held anywhere else in the context would
@@ -775,12 +867,14 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
     to_save.insert(to_save.end(), params.begin(), params.end());
     to_save.insert(to_save.end(), {result.zero_h, result.zero_c});
     to_save.insert(to_save.end(), result.kept.begin(), result.kept.end());
+    to_save.insert(to_save.end(), result.masks.begin(), result.masks.end());
     ctx->save_for_backward(to_save);
     ctx->saved_data["config"] = std::vector<int64_t>{
         has_biases, has_projections, num_layers, train, bidirectional};
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reset"] = reset;
+    ctx->saved_data["regularize"] = std::vector<double>{zoneout_c, zoneout_h, recurrent_dropout};
     ctx->set_materialize_grads(false);
     return {result.output, result.h_n, result.c_n};
   }
@@ -788,11 +882,15 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
   // grad_outputs: d output, d h_n, d c_n, each possibly undefined (not used by the loss).
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto flags = ctx->saved_data["config"].toIntVector();
-    const ModuleConfig config{flags[0] != 0, flags[1] != 0, flags[2],
+    ModuleConfig config{flags[0] != 0, flags[1] != 0, flags[2],
                               ctx->saved_data["dropout"].toDouble(), flags[3] != 0,
                               flags[4] != 0, ctx->saved_data["batch_sizes"].toOptional<Tensor>(),
                               ctx->saved_data["reset"].toOptional<Tensor>()};
-    // saved: input, h0, c0, the parameters, the zero states, then `kept`.
+    const auto regularize = ctx->saved_data["regularize"].toDoubleVector();
+    config.zoneout_c = regularize[0];
+    config.zoneout_h = regularize[1];
+    config.recurrent_dropout = regularize[2];
+    // saved: input, h0, c0, the parameters, the zero states, then `kept`, then the masks.
     const variable_list saved = ctx->get_saved_variables();
     const size_t n_inputs = 3 + config.num_layers * config.directions() * config.params_per_layer();
     const std::vector<Tensor> inputs(saved.begin(), saved.begin() + n_inputs);
@@ -800,7 +898,10 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
     const std::vector<Tensor> params(inputs.begin() + 3, inputs.end());
     // undefined when h0, c0 were given
     const Tensor &zero_h = saved[n_inputs], &zero_c = saved[n_inputs + 1];
-    const std::vector<Tensor> kept(saved.begin() + n_inputs + 2, saved.end());
+    const auto kept_begin = saved.begin() + n_inputs + 2;
+    const auto kept_end = kept_begin + kept_index(config, config.num_layers);
+    const std::vector<Tensor> kept(kept_begin, kept_end);
+    const std::vector<Tensor> masks(kept_end, saved.end());
     variable_list grads(n_inputs + kModuleConfigArgs);
 
     if (torch::autograd::GradMode::is_enabled()) {  // create_graph=True
@@ -811,7 +912,7 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
         c0_or_zeros = zero_c.expand({states, zero_c.size(0), zero_c.size(1)});
       }
       const variable_list outputs =
-          module_reference(input, h0_or_zeros, c0_or_zeros, params, config, kept);
+          module_reference(input, h0_or_zeros, c0_or_zeros, params, config, kept, masks);
       differentiable_grads(ctx, inputs, outputs, grad_outputs, grads);
       return grads;
     }
@@ -819,7 +920,7 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const ModuleGrads computed =
         module_backward(grad_outputs[0], grad_outputs[1], grad_outputs[2], input, h0, c0, params,
-                        config, zero_h, zero_c, kept, needs_grad(ctx, inputs, 0));
+                        config, zero_h, zero_c, kept, masks, needs_grad(ctx, inputs, 0));
     if (needs_grad(ctx, inputs, 0)) {
       grads[0] = computed.input;
     }
@@ -853,7 +954,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_autograd(
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, h_n, c_n, gates, cells] =
         layer_forward_op().call(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                                batch_sizes, reverse, /*keep_state=*/false, c10::nullopt);
+                                batch_sizes, reverse, /*keep_state=*/false, c10::nullopt, 0.,
+                                0., c10::nullopt, c10::nullopt, c10::nullopt);
     return {output, h_n, c_n};
   }
   const variable_list out = LayerFunction::apply(input, h0, c0, weight_ih, weight_hh, bias_ih,
@@ -868,7 +970,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_no_state(
     const optional<Tensor>& weight_hr, const optional<Tensor>& batch_sizes, bool reverse) {
   auto [output, h_n, c_n, gates, cells] =
       layer_forward_op().call(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                              batch_sizes, reverse, /*keep_state=*/false, c10::nullopt);
+                              batch_sizes, reverse, /*keep_state=*/false, c10::nullopt, 0., 0.,
+                              c10::nullopt, c10::nullopt, c10::nullopt);
   return {output, h_n, c_n};
 }
 
@@ -910,9 +1013,11 @@ std::tuple<Tensor, Tensor, Tensor> lstm_no_state(const Tensor& input, const opti
                                                  bool has_projections, int64_t num_layers,
                                                  double dropout, bool train, bool bidirectional,
                                                  const optional<Tensor>& batch_sizes,
-                                                 const optional<Tensor>& reset) {
-  const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
-                            train,      bidirectional,   batch_sizes, reset};
+                                                 const optional<Tensor>& reset, double zoneout_c,
+                                                 double zoneout_h, double recurrent_dropout) {
+  const ModuleConfig config{has_biases, has_projections, num_layers, dropout,    train,
+                            bidirectional, batch_sizes, reset,       zoneout_c, zoneout_h,
+                            recurrent_dropout};
   ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/false);
   return {result.output, result.h_n, result.c_n};
 }
@@ -923,7 +1028,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autograd(const Tensor& input, const opti
                                                  bool has_projections, int64_t num_layers,
                                                  double dropout, bool train, bool bidirectional,
                                                  const optional<Tensor>& batch_sizes,
-                                                 const optional<Tensor>& reset) {
+                                                 const optional<Tensor>& reset, double zoneout_c,
+                                                 double zoneout_h, double recurrent_dropout) {
   bool track = false;
   if (torch::autograd::GradMode::is_enabled()) {
     const Tensor none;
@@ -935,11 +1041,12 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autograd(const Tensor& input, const opti
   if (!track) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return lstm_no_state(input, h0, c0, params, has_biases, has_projections, num_layers, dropout,
-                         train, bidirectional, batch_sizes, reset);
+                         train, bidirectional, batch_sizes, reset, zoneout_c, zoneout_h,
+                         recurrent_dropout);
   }
-  const variable_list out =
-      ModuleFunction::apply(input, h0, c0, params, has_biases, has_projections, num_layers,
-                            dropout, train, bidirectional, batch_sizes, reset);
+  const variable_list out = ModuleFunction::apply(
+      input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
+      bidirectional, batch_sizes, reset, zoneout_c, zoneout_h, recurrent_dropout);
   return {out[0], out[1], out[2]};
 }
 
@@ -973,7 +1080,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_kernels(
   ModuleGrads grads = module_backward(grad_output.value_or(Tensor()),
                                       grad_h_n.value_or(Tensor()), grad_c_n.value_or(Tensor()),
                                       input, h0_t, c0_t, params, config, zero_h, zero_c, kept,
-                                      /*need_grad_input=*/true);
+                                      /*masks=*/{}, /*need_grad_input=*/true);
   if (has_biases) {  // an op's outputs do not alias each other: bias_hh gets its own copy
     for (size_t i = 3; i < grads.params.size(); i += config.params_per_layer()) {
       grads.params[i] = grads.params[i].clone();

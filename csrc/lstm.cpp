@@ -34,11 +34,17 @@ TORCH_LIBRARY(lstm_ext, m) {
   // reset[t, b], row b's sequence ends before step t and a new one starts there, from h0 / c0
   // (every layer from its own; a reverse direction restarts at step t - 1: see Restarts in
   // csrc/lstm_steps.h).
+  // zoneout_c, zoneout_h (Krueger et al. 2016): in training each unit of c_t / h_t keeps its
+  // previous value with that probability (a fresh mask per step, layer and direction); in eval
+  // it becomes p * previous + (1 - p) * new. recurrent_dropout (Gal and Ghahramani 2016): in
+  // training, the h fed to W_hh is multiplied by one mask per sequence, layer and direction
+  // (kept units scaled by 1 / (1 - p)); nothing in eval. See csrc/lstm_regularize.h.
   // -> output [T, B, D*P] (or [N, D*P]), h_n [L*D, B, P], c_n [L*D, B, H].
   m.def(
       "lstm(Tensor input, Tensor? h0, Tensor? c0, Tensor[] params, bool has_biases, "
       "bool has_projections, int num_layers, float dropout, bool train, bool bidirectional, "
-      "Tensor? batch_sizes, Tensor? reset=None) -> (Tensor output, Tensor h_n, Tensor c_n)",
+      "Tensor? batch_sizes, Tensor? reset=None, float zoneout_c=0., float zoneout_h=0., "
+      "float recurrent_dropout=0.) -> (Tensor output, Tensor h_n, Tensor c_n)",
       {at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded});
   m.def(
       "lstm_layer(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
@@ -50,17 +56,25 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor? bias_ih, Tensor? bias_hh) -> (Tensor hy, Tensor cy)",
       {at::Tag::pt2_compliant_tag});
   // The kernels they run, one per backend (csrc/cpu, csrc/cuda).
+  // Zoneout and recurrent dropout of one layer-direction (csrc/lstm_regularize.h): where
+  // zoneout_mask_c (bool, rows x H) / zoneout_mask_h (bool, rows x P) is given, a unit keeps its
+  // previous state where the mask is true; without one, zoneout_c / zoneout_h (probabilities)
+  // mix previous and new as their expectation. recurrent_mask [B, P] (the layer's dtype) is
+  // multiplied into the h each step feeds to W_hh.
   m.def(
       "lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, Tensor? batch_sizes, bool reverse, "
-      "bool keep_state, Tensor? reset=None) -> (Tensor output, Tensor h_n, Tensor c_n, "
-      "Tensor gates, Tensor cells)",
+      "bool keep_state, Tensor? reset=None, float zoneout_c=0., float zoneout_h=0., "
+      "Tensor? zoneout_mask_c=None, Tensor? zoneout_mask_h=None, Tensor? recurrent_mask=None) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lstm_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, "
       "Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, Tensor cells, "
-      "bool need_grad_input=True, Tensor? reset=None) -> (Tensor grad_input, Tensor grad_h0, "
+      "bool need_grad_input=True, Tensor? reset=None, float zoneout_c=0., float zoneout_h=0., "
+      "Tensor? zoneout_mask_c=None, Tensor? zoneout_mask_h=None, Tensor? recurrent_mask=None) "
+      "-> (Tensor grad_input, Tensor grad_h0, "
       "Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_weight_hr)",
       {at::Tag::pt2_compliant_tag});
@@ -94,17 +108,22 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)",
       {at::Tag::pt2_compliant_tag});
   // The pure-PyTorch reference (lstm_ext/reference.py, registered from Python as composite
-  // kernels): what a second derivative (create_graph=True) differentiates. dropout_masks: the
-  // forward's, one per layer that had dropout after it.
+  // kernels): what a second derivative (create_graph=True) differentiates. The masks are the
+  // forward's: dropout_masks one per layer that had dropout after it; zoneout_masks two per
+  // layer-direction (c, h; None where that probability is 0) in training, else none;
+  // recurrent_masks one per layer-direction with recurrent dropout in training, else none.
   m.def(
       "lstm_reference(Tensor input, Tensor h0, Tensor c0, Tensor[] params, bool has_biases, "
       "bool has_projections, int num_layers, bool bidirectional, Tensor? batch_sizes, "
-      "Tensor[] dropout_masks, Tensor? reset=None) -> (Tensor output, Tensor h_n, Tensor c_n)");
+      "Tensor[] dropout_masks, Tensor?[] zoneout_masks, Tensor?[] recurrent_masks, "
+      "Tensor? reset=None, float zoneout_c=0., float zoneout_h=0.) -> (Tensor output, "
+      "Tensor h_n, Tensor c_n)");
   m.def(
       "lstm_layer_reference(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, "
-      "Tensor? batch_sizes, bool reverse, Tensor? reset=None) -> (Tensor output, Tensor h_n, "
-      "Tensor c_n)");
+      "Tensor? batch_sizes, bool reverse, Tensor? reset=None, float zoneout_c=0., "
+      "float zoneout_h=0., Tensor? zoneout_mask_c=None, Tensor? zoneout_mask_h=None, "
+      "Tensor? recurrent_mask=None) -> (Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
       "lstm_cell_reference(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh) -> (Tensor hy, Tensor cy)");
@@ -121,15 +140,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_typed(
     const at::Tensor& input, const c10::optional<at::Tensor>& h0,
     const c10::optional<at::Tensor>& c0, const std::vector<at::Tensor>& params, bool has_biases,
     bool has_projections, int64_t num_layers, double dropout, bool train, bool bidirectional,
-    const c10::optional<at::Tensor>& batch_sizes, const c10::optional<at::Tensor>& reset) {
+    const c10::optional<at::Tensor>& batch_sizes, const c10::optional<at::Tensor>& reset,
+    double zoneout_c, double zoneout_h, double recurrent_dropout) {
   using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
       at::TensorList, bool, bool, int64_t, double, bool, bool, const c10::optional<at::Tensor>&,
-      const c10::optional<at::Tensor>&);
+      const c10::optional<at::Tensor>&, double, double, double);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::lstm", "").typed<Signature>();
   return op.call(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
-                 bidirectional, batch_sizes, reset);
+                 bidirectional, batch_sizes, reset, zoneout_c, zoneout_h, recurrent_dropout);
 }
 
 // lstm_ext::lstm_cell the same way (a cell is called once per step: per-call cost is most of it).
@@ -156,7 +176,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "torch.ops.lstm_ext.lstm through its typed handle (same op, less per-call cost)",
         py::arg("input"), py::arg("h0"), py::arg("c0"), py::arg("params"), py::arg("has_biases"),
         py::arg("has_projections"), py::arg("num_layers"), py::arg("dropout"), py::arg("train"),
-        py::arg("bidirectional"), py::arg("batch_sizes"), py::arg("reset") = py::none());
+        py::arg("bidirectional"), py::arg("batch_sizes"), py::arg("reset") = py::none(),
+        py::arg("zoneout_c") = 0.0, py::arg("zoneout_h") = 0.0,
+        py::arg("recurrent_dropout") = 0.0);
   m.def("lstm_cell", &lstm_ext::lstm_cell_typed,
         "torch.ops.lstm_ext.lstm_cell through its typed handle (same op, less per-call cost)");
   // Checked by lstm_ext/_ops.py against the running torch (C++ ABI is per torch version).

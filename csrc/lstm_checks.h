@@ -253,6 +253,45 @@ inline void check_reset(const char* op, const c10::optional<at::Tensor>& reset,
   check_shape(op, *reset, "reset", "[T, B]", {s.T, s.B});
 }
 
+// A layer's zoneout and recurrent dropout (csrc/lstm_regularize.h): probabilities in [0, 1);
+// masks contiguous, on the input's device: zoneout's bool [rows, H] (c) and [rows, P] (h) in the
+// input's layout, recurrent_mask [B, P] in the input's dtype.
+inline void check_regularize(const char* op, double zoneout_c, double zoneout_h,
+                             const c10::optional<at::Tensor>& zoneout_mask_c,
+                             const c10::optional<at::Tensor>& zoneout_mask_h,
+                             const c10::optional<at::Tensor>& recurrent_mask,
+                             const at::Tensor& input, const LayerSizes& s, bool packed) {
+  TORCH_CHECK(zoneout_c >= 0 && zoneout_c < 1 && zoneout_h >= 0 && zoneout_h < 1, op,
+              ": zoneout_c and zoneout_h must be probabilities in [0, 1), got ", zoneout_c, " and ",
+              zoneout_h);
+  const char* rows = packed ? "[N, " : "[T, B, ";
+  const std::pair<const c10::optional<at::Tensor>*, const char*> masks[] = {
+      {&zoneout_mask_c, "zoneout_mask_c"}, {&zoneout_mask_h, "zoneout_mask_h"}};
+  for (const auto& [mask, name] : masks) {
+    if (!mask->has_value() || !(*mask)->defined()) {
+      continue;
+    }
+    const at::Tensor& m = **mask;
+    const bool is_c = mask == &zoneout_mask_c;
+    TORCH_CHECK(m.scalar_type() == at::kBool, op, ": ", name, " must be a bool tensor, got ",
+                m.scalar_type());
+    TORCH_CHECK(m.device() == input.device() && m.is_contiguous(), op, ": ", name,
+                " must be contiguous and on the input's device (", input.device(), ")");
+    const std::string what = std::string(rows) + (is_c ? "H]" : "P]");
+    check_shape(op, m, name, what.c_str(), per_step_shape(s, packed, is_c ? s.H : s.P));
+  }
+  if (recurrent_mask.has_value() && recurrent_mask->defined()) {
+    const at::Tensor& m = *recurrent_mask;
+    TORCH_CHECK(m.scalar_type() == input.scalar_type(), op,
+                ": recurrent_mask must have the input's dtype ", input.scalar_type(), ", got ",
+                m.scalar_type());
+    TORCH_CHECK(m.device() == input.device() && m.is_contiguous(), op,
+                ": recurrent_mask must be contiguous and on the input's device (", input.device(),
+                ")");
+    check_shape(op, m, "recurrent_mask", "[B, P]", {s.B, s.P});
+  }
+}
+
 // The cell's arguments: input [B, I], hx, cx [B, H] (one step: T = 1, N = B).
 inline LayerSizes check_cell_inputs(const char* op, const at::Tensor& input, const at::Tensor& hx,
                                     const at::Tensor& cx, const at::Tensor& weight_ih,

@@ -86,6 +86,16 @@ class Restarts {
   std::vector<uint8_t> step_has_;  // [T]: whether any row of step t restarts
 };
 
+// The state row b of a step read in the forward (backward's view): the step before's row
+// (prev_rows + b * width) for the first n_prev rows that did not restart, else the initial
+// state's (init_rows + b * width: the row joined at this step, or started anew).
+template <typename T>
+const T* state_read(int64_t b, int64_t n_prev, const uint8_t* restarts, const T* prev_rows,
+                    const T* init_rows, int64_t width) {
+  const bool from_init = b >= n_prev || (restarts && restarts[b]);
+  return (from_init ? init_rows : prev_rows) + b * width;
+}
+
 // Before step t, rows [0, n) whose flag is set restart: the running states take h0 / c0's rows.
 // (C: the running c's type, float32 for the 16-bit kernels.)
 template <typename T, typename C, typename C0>

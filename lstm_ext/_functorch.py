@@ -109,7 +109,7 @@ class _Module(torch.autograd.Function):
             with torch.enable_grad():
                 outputs = _lstm_ext.lstm_reference(input, h0_used, c0_used, list(params),
                                                    has_biases, has_projections, num_layers,
-                                                   bidirectional, ctx.batch_sizes, [])
+                                                   bidirectional, ctx.batch_sizes, [], [], [])
             grads = _reference_grads(inputs, outputs, (grad_output, grad_h_n, grad_c_n),
                                      ctx.needs_input_grad[2:])
             return (None, None, *grads)
@@ -299,11 +299,13 @@ def _unfold(t: Tensor, at: int, size: int) -> Tensor:
     return t.unflatten(at, (size, -1))
 
 
-def _refuse_reset(reset: Optional[Tensor]) -> None:
-    if reset is not None:
+def _refuse_beyond_nn(reset: Optional[Tensor], zoneout_c: float = 0.0, zoneout_h: float = 0.0,
+                      recurrent_dropout: float = 0.0) -> None:
+    """reset, zoneout and recurrent dropout do not run under torch.func transforms yet."""
+    if reset is not None or zoneout_c or zoneout_h or recurrent_dropout:
         raise NotImplementedError(
-            "lstm_ext: reset (rows that start anew mid-sequence) under torch.func transforms is "
-            "not supported yet; call the module outside the transform, or without reset")
+            "lstm_ext: reset, zoneout and recurrent_dropout under torch.func transforms are not "
+            "supported yet; call the module outside the transform, or without them")
 
 
 def _dropout_draws(dropout, train, num_layers) -> bool:
@@ -313,7 +315,7 @@ def _dropout_draws(dropout, train, num_layers) -> bool:
 @torch.library.register_vmap("lstm_ext::lstm_forward")
 def _lstm_forward_vmap(info, in_dims, input, h0, c0, params, has_biases, has_projections,
                        num_layers, dropout, train, bidirectional, batch_sizes, reset=None):
-    _refuse_reset(reset)
+    _refuse_beyond_nn(reset)
     args = (input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
             bidirectional, batch_sizes)
     random = _dropout_draws(dropout, train, num_layers)
@@ -332,8 +334,9 @@ def _lstm_forward_vmap(info, in_dims, input, h0, c0, params, has_biases, has_pro
 
 @torch.library.register_vmap("lstm_ext::lstm")
 def _lstm_vmap(info, in_dims, input, h0, c0, params, has_biases, has_projections, num_layers,
-               dropout, train, bidirectional, batch_sizes, reset=None):
-    _refuse_reset(reset)
+               dropout, train, bidirectional, batch_sizes, reset=None, zoneout_c=0.0,
+               zoneout_h=0.0, recurrent_dropout=0.0):
+    _refuse_beyond_nn(reset, zoneout_c, zoneout_h, recurrent_dropout)
     args = (input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
             bidirectional, batch_sizes)
     random = _dropout_draws(dropout, train, num_layers)
@@ -352,6 +355,11 @@ def _layer_vmap(op, keeps_state):
              batch_sizes, reverse, *keep_state):
         args = (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes,
                 reverse, *keep_state)
+        # lstm_layer_forward's further arguments: reset, zoneout_c, zoneout_h, then three masks
+        beyond = keep_state[1:]
+        if beyond:
+            masks = [mask for mask in beyond[3:] if mask is not None]
+            _refuse_beyond_nn(beyond[0], beyond[1], beyond[2], len(masks))
         if any(_is_batched(d) for d in in_dims[3:8]) or batch_sizes is not None:
             return _per_item(info, op(), args, in_dims)
         n = info.batch_size

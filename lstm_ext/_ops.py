@@ -65,7 +65,8 @@ def _kept_dtype(t: Tensor) -> torch.dtype:
 
 @torch.library.register_fake("lstm_ext::lstm")
 def _lstm_fake(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
-               bidirectional, batch_sizes, reset=None):
+               bidirectional, batch_sizes, reset=None, zoneout_c=0.0, zoneout_h=0.0,
+               recurrent_dropout=0.0):
     directions = 2 if bidirectional else 1
     H, P = params[1].shape[0] // 4, params[1].shape[1]
     if h0 is not None:
@@ -131,7 +132,8 @@ def _(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh):
 
 @torch.library.register_fake("lstm_ext::lstm_layer_forward")
 def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, reverse,
-      keep_state, reset=None):
+      keep_state, reset=None, zoneout_c=0.0, zoneout_h=0.0, zoneout_mask_c=None,
+      zoneout_mask_h=None, recurrent_mask=None):
     rows = tuple(input.shape[:-1])  # (T, B), or (N,) when packed
     kept = rows if keep_state else (0,) + rows[1:]
     H, P = weight_hh.shape[0] // 4, weight_hh.shape[1]
@@ -143,7 +145,9 @@ def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_si
 
 @torch.library.register_fake("lstm_ext::lstm_layer_backward")
 def _(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
-      batch_sizes, reverse, output, gates, cells, need_grad_input=True, reset=None):
+      batch_sizes, reverse, output, gates, cells, need_grad_input=True, reset=None,
+      zoneout_c=0.0, zoneout_h=0.0, zoneout_mask_c=None, zoneout_mask_h=None,
+      recurrent_mask=None):
     H, P = weight_hh.shape[0] // 4, weight_hh.shape[1]
     return (
         input.new_empty((input.shape[0] if need_grad_input else 0,) + tuple(input.shape[1:])),
@@ -194,11 +198,14 @@ def lstm(
     input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], params: List[Tensor],
     has_biases: bool, has_projections: bool, num_layers: int, dropout: float, train: bool,
     bidirectional: bool, batch_sizes: Optional[Tensor], reset: Optional[Tensor] = None,
+    zoneout_c: float = 0.0, zoneout_h: float = 0.0, recurrent_dropout: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The whole module, differentiable -> (output [.., D*P], h_n [L*D,B,P], c_n [L*D,B,H]).
-    reset: None or bool [T, B]: where rows start anew from h0 / c0 (csrc/lstm.cpp)."""
+    reset: None or bool [T, B]: where rows start anew from h0 / c0; zoneout_c, zoneout_h,
+    recurrent_dropout: probabilities (csrc/lstm.cpp)."""
     return _ops.lstm(input, h0, c0, params, has_biases, has_projections, num_layers, dropout,
-                     train, bidirectional, batch_sizes, reset)
+                     train, bidirectional, batch_sizes, reset, zoneout_c, zoneout_h,
+                     recurrent_dropout)
 
 
 def lstm_layer(
@@ -223,11 +230,15 @@ def lstm_layer_forward(
     input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
     bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], weight_hr: Optional[Tensor],
     batch_sizes: Optional[Tensor], reverse: bool, keep_state: bool,
-    reset: Optional[Tensor] = None,
+    reset: Optional[Tensor] = None, zoneout_c: float = 0.0, zoneout_h: float = 0.0,
+    zoneout_mask_c: Optional[Tensor] = None, zoneout_mask_h: Optional[Tensor] = None,
+    recurrent_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One layer over all steps -> (output [.., P], h_n [B,P], c_n [B,H], gates [.., 4H], cells)."""
+    """One layer over all steps -> (output [.., P], h_n [B,P], c_n [B,H], gates [.., 4H], cells).
+    The zoneout and recurrent dropout arguments: csrc/lstm.cpp."""
     return _ops.lstm_layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
-                                   weight_hr, batch_sizes, reverse, keep_state, reset)
+                                   weight_hr, batch_sizes, reverse, keep_state, reset, zoneout_c,
+                                   zoneout_h, zoneout_mask_c, zoneout_mask_h, recurrent_mask)
 
 
 def lstm_layer_backward(
@@ -235,13 +246,16 @@ def lstm_layer_backward(
     input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
     weight_hr: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
     output: Tensor, gates: Tensor, cells: Tensor, need_grad_input: bool = True,
-    reset: Optional[Tensor] = None,
+    reset: Optional[Tensor] = None, zoneout_c: float = 0.0, zoneout_h: float = 0.0,
+    zoneout_mask_c: Optional[Tensor] = None, zoneout_mask_h: Optional[Tensor] = None,
+    recurrent_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Reverse loop -> grads of (input (no rows unless need_grad_input), h0, c0, weight_ih,
     weight_hh, bias, weight_hr)."""
     return _ops.lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih,
                                     weight_hh, weight_hr, batch_sizes, reverse, output, gates,
-                                    cells, need_grad_input, reset)
+                                    cells, need_grad_input, reset, zoneout_c, zoneout_h,
+                                    zoneout_mask_c, zoneout_mask_h, recurrent_mask)
 
 
 def lstm_cell_forward(

@@ -20,6 +20,10 @@ from ._ops import _C, lstm, lstm_cell
 _GATES = 4  # i, f, g, o
 
 
+def _is_probability(p) -> bool:
+    return isinstance(p, numbers.Real) and not isinstance(p, bool) and 0 <= p < 1
+
+
 def _shape(t: Tensor) -> List[int]:
     return list(t.shape)
 
@@ -170,6 +174,23 @@ class LSTM(_WeightsAtTheCall):
     each row's state after its last step. Gradients flow to h_0 / c_0 from every restart. On the
     CPU only so far; not under torch.func transforms or ONNX export.
 
+    Also beyond nn.LSTM, two regularisers of the recurrence (keyword-only, default off, so a
+    default module is nn.LSTM exactly; the equations are in lstm_ext/reference.py):
+
+    - ``zoneout=p`` or ``zoneout=(p_c, p_h)`` (Krueger et al. 2016): in training, each unit of
+      the cell state c_t (with probability p_c) and of the hidden state h_t (p_h) keeps its
+      previous value, a fresh mask per step, layer and direction; in eval, the expectation
+      ``c_t = p_c c_{t-1} + (1 - p_c) c_new`` and ``h_t = p_h h_{t-1} + (1 - p_h) h_new``.
+      ``zoneout=p`` zones out both; haste's LayerNormLSTM zones out h only: ``(0, p)``.
+    - ``recurrent_dropout=p`` (Gal and Ghahramani 2016): in training, the h each step feeds to
+      W_hh is multiplied by one dropout mask per sequence (batch row), layer and direction,
+      the same at every step of the call, kept units scaled by 1 / (1 - p); nothing in eval.
+
+    Both run fused in the C++ loop (float32 and float64, CPU), draw their masks from torch's
+    default generator (``torch.manual_seed`` reproduces them, in eager and under torch.compile
+    alike), and work with reset, bidirectional, proj_size and PackedSequence. Not yet: bfloat16 /
+    float16, CUDA, torch.func transforms, ONNX export (a clear error says so).
+
     The weights are whatever ``getattr(module, name)`` gives at the call, as for nn.LSTM: the
     Parameters, or a parametrization's, ``torch.func.functional_call``'s or a pruning hook's
     tensors, or a plain tensor assigned in place of a deleted weight (weight drop).
@@ -179,7 +200,9 @@ class LSTM(_WeightsAtTheCall):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None) -> None:
+                 proj_size: int = 0, device=None, dtype=None, *,
+                 zoneout: "float | Tuple[float, float]" = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         super().__init__()
         # The same argument errors and warning as torch.nn.RNNBase.
         if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
@@ -207,6 +230,14 @@ class LSTM(_WeightsAtTheCall):
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
+        zoneout_pair = zoneout if isinstance(zoneout, (tuple, list)) else (zoneout, zoneout)
+        if len(zoneout_pair) != 2 or not all(_is_probability(p) for p in zoneout_pair):
+            raise ValueError(f"{self._owner}: zoneout should be a number in range [0, 1), or a "
+                             f"pair (p_c, p_h) of them, got {zoneout!r}")
+        if not _is_probability(recurrent_dropout):
+            raise ValueError(f"{self._owner}: recurrent_dropout should be a number in range "
+                             f"[0, 1) representing the probability of an element being zeroed, "
+                             f"got {recurrent_dropout!r}")
 
         self.mode = "LSTM"
         self.input_size = input_size
@@ -217,6 +248,8 @@ class LSTM(_WeightsAtTheCall):
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
         self.proj_size = proj_size
+        self.zoneout = (float(zoneout_pair[0]), float(zoneout_pair[1]))  # (p_c, p_h)
+        self.recurrent_dropout = float(recurrent_dropout)
 
         factory = {"device": device, "dtype": dtype}
         directions = 2 if bidirectional else 1
@@ -245,6 +278,12 @@ class LSTM(_WeightsAtTheCall):
                 self._flat_weights_names.extend(names)
         self._keep_parameters()
         self.reset_parameters()
+
+    def __setstate__(self, state) -> None:
+        # A module pickled before zoneout and recurrent_dropout existed has neither: both off.
+        state.setdefault("zoneout", (0.0, 0.0))
+        state.setdefault("recurrent_dropout", 0.0)
+        super().__setstate__(state)
 
     def reset_parameters(self) -> None:
         """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as nn.LSTM."""
@@ -368,19 +407,26 @@ class LSTM(_WeightsAtTheCall):
             op = _onnx.lstm if _onnx.exporting() else lstm
         else:
             op = _functorch.lstm if _functorch.transforms_active() else _C.lstm
-        if reset is None:
+        zoneout_c, zoneout_h = self.zoneout
+        recurrent_dropout = self.recurrent_dropout if self.training else 0.0  # eval: nothing
+        beyond_nn = [name for name, used in (("reset", reset is not None),
+                                             ("zoneout", zoneout_c > 0 or zoneout_h > 0),
+                                             ("recurrent_dropout", recurrent_dropout > 0)) if used]
+        if not beyond_nn:
             output, h_n_t, c_n_t = op(input, h0, c0, weights, self.bias, self.proj_size > 0,
                                       self.num_layers, self.dropout, self.training,
                                       self.bidirectional, batch_sizes)
         else:
             if op is _onnx.lstm or op is _functorch.lstm:
-                where = "ONNX export" if op is _onnx.lstm else "torch.func transforms"
+                where = ("ONNX export (ONNX's LSTM node has none of them)" if op is _onnx.lstm
+                         else "torch.func transforms")
                 raise NotImplementedError(
-                    f"{owner}: reset is not supported under {where} yet (ONNX's LSTM has no "
-                    "per-step state reset); call the module without reset there")
+                    f"{owner}: {', '.join(beyond_nn)} not supported under {where} yet; call the "
+                    "module without them there")
             output, h_n_t, c_n_t = op(
                 input, h0, c0, weights, self.bias, self.proj_size > 0, self.num_layers,
-                self.dropout, self.training, self.bidirectional, batch_sizes, reset)
+                self.dropout, self.training, self.bidirectional, batch_sizes, reset, zoneout_c,
+                zoneout_h, recurrent_dropout)
         if packed:
             if unsorted_indices is not None:
                 h_n_t = h_n_t.index_select(1, unsorted_indices)
@@ -407,6 +453,11 @@ class LSTM(_WeightsAtTheCall):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
+        if self.zoneout != (0.0, 0.0):
+            zoneout = self.zoneout[0] if self.zoneout[0] == self.zoneout[1] else self.zoneout
+            s += f", zoneout={zoneout}"
+        if self.recurrent_dropout != 0:
+            s += ", recurrent_dropout={recurrent_dropout}"
         return s.format(**self.__dict__)
 
 

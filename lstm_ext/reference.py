@@ -11,6 +11,16 @@ With reset (bool [T, B]), row b starts step t anew from h0[b], c0[b] where reset
 sequence ended at t - 1 and a new one began at t. A reverse layer, which runs the later sequence
 first, starts row b anew at step t - 1 instead (the last step of the earlier sequence).
 
+Zoneout (Krueger et al. 2016) of c and h, with probabilities p_c, p_h, mixes each state with the
+one before, where c_new, h_new are the step's results above (h_new from the unmixed c_new):
+    c_t = d_c ⊙ c_{t-1} + (1 - d_c) ⊙ c_new,   h_t = d_h ⊙ h_{t-1} + (1 - d_h) ⊙ h_new
+d is a bool mask in training (true: the unit keeps its previous value; a fresh one each step,
+true with probability p) and the probability p itself in eval (the expectation).
+Recurrent dropout (Gal and Ghahramani 2016) multiplies the h fed to W_hh by a mask m [B, P],
+one per sequence (the whole call) and layer-direction, 0 or 1 / (1 - p):
+    z = x_t W_ih^T + b_ih + (m ⊙ h_{t-1}) W_hh^T + b_hh
+Both apply at every layer; the output, h_n and the next layer see h_t itself (unmasked).
+
 Being plain differentiable PyTorch, it is also what lstm_ext differentiates through when a second
 derivative is asked for (create_graph=True).
 """
@@ -51,16 +61,35 @@ def _restarting_rows(reset: Optional[Tensor], sizes: List[int], t: int,
     return rows
 
 
+def _zoneout(mask: Optional[Tensor], p: float, previous: Tensor, new: Tensor) -> Tensor:
+    """d ⊙ previous + (1 - d) ⊙ new: d the bool mask where given, else the probability p."""
+    if mask is not None:
+        return torch.where(mask, previous, new)
+    return p * previous + (1 - p) * new if p else new
+
+
+def _per_step(rows: Optional[Tensor], sizes: List[int], packed: bool) -> List[Optional[Tensor]]:
+    """A per-row tensor in the input's layout ([T, B, .] or packed [N, .]) as one piece per step."""
+    if rows is None:
+        return [None] * len(sizes)
+    return list(rows.split(sizes)) if packed else list(rows.unbind(0))
+
+
 def lstm_layer_reference(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor,
                          weight_hh: Tensor, bias_ih: Optional[Tensor] = None,
                          bias_hh: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
                          batch_sizes: Optional[Tensor] = None, reverse: bool = False,
-                         reset: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                         reset: Optional[Tensor] = None, zoneout_c: float = 0.0,
+                         zoneout_h: float = 0.0, zoneout_mask_c: Optional[Tensor] = None,
+                         zoneout_mask_h: Optional[Tensor] = None,
+                         recurrent_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction.
 
     input [T, B, I], or a PackedSequence's data [N, I] with its batch_sizes [T] (step t holds the
     first batch_sizes[t] sequences); h0 [B, P], c0 [B, H]. A reverse layer runs from the last step
     to the first. reset: None or bool [T, B] (the module docstring says what it restarts).
+    zoneout_mask_c / zoneout_mask_h: None or bool in the input's layout with H / P features (where
+    None, zoneout_c / zoneout_h act as the expectation); recurrent_mask: None or [B, P].
     Returns output (input's layout, P features), h_n [B, P], c_n [B, H]: each sequence's state
     after its last step.
     """
@@ -69,6 +98,9 @@ def lstm_layer_reference(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tenso
     else:
         sizes = batch_sizes.tolist()
         steps = list(input.split(sizes))
+    packed = batch_sizes is not None
+    masks_c = _per_step(zoneout_mask_c, sizes, packed)
+    masks_h = _per_step(zoneout_mask_h, sizes, packed)
     h, c = h0, c0
     outputs: List[Optional[Tensor]] = [None] * len(steps)
     for t in (reversed(range(len(steps))) if reverse else range(len(steps))):
@@ -78,8 +110,11 @@ def lstm_layer_reference(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tenso
         if restarting is not None:
             h_prev = torch.where(restarting[:, None], h0[:b], h_prev)
             c_prev = torch.where(restarting[:, None], c0[:b], c_prev)
-        h_t, c_t = lstm_cell_reference(steps[t], h_prev, c_prev, weight_ih, weight_hh, bias_ih,
+        h_fed = h_prev if recurrent_mask is None else h_prev * recurrent_mask[:b]
+        h_t, c_t = lstm_cell_reference(steps[t], h_fed, c_prev, weight_ih, weight_hh, bias_ih,
                                        bias_hh, weight_hr)
+        c_t = _zoneout(masks_c[t], zoneout_c, c_prev, c_t)
+        h_t = _zoneout(masks_h[t], zoneout_h, h_prev, h_t)
         h, c = torch.cat([h_t, h[b:]]), torch.cat([c_t, c[b:]])
         outputs[t] = h_t
     output = torch.stack(outputs) if batch_sizes is None else torch.cat(outputs)
@@ -90,7 +125,10 @@ def lstm_reference(input: Tensor, h0: Tensor, c0: Tensor, params: Sequence[Tenso
                    has_biases: bool, has_projections: bool, num_layers: int, bidirectional: bool,
                    batch_sizes: Optional[Tensor] = None,
                    dropout_masks: Sequence[Tensor] = (),
-                   reset: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                   zoneout_masks: Sequence[Optional[Tensor]] = (),
+                   recurrent_masks: Sequence[Optional[Tensor]] = (),
+                   reset: Optional[Tensor] = None, zoneout_c: float = 0.0,
+                   zoneout_h: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     """The whole of nn.LSTM's computation: layers, each of one or two directions.
 
     input [T, B, I], or a PackedSequence's data [N, I] with its batch_sizes; h0 [L*D, B, P],
@@ -98,6 +136,9 @@ def lstm_reference(input: Tensor, h0: Tensor, c0: Tensor, params: Sequence[Tenso
     direction: weight_ih, weight_hh, (bias_ih, bias_hh), (weight_hr). A layer's input is the
     previous layer's output, both directions' concatenated; dropout_masks, when given, are the
     dropout between layers: one per layer but the last, multiplied into that layer's output.
+    zoneout_masks: in training, two per layer-direction (c's, then h's; None for a state not
+    zoned out), else empty (eval: zoneout_c, zoneout_h act as the expectation); recurrent_masks:
+    one per layer-direction ([B, P]) in training with recurrent dropout, else empty.
     reset: None or bool [T, B]: every layer restarts those rows from its own h0 / c0.
     Returns output (input's layout, D*P features), h_n [L*D, B, P], c_n [L*D, B, H].
     """
@@ -115,7 +156,14 @@ def lstm_reference(input: Tensor, h0: Tensor, c0: Tensor, params: Sequence[Tenso
             weight_hr = weights[-1] if has_projections else None
             output, h, c = lstm_layer_reference(layer_input, h0[index], c0[index], weights[0],
                                                 weights[1], *biases, weight_hr, batch_sizes,
-                                                reverse=direction == 1, reset=reset)
+                                                reverse=direction == 1, reset=reset,
+                                                zoneout_c=zoneout_c, zoneout_h=zoneout_h,
+                                                zoneout_mask_c=zoneout_masks[2 * index]
+                                                if zoneout_masks else None,
+                                                zoneout_mask_h=zoneout_masks[2 * index + 1]
+                                                if zoneout_masks else None,
+                                                recurrent_mask=recurrent_masks[index]
+                                                if recurrent_masks else None)
             outputs.append(output)
             h_n.append(h)
             c_n.append(c)

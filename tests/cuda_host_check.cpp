@@ -53,12 +53,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_forward", &Ops::layer_forward, "", py::arg("input"), py::arg("h0"), py::arg("c0"),
         py::arg("weight_ih"), py::arg("weight_hh"), py::arg("bias_ih"), py::arg("bias_hh"),
         py::arg("weight_hr"), py::arg("batch_sizes"), py::arg("reverse"), py::arg("keep_state"),
-        py::arg("reset") = py::none());
+        py::arg("reset") = py::none(), py::arg("zoneout_c") = 0.0, py::arg("zoneout_h") = 0.0,
+        py::arg("zoneout_mask_c") = py::none(), py::arg("zoneout_mask_h") = py::none(),
+        py::arg("recurrent_mask") = py::none());
   m.def("layer_backward", &Ops::layer_backward, "", py::arg("grad_output"), py::arg("grad_h_n"),
         py::arg("grad_c_n"), py::arg("input"), py::arg("h0"), py::arg("c0"), py::arg("weight_ih"),
         py::arg("weight_hh"), py::arg("weight_hr"), py::arg("batch_sizes"), py::arg("reverse"),
         py::arg("output"), py::arg("gates"), py::arg("cells"), py::arg("need_grad_input") = true,
-        py::arg("reset") = py::none());
+        py::arg("reset") = py::none(), py::arg("zoneout_c") = 0.0, py::arg("zoneout_h") = 0.0,
+        py::arg("zoneout_mask_c") = py::none(), py::arg("zoneout_mask_h") = py::none(),
+        py::arg("recurrent_mask") = py::none());
   m.def("cell_forward", &Ops::cell_forward);
   m.def("cell_backward", &Ops::cell_backward);
   m.def("set_chunk_elements", [](int64_t n) { chunk_elements_for_tests = n; });

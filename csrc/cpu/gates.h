@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../lstm_math.h"
+#include "../lstm_steps.h"
 #include "vec_math.h"
 #include "vml.h"
 
@@ -133,8 +134,7 @@ void gates_backward(int64_t B, int64_t H, const T* gates, const T* cells, const 
     const T* __restrict__ a = gates + b * G;
     T* __restrict__ d = dgates + b * G;
     const T* __restrict__ tc = tanh_c + b * H;
-    const bool from_c0 = b >= n_prev || (restarts && restarts[b]);
-    const T* __restrict__ cp = from_c0 ? c0_rows + b * H : c_prev_rows + b * H;
+    const T* __restrict__ cp = state_read(b, n_prev, restarts, c_prev_rows, c0_rows, H);
     const T* __restrict__ drb = dr + b * H;
     T* __restrict__ dcb = dc + b * H;
     T* __restrict__ dbb = db;
@@ -164,8 +164,7 @@ inline void gates_backward_fused(int64_t B, int64_t H, const float* gates, const
     const float* __restrict__ a = gates + b * G;
     float* __restrict__ d = dgates + b * G;
     const float* __restrict__ cb = cells + b * H;
-    const bool from_c0 = b >= n_prev || (restarts && restarts[b]);
-    const float* __restrict__ cp = from_c0 ? c0_rows + b * H : c_prev_rows + b * H;
+    const float* __restrict__ cp = state_read(b, n_prev, restarts, c_prev_rows, c0_rows, H);
     const float* __restrict__ drb = dr + b * H;
     float* __restrict__ dcb = dc + b * H;
     float* __restrict__ dbb = db;
@@ -199,6 +198,23 @@ inline void gates_backward(int64_t B, int64_t H, const float* gates, const float
                            float* db, float* r, float* /*tanh_c: not needed*/) {
   gates_backward_fused(B, H, gates, cells, c_prev_rows, c0_rows, n_prev, restarts, dr, dc, dgates,
                        db, r);
+}
+
+// c_new = f ⊙ c_{t-1} + i ⊙ g of a step's B rows, the cell state before zoneout mixed it (what
+// the backward's tanh needs where the kept c_t is the mixed one); gates, c_prev_rows, c0_rows,
+// n_prev and restarts as gates_backward reads them; out [B, H].
+template <typename T>
+void new_cells(int64_t B, int64_t H, const T* gates, const T* c_prev_rows, const T* c0_rows,
+               int64_t n_prev, const uint8_t* restarts, T* out) {
+  const int64_t G = 4 * H;
+  for (int64_t b = 0; b < B; ++b) {
+    const T* __restrict__ a = gates + b * G;
+    const T* __restrict__ cp = state_read(b, n_prev, restarts, c_prev_rows, c0_rows, H);
+    T* __restrict__ ob = out + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      ob[j] = next_cell(a[j], a[H + j], a[2 * H + j], cp[j]);
+    }
+  }
 }
 
 }  // namespace cpu

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../lstm_checks.h"
+#include "../lstm_regularize.h"
 #include "../lstm_steps.h"
 #include "blas.h"
 #include "gates.h"
@@ -90,6 +91,13 @@ inline void wait_until_at_least(const std::atomic<int64_t>& counter, int64_t tar
   }
 }
 
+// Zoneout and recurrent dropout run in the float32 / float64 kernels only, so far.
+void check_no_regularize_lowp(const char* op, const Zoneout& zoneout, bool recurrent) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!zoneout.any() && !recurrent, op,
+                              ": zoneout and recurrent_dropout are implemented for float32 and "
+                              "float64 so far, not for bfloat16 / float16 layers");
+}
+
 // Forward of one layer over all steps.
 //   restarts: the rows that start anew from h0 / c0 before a step (reset; csrc/lstm_steps.h)
 //   x      [rows, I]     h0 [B, P], c0 [B, H]
@@ -105,12 +113,16 @@ inline void wait_until_at_least(const std::atomic<int64_t>& counter, int64_t tar
 //          ~100 -> ~89 ms).
 //   cells  [rows, H]     c_t of every step, or null when the backward will not run
 //   exp_scratch [B, 4H]; r_scratch [B, H] (o ⊙ tanh(c_t) before the projection; with w_hr only)
+//   zoneout, recurrent_mask [B, P] or null (csrc/lstm_regularize.h), with their scratch:
+//   fed_scratch [B, P] (the masked h fed to W_hh; with recurrent_mask), c_prev_scratch [B, H]
+//   (c_{t-1}, to mix with c_t; with zoneout of c)
 template <typename T>
 void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const Restarts& restarts,
                    const T* x, const T* h0, const T* c0, const T* w_ih, const T* w_hh_t,
                    const T* bias, const T* w_hr_t, T* y, T* h_n, T* c_n, T* gates,
                    bool gates_all_rows, int64_t chunk_steps, bool pipelined, T* cells,
-                   T* exp_scratch, T* r_scratch) {
+                   T* exp_scratch, T* r_scratch, const Zoneout& zoneout, const T* recurrent_mask,
+                   T* fed_scratch, T* c_prev_scratch) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   std::memcpy(h_n, h0, s.B * P * sizeof(T));
   std::memcpy(c_n, c0, s.B * H * sizeof(T));
@@ -141,15 +153,30 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
       if (const uint8_t* restart = restarts.at(t, b0)) {
         restart_states(restart, n, P, H, h0 + b0 * P, c0 + b0 * H, h_state, c_state);
       }
-      gemm<T>(false, false, n, G, P, T(1), h_state, P, w_hh_t, G, T(1), gates_t, G);
+      const T* h_fed = h_state;
+      if (recurrent_mask) {
+        mask_rows(n, P, h_state, recurrent_mask + b0 * P, fed_scratch + b0 * P);
+        h_fed = fed_scratch + b0 * P;
+      }
+      gemm<T>(false, false, n, G, P, T(1), h_fed, P, w_hh_t, G, T(1), gates_t, G);
+      T* c_prev = zoneout.on_c() ? c_prev_scratch + b0 * H : nullptr;
+      if (c_prev) {
+        std::memcpy(c_prev, c_state, n * H * sizeof(T));
+      }
       // c_state holds c_{t-1} and receives c_t.
       T* r_t = w_hr_t ? r_scratch + b0 * H : y_t;
       gates_forward(n, H, 0, H, gates_t, bias, c_state, r_t, exp_scratch + b0 * G);
+      if (c_prev) {
+        zoneout_mix(zoneout.c_rows(row, H), zoneout.p_c, n * H, c_prev, c_state);
+      }
       if (cells) {
         std::memcpy(cells + row * H, c_state, n * H * sizeof(T));
       }
       if (w_hr_t) {
         gemm<T>(false, false, n, P, H, T(1), r_t, H, w_hr_t, P, T(0), y_t, P);  // r W_hr^T
+      }
+      if (zoneout.on_h()) {
+        zoneout_mix(zoneout.h_rows(row, P), zoneout.p_h, n * P, h_state, y_t);
       }
       std::memcpy(h_state, y_t, n * P * sizeof(T));
     }
@@ -207,12 +234,14 @@ constexpr int64_t kMinSplitStepMacs = int64_t(1) << 17;
 //   bias [4H]; y [rows, P]; h_n [B, P], c_n [B, H] (also the running states)
 //   gates [rows, 4H] (gates_all_rows: kept for the backward) or one step's [B, 4H] scratch
 //   cells [rows, H] or null; exp_scratch [B, 4H]; r_scratch [B, H] (with w_hr only)
+//   zoneout, recurrent_mask, fed_scratch, c_prev_scratch as layer_forward's
 template <typename T>
 void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse,
                           const Restarts& restarts, const T* x, const T* h0, const T* c0,
                           const T* w_ih, const T* w_hh, const T* bias, const T* w_hr, T* y,
                           T* h_n, T* c_n, T* gates, bool gates_all_rows, T* cells,
-                          T* exp_scratch, T* r_scratch) {
+                          T* exp_scratch, T* r_scratch, const Zoneout& zoneout,
+                          const T* recurrent_mask, T* fed_scratch, T* c_prev_scratch) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H, I = s.I;
   std::memcpy(h_n, h0, s.B * P * sizeof(T));
   std::memcpy(c_n, c0, s.B * H * sizeof(T));
@@ -228,13 +257,21 @@ void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse,
     if (const uint8_t* restart = restarts.at(t, 0)) {
       restart_states(restart, n, P, H, h0, c0, h_n, c_n);
     }
+    const T* h_fed = h_n;
+    if (recurrent_mask) {
+      mask_rows(n, P, h_n, recurrent_mask, fed_scratch);
+      h_fed = fed_scratch;
+    }
+    if (zoneout.on_c()) {
+      std::memcpy(c_prev_scratch, c_n, n * H * sizeof(T));
+    }
     // Units [j0, j1): their columns of each gate block, then their gate pass (h_n, the state this
     // step reads, is written only after every unit is done).
     auto units = [&](int64_t j0, int64_t j1) {
       for (int64_t gate = 0; gate < 4; ++gate) {
         const int64_t col = gate * H + j0;
         small_gemm_nt_sum(n, j1 - j0, NtTerm<T>{x_t, I, w_ih + col * I, I, I},
-                          NtTerm<T>{h_n, P, w_hh + col * P, P, P}, gates_t + col, G);
+                          NtTerm<T>{h_fed, P, w_hh + col * P, P, P}, gates_t + col, G);
       }
       gates_forward(n, H, j0, j1, gates_t, bias, c_n, r_t, exp_scratch);
     };
@@ -243,11 +280,17 @@ void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse,
     } else {
       units(0, H);
     }
+    if (zoneout.on_c()) {
+      zoneout_mix(zoneout.c_rows(row, H), zoneout.p_c, n * H, c_prev_scratch, c_n);
+    }
     if (cells) {
       std::memcpy(cells + row * H, c_n, n * H * sizeof(T));
     }
     if (w_hr) {
       small_gemm_nt(n, P, H, r_t, H, w_hr, H, false, y_t, P);  // r W_hr^T
+    }
+    if (zoneout.on_h()) {
+      zoneout_mix(zoneout.h_rows(row, P), zoneout.p_h, n * P, h_n, y_t);
     }
     std::memcpy(h_n, y_t, n * P * sizeof(T));
   }
@@ -268,6 +311,9 @@ void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse,
 //   packs dG once instead of twice); dw_cat [4H, K] (with fuse_x); with w_hr: dh_all [rows, P],
 //   r_all [rows, H], dr [B, H]; tanh_c [B, H]; db_slices [B, 4H] (a batch slice [b0, b1) sums
 //   its bias gradient in row b0). K = I + P with fuse_x, else P.
+//   zoneout, recurrent_mask [B, P] or null as in the forward (cells then hold the mixed c_t),
+//   with their scratch: keep_dh [B, P] (zoneout of h), keep_dc [B, H] and c_new [B, H]
+//   (zoneout of c): the gradients zoneout passes to the state before, and c_t before the mix.
 template <typename T>
 void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
                     const Restarts& restarts, const T* dy, const T* dh_n, const T* dc_n,
@@ -276,7 +322,8 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
                     const T* cells, T* dx, T* dh0, T* dc0, T* dw_ih, T* dw_hh, T* dw_hr, T* db,
                     T* dgates, bool fuse_x, T* xh, T* dw_cat, T* dh_all, T* r_all,
                     T* dr_scratch, T* tanh_c, T* db_slices, T* restart_dh, T* restart_dc,
-                    int64_t pipeline_chunks) {
+                    int64_t pipeline_chunks, const Zoneout& zoneout, const T* recurrent_mask,
+                    T* keep_dh, T* keep_dc, T* c_new) {
   const int64_t xw = fuse_x ? s.I : 0, K = xw + s.P;  // xh: [x (xw columns) | h (P columns)]
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   T* dh = dh0;
@@ -323,9 +370,12 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
         if (fuse_x) {
           std::memcpy(xh_row, x + (row + r) * s.I, s.I * sizeof(T));
         }
-        const bool from_h0 = r >= n_prev || (restart && restart[r]);
-        const T* h_read = from_h0 ? h0 + (b0 + r) * P : y + (prev_row + r) * P;
-        std::memcpy(xh_row + xw, h_read, P * sizeof(T));
+        const T* h_read = state_read(r, n_prev, restart, y + prev_row * P, h0 + b0 * P, P);
+        if (recurrent_mask) {  // dW_hh multiplies the h the step fed to W_hh
+          mask_rows(1, P, h_read, recurrent_mask + (b0 + r) * P, xh_row + xw);
+        } else {
+          std::memcpy(xh_row + xw, h_read, P * sizeof(T));
+        }
       }
 
       // dL/dh_t: from step t's output and from the step after it (already in dh_state).
@@ -335,6 +385,20 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
           dh_state[u] += dy_t[u];
         }
       }
+      // Zoneout: dh_state, dc_state go on as the gradients of the step's new h and c; what the
+      // mix passes straight to the state before waits in keep_dh, keep_dc.
+      T* keep_dh_rows = zoneout.on_h() ? keep_dh + b0 * P : nullptr;
+      if (keep_dh_rows) {
+        zoneout_split(zoneout.h_rows(row, P), zoneout.p_h, n * P, dh_state, keep_dh_rows);
+      }
+      T* keep_dc_rows = zoneout.on_c() ? keep_dc + b0 * H : nullptr;
+      const T* cells_t = cells + row * H;  // c_t as the gate pass made it
+      if (keep_dc_rows) {
+        zoneout_split(zoneout.c_rows(row, H), zoneout.p_c, n * H, dc_state, keep_dc_rows);
+        new_cells(n, H, gates + row * G, cells + prev_row * H, c0 + b0 * H, n_prev, restart,
+                  c_new + b0 * H);
+        cells_t = c_new + b0 * H;
+      }
       const T* dr = dh_state;  // dL/d(o ⊙ tanh c_t)
       if (w_hr) {
         std::memcpy(dh_all + row * P, dh_state, n * P * sizeof(T));
@@ -343,11 +407,20 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
         dr = dr_rows;
       }
       T* dgates_t = dgates + row * G;
-      gates_backward(n, H, gates + row * G, cells + row * H, cells + prev_row * H, c0 + b0 * H,
-                     n_prev, restart, dr, dc_state, dgates_t, db_slice,
-                     w_hr ? r_all + row * H : nullptr, tanh_c + b0 * H);
-      // dL/dh of the state this step read = dG_t W_hh
+      gates_backward(n, H, gates + row * G, cells_t, cells + prev_row * H, c0 + b0 * H, n_prev,
+                     restart, dr, dc_state, dgates_t, db_slice, w_hr ? r_all + row * H : nullptr,
+                     tanh_c + b0 * H);
+      if (keep_dc_rows) {
+        add_kept(n * H, keep_dc_rows, dc_state);
+      }
+      // dL/dh of the state this step read = dG_t W_hh (⊙ the recurrent mask), + zoneout's part
       gemm<T>(false, false, n, P, G, T(1), dgates_t, G, w_hh, P, T(0), dh_state, P);
+      if (recurrent_mask) {
+        mask_rows(n, P, dh_state, recurrent_mask + b0 * P, dh_state);
+      }
+      if (keep_dh_rows) {
+        add_kept(n * P, keep_dh_rows, dh_state);
+      }
       if (restart) {
         move_restart_gradients(restart, n, P, H, dh_state, dc_state, restart_dh + b0 * P,
                                restart_dc + b0 * H);
@@ -500,18 +573,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& weight_hh, const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
     const optional<Tensor>& weight_hr, const optional<Tensor>& batch_sizes, bool reverse,
-    bool keep_state, const optional<Tensor>& reset) {
+    bool keep_state, const optional<Tensor>& reset, double zoneout_c, double zoneout_h,
+    const optional<Tensor>& zoneout_mask_c, const optional<Tensor>& zoneout_mask_h,
+    const optional<Tensor>& recurrent_mask) {
   constexpr const char* op = "lstm_ext::lstm_layer_forward";
   const LayerSizes s = check_layer_inputs(op, input, h0, c0, weight_ih, weight_hh, bias_ih,
                                           bias_hh, weight_hr, batch_sizes);
   check_reset(op, reset, input, s);
   const bool packed = batch_sizes.has_value();
+  check_regularize(op, zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h, recurrent_mask,
+                   input, s, packed);
   if (s.H == 0) {
     return no_hidden_units_forward(s, packed, input.options(), keep_state);
   }
   const Steps steps(s, batch_sizes);
   const Restarts restarts(steps, reset, reverse);
+  const Zoneout zoneout(zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h);
+  const bool recurrent = recurrent_mask.has_value() && recurrent_mask->defined();
   if (is_low_precision(input.scalar_type())) {
+    check_no_regularize_lowp(op, zoneout, recurrent);
     return layer_forward_lowp(s, steps, restarts, packed, input, h0, c0, weight_ih, weight_hh,
                               bias_ih, bias_hh, weight_hr, reverse, keep_state);
   }
@@ -535,10 +615,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   const bool gates_all_rows = keep_state || pipelined;
   const int64_t buffer_rows = keep_state ? 0 : (pipelined ? s.N : chunk_steps * s.B);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_forward_cpu", [&] {
+    // fed_scratch [B, P] (recurrent dropout), c_prev_scratch [B, H] (zoneout of c)
+    const int64_t regularize_elements =
+        (recurrent ? s.B * s.P : 0) + (zoneout.on_c() ? s.B * s.H : 0);
+    const scalar_t* mask = recurrent ? recurrent_mask->data_ptr<scalar_t>() : nullptr;
     if (direct_steps(s)) {
       // bias [4H], exp_scratch [B, 4H], r_scratch [B, H], gates of one step [B, 4H]
-      Workspace<scalar_t> work(G + s.B * G + (proj ? s.B * s.H : 0) + (keep_state ? 0 : s.B * G),
+      Workspace<scalar_t> work(G + s.B * G + (proj ? s.B * s.H : 0) +
+                                   (keep_state ? 0 : s.B * G) + regularize_elements,
                                opts);
+      scalar_t* fed_scratch = recurrent ? work.take(s.B * s.P) : nullptr;
+      scalar_t* c_prev_scratch = zoneout.on_c() ? work.take(s.B * s.H) : nullptr;
       scalar_t* bias = work.take(G);
       combined_bias_into(bias_ih, bias_hh, G, bias);
       scalar_t* exp_scratch = work.take(s.B * G);
@@ -551,14 +638,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
           c0c->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(), bias,
           data_or_null<scalar_t>(w_hr), output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
           c_n.data_ptr<scalar_t>(), gates_buffer, keep_state,
-          keep_state ? cells.data_ptr<scalar_t>() : nullptr, exp_scratch, r_scratch);
+          keep_state ? cells.data_ptr<scalar_t>() : nullptr, exp_scratch, r_scratch, zoneout,
+          mask, fed_scratch, c_prev_scratch);
       return;
     }
     // w_hh_t [P, 4H], w_hr_t [H, P], bias [4H], exp_scratch [B, 4H], r_scratch [B, H],
     // gates for one chunk [chunk rows, 4H] or, pipelined, all rows (inference)
     Workspace<scalar_t> work(s.P * G + (proj ? s.H * s.P : 0) + G + s.B * G +
-                                 (proj ? s.B * s.H : 0) + buffer_rows * G,
+                                 (proj ? s.B * s.H : 0) + buffer_rows * G + regularize_elements,
                              opts);
+    scalar_t* fed_scratch = recurrent ? work.take(s.B * s.P) : nullptr;
+    scalar_t* c_prev_scratch = zoneout.on_c() ? work.take(s.B * s.H) : nullptr;
     scalar_t* w_hh_t = work.take(s.P * G);
     transpose_into(weight_hh, w_hh_t);
     scalar_t* w_hr_t = proj ? work.take(s.H * s.P) : nullptr;
@@ -576,7 +666,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
                             output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
                             c_n.data_ptr<scalar_t>(), gates_buffer, gates_all_rows, chunk_steps,
                             pipelined, keep_state ? cells.data_ptr<scalar_t>() : nullptr,
-                            exp_scratch, r_scratch);
+                            exp_scratch, r_scratch, zoneout, mask, fed_scratch, c_prev_scratch);
   });
   if (!keep_state) {
     // Nothing kept for a backward: both come back with no rows.
@@ -594,20 +684,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
     const Tensor& weight_ih, const Tensor& weight_hh, const optional<Tensor>& weight_hr,
     const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output, const Tensor& gates,
-    const Tensor& cells, bool need_grad_input, const optional<Tensor>& reset) {
+    const Tensor& cells, bool need_grad_input, const optional<Tensor>& reset, double zoneout_c,
+    double zoneout_h, const optional<Tensor>& zoneout_mask_c,
+    const optional<Tensor>& zoneout_mask_h, const optional<Tensor>& recurrent_mask) {
   constexpr const char* op = "lstm_ext::lstm_layer_backward";
   const LayerSizes s = check_layer_backward_inputs(op, grad_output, grad_h_n, grad_c_n, input, h0,
                                                    c0, weight_ih, weight_hh, weight_hr,
                                                    batch_sizes, output, gates, cells);
   check_reset(op, reset, input, s);
+  check_regularize(op, zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h, recurrent_mask,
+                   input, s, batch_sizes.has_value());
   if (s.H == 0) {
     return no_hidden_units_backward(s, input, weight_hr.has_value(), need_grad_input);
   }
   const Steps steps(s, batch_sizes);
   const Restarts restarts(steps, reset, reverse);
+  const Zoneout zoneout(zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h);
+  const bool recurrent = recurrent_mask.has_value() && recurrent_mask->defined();
   const auto dy = contiguous_or_none(grad_output), dh_n = contiguous_or_none(grad_h_n),
              dc_n = contiguous_or_none(grad_c_n);
   if (is_low_precision(input.scalar_type())) {
+    check_no_regularize_lowp(op, zoneout, recurrent);
     return layer_backward_lowp(s, steps, restarts, dy ? &*dy : nullptr, dh_n ? &*dh_n : nullptr,
                                dc_n ? &*dc_n : nullptr, input, h0, c0, weight_ih, weight_hh,
                                weight_hr, reverse, output, gates, cells, need_grad_input);
@@ -635,9 +732,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const int64_t K = (fuse_x ? s.I : 0) + s.P;
     const int64_t proj_elements = proj ? s.N * (s.P + s.H) + s.B * s.H : 0;
     const int64_t restart_elements = restarts.any() ? s.B * (s.P + s.H) : 0;
+    // keep_dh [B, P] (zoneout of h); keep_dc, c_new [B, H] (zoneout of c)
+    const int64_t zoneout_elements =
+        (zoneout.on_h() ? s.B * s.P : 0) + (zoneout.on_c() ? 2 * s.B * s.H : 0);
     Workspace<scalar_t> work(s.N * (G + K) + (fuse_x ? G * K : 0) + s.B * s.H + s.B * G +
-                                 proj_elements + restart_elements,
+                                 proj_elements + restart_elements + zoneout_elements,
                              opts);
+    scalar_t* keep_dh = zoneout.on_h() ? work.take(s.B * s.P) : nullptr;
+    scalar_t* keep_dc = zoneout.on_c() ? work.take(s.B * s.H) : nullptr;
+    scalar_t* c_new = zoneout.on_c() ? work.take(s.B * s.H) : nullptr;
     scalar_t* dgates = work.take(s.N * G);
     scalar_t* xh = work.take(s.N * K);
     scalar_t* dw_cat = fuse_x ? work.take(G * K) : nullptr;
@@ -659,7 +762,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
         grad_w_ih.data_ptr<scalar_t>(), grad_w_hh.data_ptr<scalar_t>(),
         proj ? grad_w_hr.data_ptr<scalar_t>() : nullptr, grad_bias.data_ptr<scalar_t>(), dgates,
         fuse_x, xh, dw_cat, dh_all, r_all, dr_scratch, tanh_c, db_slices, restart_dh, restart_dc,
-        backward_pipeline_chunks(s));
+        backward_pipeline_chunks(s), zoneout,
+        recurrent ? recurrent_mask->data_ptr<scalar_t>() : nullptr, keep_dh, keep_dc, c_new);
   });
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
@@ -702,7 +806,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
           s, steps, false, Restarts(), x->data_ptr<scalar_t>(), hxc->data_ptr<scalar_t>(),
           cxc->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(), bias,
           nullptr, hy.data_ptr<scalar_t>(), h_n, cy.data_ptr<scalar_t>(),
-          gates.data_ptr<scalar_t>(), /*gates_all_rows=*/true, nullptr, exp_scratch, nullptr);
+          gates.data_ptr<scalar_t>(), /*gates_all_rows=*/true, nullptr, exp_scratch, nullptr,
+          Zoneout(), nullptr, nullptr, nullptr);
       return;
     }
     scalar_t* w_hh_t = work.take(s.H * G);
@@ -713,7 +818,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
                             nullptr, hy.data_ptr<scalar_t>(), h_n, cy.data_ptr<scalar_t>(),
                             gates.data_ptr<scalar_t>(), /*gates_all_rows=*/true,
                             /*chunk_steps=*/1, /*pipelined=*/false, nullptr, exp_scratch,
-                            nullptr);
+                            nullptr, Zoneout(), nullptr, nullptr, nullptr);
   });
   return {hy, cy, gates};
 }
@@ -769,7 +874,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
         grad_cx.data_ptr<scalar_t>(), grad_w_ih.data_ptr<scalar_t>(),
         grad_w_hh.data_ptr<scalar_t>(), nullptr, grad_bias.data_ptr<scalar_t>(), dgates,
         /*fuse_x=*/false, xh, /*dw_cat=*/nullptr, nullptr, nullptr, nullptr, tanh_c, db_slices,
-        /*restart_dh=*/nullptr, /*restart_dc=*/nullptr, /*pipeline_chunks=*/1);
+        /*restart_dh=*/nullptr, /*restart_dc=*/nullptr, /*pipeline_chunks=*/1, Zoneout(),
+        nullptr, nullptr, nullptr, nullptr);
   });
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }

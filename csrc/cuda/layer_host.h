@@ -254,15 +254,33 @@ struct LayerOps {
                                 "without reset");
   }
 
+  // So do zoneout and recurrent dropout.
+  static void check_no_regularize(const char* op, double zoneout_c, double zoneout_h,
+                                  const optional<Tensor>& zoneout_mask_c,
+                                  const optional<Tensor>& zoneout_mask_h,
+                                  const optional<Tensor>& recurrent_mask) {
+    const bool masks = (zoneout_mask_c.has_value() && zoneout_mask_c->defined()) ||
+                       (zoneout_mask_h.has_value() && zoneout_mask_h->defined()) ||
+                       (recurrent_mask.has_value() && recurrent_mask->defined());
+    TORCH_CHECK_NOT_IMPLEMENTED(!masks && zoneout_c == 0 && zoneout_h == 0, op,
+                                ": zoneout and recurrent_dropout are implemented on the CPU "
+                                "only, not yet on CUDA; run the module on the CPU, or without "
+                                "them");
+  }
+
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
       const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
       const Tensor& weight_hh, const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
       const optional<Tensor>& weight_hr, const optional<Tensor>& batch_sizes, bool reverse,
-      bool keep_state, const optional<Tensor>& reset) {
+      bool keep_state, const optional<Tensor>& reset, double zoneout_c, double zoneout_h,
+      const optional<Tensor>& zoneout_mask_c, const optional<Tensor>& zoneout_mask_h,
+      const optional<Tensor>& recurrent_mask) {
     constexpr const char* op = "lstm_ext::lstm_layer_forward";
     const LayerSizes s = check_layer_inputs(op, input, h0, c0, weight_ih, weight_hh, bias_ih,
                                             bias_hh, weight_hr, batch_sizes);
     check_no_reset(op, reset);
+    check_no_regularize(op, zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h,
+                        recurrent_mask);
     const typename Kernels::DeviceGuard guard(input.device());
     const bool packed = batch_sizes.has_value();
     const Steps steps(s, batch_sizes);
@@ -287,12 +305,16 @@ struct LayerOps {
       const optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
       const Tensor& weight_ih, const Tensor& weight_hh, const optional<Tensor>& weight_hr,
       const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output, const Tensor& gates,
-      const Tensor& cells, bool need_grad_input, const optional<Tensor>& reset) {
+      const Tensor& cells, bool need_grad_input, const optional<Tensor>& reset,
+      double zoneout_c, double zoneout_h, const optional<Tensor>& zoneout_mask_c,
+      const optional<Tensor>& zoneout_mask_h, const optional<Tensor>& recurrent_mask) {
     constexpr const char* op = "lstm_ext::lstm_layer_backward";
     const LayerSizes s = check_layer_backward_inputs(op, grad_output, grad_h_n, grad_c_n, input,
                                                      h0, c0, weight_ih, weight_hh, weight_hr,
                                                      batch_sizes, output, gates, cells);
     check_no_reset(op, reset);
+    check_no_regularize(op, zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h,
+                        recurrent_mask);
     const typename Kernels::DeviceGuard guard(input.device());
     const Steps steps(s, batch_sizes);
     const Tensor dy = defined_or_none(grad_output);

@@ -1,0 +1,104 @@
+// Zoneout and recurrent dropout of one layer-direction, as the backends' loops apply them; the
+// equations are spelled out in lstm_ext/reference.py. Both default off, and a layer without them
+// runs exactly as before (one null check per step).
+//
+// Zoneout (Krueger et al. 2016) mixes each state with the one before:
+//   c_t = d_c ⊙ c_{t-1} + (1 - d_c) ⊙ c_new,   h_t = d_h ⊙ h_{t-1} + (1 - d_h) ⊙ h_new
+// where c_new, h_new are the plain step's results (h_new = o ⊙ tanh(c_new), projected with
+// proj_size). In training d is a bool mask (true: the unit keeps its previous value), a fresh one
+// per step; in eval it is the probability p itself, the expectation. The layer keeps the mixed
+// c_t as its cell state (what the next step reads); the backward rebuilds c_new from the gates.
+//
+// Recurrent dropout (Gal and Ghahramani 2016) multiplies the h a step feeds to W_hh by a mask
+// [B, P], the same at every step of the call (0 or 1 / (1 - p), drawn by the module).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace lstm_ext {
+
+// A layer's zoneout: the masks (bool, one row per step row: [rows, H] for c, [rows, P] for h)
+// in training, or null and the probabilities (eval).
+struct Zoneout {
+  const bool* mask_c = nullptr;
+  const bool* mask_h = nullptr;
+  double p_c = 0, p_h = 0;
+
+  Zoneout() = default;  // off
+  Zoneout(double zoneout_c, double zoneout_h, const c10::optional<at::Tensor>& zoneout_mask_c,
+          const c10::optional<at::Tensor>& zoneout_mask_h)
+      : mask_c(data_or_null(zoneout_mask_c)),
+        mask_h(data_or_null(zoneout_mask_h)),
+        p_c(zoneout_c),
+        p_h(zoneout_h) {}
+
+  bool on_c() const { return mask_c || p_c > 0; }
+  bool on_h() const { return mask_h || p_h > 0; }
+  bool any() const { return on_c() || on_h(); }
+  // The masks' rows from `row` on (null in eval).
+  const bool* c_rows(int64_t row, int64_t H) const { return mask_c ? mask_c + row * H : nullptr; }
+  const bool* h_rows(int64_t row, int64_t P) const { return mask_h ? mask_h + row * P : nullptr; }
+
+ private:
+  // (The checks in lstm_checks.h have made each mask contiguous bool or refused it.)
+  static const bool* data_or_null(const c10::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? t->data_ptr<bool>() : nullptr;
+  }
+};
+
+// next[u] = d ⊙ previous[u] + (1 - d) ⊙ next[u] over n values: d = mask[u] where a mask is
+// given, else p. (S: previous's type, A: the arithmetic's.)
+template <typename T, typename S>
+void zoneout_mix(const bool* mask, double p, int64_t n, const S* previous, T* next) {
+  if (mask) {
+    for (int64_t u = 0; u < n; ++u) {
+      if (mask[u]) {
+        next[u] = static_cast<T>(previous[u]);
+      }
+    }
+    return;
+  }
+  const T d = static_cast<T>(p), rest = static_cast<T>(1 - p);
+  for (int64_t u = 0; u < n; ++u) {
+    next[u] = d * static_cast<T>(previous[u]) + rest * next[u];
+  }
+}
+
+// The backward of zoneout_mix: grad in: dL/d(the mixed state), out: dL/d(new), (1 - d) ⊙ grad;
+// keep out: dL/d(previous) through the mix, d ⊙ grad.
+template <typename T>
+void zoneout_split(const bool* mask, double p, int64_t n, T* grad, T* keep) {
+  if (mask) {
+    for (int64_t u = 0; u < n; ++u) {
+      keep[u] = mask[u] ? grad[u] : T(0);
+      grad[u] = mask[u] ? T(0) : grad[u];
+    }
+    return;
+  }
+  const T d = static_cast<T>(p), rest = static_cast<T>(1 - p);
+  for (int64_t u = 0; u < n; ++u) {
+    keep[u] = d * grad[u];
+    grad[u] *= rest;
+  }
+}
+
+// out[u] = values[u] * mask[u] over n rows of width P (recurrent dropout; in place allowed).
+template <typename T>
+void mask_rows(int64_t n, int64_t P, const T* values, const T* mask, T* out) {
+  for (int64_t u = 0; u < n * P; ++u) {
+    out[u] = values[u] * mask[u];
+  }
+}
+
+// grad[u] += keep[u] over n values (what zoneout_split set aside, once the step's own
+// gradient has been written).
+template <typename T>
+void add_kept(int64_t n, const T* keep, T* grad) {
+  for (int64_t u = 0; u < n; ++u) {
+    grad[u] += keep[u];
+  }
+}
+
+}  // namespace lstm_ext
