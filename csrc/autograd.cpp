@@ -33,6 +33,8 @@
 #include <utility>
 #include <vector>
 
+#include "lstm_regularize.h"
+
 namespace lstm_ext {
 namespace {
 
@@ -145,6 +147,13 @@ module_reference_op() {
                                  at::TensorList, const c10::List<optional<Tensor>>&,
                                  const c10::List<optional<Tensor>>&, const optional<Tensor>&,
                                  double, double)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<void(const Tensor&, double)>& fill_bernoulli_mask_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lstm_ext::fill_bernoulli_mask_", "")
+                             .typed<void(const Tensor&, double)>();
   return op;
 }
 
@@ -471,8 +480,9 @@ struct ForwardResult {
 constexpr int64_t kMasksPerDirection = 3;
 
 // The masks of one layer-direction whose input is layer_input ([T, B, .] or packed [N, .]),
-// drawn from the default generator in a fixed order (zoneout c, zoneout h, recurrent), so a
-// seeded run draws the same ones in eager and under torch.compile (the op is opaque to it).
+// drawn from the default generator in a fixed order (zoneout c, zoneout h: fill_bernoulli_mask;
+// recurrent: bernoulli_), so a seeded run draws the same ones in eager and under torch.compile
+// (the op is opaque to it).
 std::array<Tensor, kMasksPerDirection> draw_masks(const Tensor& layer_input, int64_t batch,
                                                   const LayerParams& p,
                                                   const ModuleConfig& config) {
@@ -484,7 +494,9 @@ std::array<Tensor, kMasksPerDirection> draw_masks(const Tensor& layer_input, int
     }
     std::vector<int64_t> shape = rows;
     shape.push_back(width);
-    return at::empty(shape, layer_input.options().dtype(at::kBool)).bernoulli_(probability);
+    Tensor mask = at::empty(shape, layer_input.options().dtype(at::kBool));
+    fill_bernoulli_mask_op().call(mask, probability);
+    return mask;
   };
   std::array<Tensor, kMasksPerDirection> masks = {zoneout_mask(config.zoneout_c, hidden),
                                                   zoneout_mask(config.zoneout_h, real_hidden),
@@ -1099,7 +1111,8 @@ TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
   // The kernels are not differentiable themselves (the public ops and lstm_ext/_functorch.py
   // differentiate them): differentiating through one is an error, never a silent zero.
   for (const char* op : {"lstm_forward", "lstm_backward", "lstm_layer_forward",
-                         "lstm_layer_backward", "lstm_cell_forward", "lstm_cell_backward"}) {
+                         "lstm_layer_backward", "lstm_cell_forward", "lstm_cell_backward",
+                         "fill_bernoulli_mask_"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }
@@ -1110,4 +1123,5 @@ TORCH_LIBRARY_IMPL(lstm_ext, CompositeExplicitAutograd, m) {
   m.impl("lstm_cell", &lstm_ext::lstm_cell_no_state);
   m.impl("lstm_forward", &lstm_ext::lstm_forward_kernels);
   m.impl("lstm_backward", &lstm_ext::lstm_backward_kernels);
+  m.impl("fill_bernoulli_mask_", &lstm_ext::fill_bernoulli_mask);
 }

@@ -107,6 +107,13 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor output, Tensor[] saved, Tensor? reset=None) -> (Tensor grad_input, "
       "Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)",
       {at::Tag::pt2_compliant_tag});
+  // zoneout's masks, as lstm draws them: fills the bool `mask` in place, each element true with
+  // probability p (csrc/lstm_regularize.h). An op of its own, so that torch.compile records it
+  // and runs the same draw as eager; in place, into a fresh empty tensor, because torch.compile's
+  // common-subexpression pass would merge two calls with equal arguments (it spares only aten's
+  // random ops and aten.empty).
+  m.def("fill_bernoulli_mask_(Tensor(a!) mask, float p) -> ()",
+        {at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded});
   // The pure-PyTorch reference (lstm_ext/reference.py, registered from Python as composite
   // kernels): what a second derivative (create_graph=True) differentiates. The masks are the
   // forward's: dropout_masks one per layer that had dropout after it; zoneout_masks two per

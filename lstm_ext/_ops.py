@@ -160,6 +160,11 @@ def _(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weig
     )
 
 
+@torch.library.register_fake("lstm_ext::fill_bernoulli_mask_")
+def _(mask, p):
+    return None
+
+
 @torch.library.register_fake("lstm_ext::lstm_cell_forward")
 def _(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh):
     B = input.shape[0]

@@ -3,7 +3,8 @@
 The yardstick is lstm_ext.reference (plain PyTorch, the equations spelled out) run with the masks
 the op drew: they come from torch's default generator in a fixed order (per layer, per direction:
 zoneout's c mask, its h mask, the recurrent dropout mask; then the dropout between layers), so
-`drawn_masks` redraws them from the same seed. float64 must agree to ~1e-10, float32 as closely
+`drawn_masks` redraws them from the same seed (zoneout's through the module's own bernoulli_mask;
+the rate tests check its distribution). float64 must agree to ~1e-10, float32 as closely
 as the reference's own float32 error allows.
 """
 
@@ -18,6 +19,13 @@ from lstm_testing import FLOAT32_ERROR_FACTOR, FLOAT32_ULPS, rel_err
 SEED = 1234
 
 
+def bernoulli_mask(size, p):
+    """A mask drawn as the module draws zoneout's (csrc/lstm_regularize.h)."""
+    mask = torch.empty(size, dtype=torch.bool)
+    torch.ops.lstm_ext.fill_bernoulli_mask_(mask, p)
+    return mask
+
+
 def drawn_masks(model, rows, batch, dtype):
     """The masks model's forward draws (in training) right after torch.manual_seed(SEED):
     (zoneout_masks, recurrent_masks, dropout_masks) as lstm_reference takes them."""
@@ -28,8 +36,8 @@ def drawn_masks(model, rows, batch, dtype):
     zoneout, recurrent, dropout = [], [], []
     for layer in range(model.num_layers):
         for _ in range(D):
-            zoneout.append(torch.empty(*rows, H, dtype=torch.bool).bernoulli_(p_c) if p_c else None)
-            zoneout.append(torch.empty(*rows, P, dtype=torch.bool).bernoulli_(p_h) if p_h else None)
+            zoneout.append(bernoulli_mask([*rows, H], p_c) if p_c else None)
+            zoneout.append(bernoulli_mask([*rows, P], p_h) if p_h else None)
             recurrent.append(torch.empty(batch, P, dtype=dtype).bernoulli_(1 - p_r).div_(1 - p_r)
                              if p_r else None)
         if model.dropout and layer < model.num_layers - 1:
@@ -286,6 +294,25 @@ def test_recurrent_dropout_drops_at_its_rate_and_scales():
     dropped_row, dropped_unit = (~kept).nonzero()[0].tolist()
     grad = torch.autograd.grad(out[:, dropped_row].sum(), model.weight_hh_l0)[0]
     assert torch.all(grad[:, dropped_unit] == 0) and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 0.93])
+def test_zoneout_masks_are_independent_draws_at_their_rate(p):
+    n = 1 << 20
+    torch.manual_seed(SEED)
+    mask = bernoulli_mask([n], p)
+    assert mask.dtype == torch.bool and _within_4_sigma(mask.double().mean().item(), p, n)
+    pairs = mask[:-1] & mask[1:]  # neighbours: P(both) = p^2 when independent
+    assert _within_4_sigma(pairs.double().mean().item(), p * p, n)
+    torch.manual_seed(SEED)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(bernoulli_mask([n], p), mask)  # a seed, any thread count
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(bernoulli_mask([n], p), mask)  # the generator moved on
+    assert bernoulli_mask([3, 0, 2], p).shape == (3, 0, 2)
 
 
 def test_reproducible_under_a_seed_and_fresh_otherwise():
