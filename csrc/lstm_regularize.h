@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 
 namespace lstm_ext {
 
@@ -87,7 +88,7 @@ struct Zoneout {
 };
 
 // next[u] = d ⊙ previous[u] + (1 - d) ⊙ next[u] over n values: d = mask[u] where a mask is
-// given, else p. (S: previous's type, A: the arithmetic's.)
+// given, else p, computed in float64 for float64 and in float32 otherwise (16-bit h: one rounding).
 template <typename T, typename S>
 void zoneout_mix(const bool* mask, double p, int64_t n, const S* previous, T* next) {
   if (mask) {
@@ -96,9 +97,10 @@ void zoneout_mix(const bool* mask, double p, int64_t n, const S* previous, T* ne
     }
     return;
   }
-  const T d = static_cast<T>(p), rest = static_cast<T>(1 - p);
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const A d = static_cast<A>(p), rest = static_cast<A>(1 - p);
   for (int64_t u = 0; u < n; ++u) {
-    next[u] = d * static_cast<T>(previous[u]) + rest * next[u];
+    next[u] = static_cast<T>(d * static_cast<A>(previous[u]) + rest * static_cast<A>(next[u]));
   }
 }
 
@@ -121,10 +123,11 @@ void zoneout_split(const bool* mask, double p, int64_t n, T* grad, T* keep) {
 }
 
 // out[u] = values[u] * mask[u] over n rows of width P (recurrent dropout; in place allowed).
-template <typename T>
-void mask_rows(int64_t n, int64_t P, const T* values, const T* mask, T* out) {
+// 16-bit values or masks multiply in float32, rounded once to out's type.
+template <typename V, typename M, typename O>
+void mask_rows(int64_t n, int64_t P, const V* values, const M* mask, O* out) {
   for (int64_t u = 0; u < n * P; ++u) {
-    out[u] = values[u] * mask[u];
+    out[u] = static_cast<O>(values[u] * mask[u]);
   }
 }
 

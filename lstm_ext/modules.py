@@ -186,10 +186,10 @@ class LSTM(_WeightsAtTheCall):
       W_hh is multiplied by one dropout mask per sequence (batch row), layer and direction,
       the same at every step of the call, kept units scaled by 1 / (1 - p); nothing in eval.
 
-    Both run fused in the C++ loop (float32 and float64, CPU), draw their masks from torch's
-    default generator (``torch.manual_seed`` reproduces them, in eager and under torch.compile
-    alike), and work with reset, bidirectional, proj_size and PackedSequence. Not yet: bfloat16 /
-    float16, CUDA, torch.func transforms, ONNX export (a clear error says so).
+    Both run fused in the C++ loop (CPU; float32, float64, bfloat16, float16), draw their masks
+    from torch's default generator (``torch.manual_seed`` reproduces them, in eager and under
+    torch.compile alike), and work with reset, bidirectional, proj_size and PackedSequence. Not
+    yet: CUDA, torch.func transforms, ONNX export (a clear error says so).
 
     The weights are whatever ``getattr(module, name)`` gives at the call, as for nn.LSTM: the
     Parameters, or a parametrization's, ``torch.func.functional_call``'s or a pruning hook's

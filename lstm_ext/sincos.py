@@ -36,9 +36,11 @@ BACKEND_NAMES = {"ext": "lstm_ext.LSTM", "torch": "torch.nn.LSTM"}
 class SinCosModel(nn.Module):
     """The seed's LstmRNN: an LSTM followed by a Linear layer applied at every step."""
 
-    def __init__(self, backend: str, hidden_size: int = 16, num_layers: int = 1):
+    def __init__(self, backend: str, hidden_size: int = 16, num_layers: int = 1,
+                 **lstm_options):
         super().__init__()
-        self.lstm = BACKENDS[backend](1, hidden_size, num_layers)
+        # lstm_options: lstm_ext.LSTM's zoneout / recurrent_dropout (none for torch.nn.LSTM)
+        self.lstm = BACKENDS[backend](1, hidden_size, num_layers, **lstm_options)
         self.linear = nn.Linear(hidden_size, 1)
 
     def forward(self, x):  # x [T, B, 1] -> [T, B, 1]
@@ -248,6 +250,25 @@ def positive_float(text):
     return value
 
 
+def probability(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def zoneout_option(text):
+    """p (both states) or p_c,p_h."""
+    parts = text.split(",")
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"must be p or p_c,p_h, got {text!r}")
+    values = [probability(p) for p in parts]
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 def writable_path_problem(path: str) -> Optional[str]:
     """Why `path` cannot be written (checked before training, not after it), or None."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -276,6 +297,12 @@ def parse_args(argv):
                         help="LSTM hidden size (default: %(default)s)")
     parser.add_argument("--layers", type=positive_int, default=1,
                         help="LSTM layers (default: %(default)s)")
+    parser.add_argument("--zoneout", type=zoneout_option, default=0.0, metavar="P|P_C,P_H",
+                        help="lstm_ext only: zoneout of the cell and hidden states in training "
+                             "(default: %(default)s, off)")
+    parser.add_argument("--recurrent-dropout", type=probability, default=0.0, metavar="P",
+                        help="lstm_ext only: dropout of the h fed back to W_hh, one mask per "
+                             "sequence (default: %(default)s, off)")
     parser.add_argument("--lr", type=positive_float, default=1e-2,
                         help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--target-loss", type=positive_float,
@@ -308,6 +335,9 @@ def parse_args(argv):
             parser.error("--device cuda: lstm_ext was built without CUDA kernels")
     if args.load and not os.path.isfile(args.load):
         parser.error(f"--load: no such file: {args.load}")
+    if (args.zoneout or args.recurrent_dropout) and (args.compare or args.backend == "torch"):
+        parser.error("--zoneout and --recurrent-dropout are lstm_ext.LSTM options that "
+                     "torch.nn.LSTM does not have: use them with --backend ext, without --compare")
     if args.compare and args.save:
         parser.error("--save takes one model: use it without --compare")
     if args.autocast and args.dtype != "float32":
@@ -371,7 +401,10 @@ def load_state(path: str, hidden: int, layers: int, device: str) -> dict:
 
 def build_model(backend: str, args, state: Optional[dict]) -> SinCosModel:
     torch.manual_seed(args.seed)  # same seed, same initial weights on both backends
-    model = SinCosModel(backend, args.hidden, args.layers).to(args.device, DTYPES[args.dtype])
+    options = ({"zoneout": args.zoneout, "recurrent_dropout": args.recurrent_dropout}
+               if backend == "ext" else {})
+    model = SinCosModel(backend, args.hidden, args.layers, **options).to(args.device,
+                                                                          DTYPES[args.dtype])
     if state is not None:
         model.load_state_dict(state)
     return model

@@ -58,7 +58,7 @@ def make(sizes, T, B, options, dtype=torch.float64, seed=0):
     return model, x, h0, c0, reset
 
 
-def ours(model, x, h0, c0, reset, lengths):
+def ours(model, x, h0, c0, reset, lengths, **_):
     """lstm_ext after seeding, padded or packed (unsorted lengths) -> padded out, h_n, c_n."""
     torch.manual_seed(SEED)
     packed = lengths is not None
@@ -70,8 +70,9 @@ def ours(model, x, h0, c0, reset, lengths):
     return out, h_n, c_n
 
 
-def theirs(model, x, h0, c0, reset, lengths):
-    """lstm_reference with the masks the module drew (model.training) -> padded out, h_n, c_n."""
+def theirs(model, x, h0, c0, reset, lengths, mask_dtype=None):
+    """lstm_reference with the masks the module drew (model.training) -> padded out, h_n, c_n.
+    mask_dtype: the dtype the module drew the recurrent dropout mask in (default: x's)."""
     params = [getattr(model, n) for n in model._flat_weights_names]
     T, B = x.shape[:2]
     batch_sizes = order = None
@@ -83,8 +84,10 @@ def theirs(model, x, h0, c0, reset, lengths):
         h0, c0 = h0[:, order], c0[:, order]
         reset = reset[:, order]
     rows = (data.shape[0],) if lengths is not None else (T, B)
-    zoneout, recurrent, dropout = (drawn_masks(model, rows, B, x.dtype) if model.training
-                                   else ([], [], []))
+    zoneout, recurrent, dropout = (drawn_masks(model, rows, B, mask_dtype or x.dtype)
+                                   if model.training else ([], [], []))
+    recurrent = [m if m is None else m.to(x.dtype) for m in recurrent]
+    dropout = [m.to(x.dtype) for m in dropout]
     out, h_n, c_n = lstm_reference(data, h0, c0, params, model.bias, model.proj_size > 0,
                                    model.num_layers, model.bidirectional, batch_sizes, dropout,
                                    zoneout, recurrent, reset, *model.zoneout)
@@ -99,10 +102,10 @@ def theirs(model, x, h0, c0, reset, lengths):
     return out, h_n, c_n
 
 
-def results(run, model, x, h0, c0, reset, lengths):
+def results(run, model, x, h0, c0, reset, lengths, **kw):
     """Outputs and the gradients of x, h0, c0 and every parameter, for a fixed loss."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, h0, c0)]
-    out, h_n, c_n = run(model, *leaves, reset, lengths)
+    out, h_n, c_n = run(model, *leaves, reset, lengths, **kw)
     gen = torch.Generator().manual_seed(7)
     valid = torch.ones(out.shape[:2], dtype=torch.bool)
     for b, n in enumerate(lengths or []):
@@ -207,6 +210,33 @@ def test_float32_as_accurate_as_the_reference(sizes, T, B, options, lengths, var
         assert a.dtype == torch.float32
         bound = FLOAT32_ERROR_FACTOR * rel_err(r, e) + FLOAT32_ULPS * eps
         assert rel_err(a, e) <= bound, (k, rel_err(a, e), rel_err(r, e))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sizes,T,B,options,lengths", [
+    ((8, 32), 20, 4, dict(), None),  # the micro-kernel path (T >= 8, 4H a multiple of 16)
+    ((7, 5), 12, 3, dict(bidirectional=True, proj_size=3), [12, 5, 9]),
+    ((6, 16), 10, 3, dict(num_layers=2), None),
+], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_low_precision_as_accurate_as_the_reference(dtype, sizes, T, B, options, lengths,
+                                                    training):
+    model, x, h0, c0, reset = make(sizes, T, B, dict(options, zoneout=(0.2, 0.3),
+                                                     recurrent_dropout=0.25))
+    model.train(training)
+    with torch.no_grad():  # weights and inputs representable in the low precision
+        for p in model.parameters():
+            p.copy_(p.to(dtype).double())
+    x, h0, c0 = (t.to(dtype).double() for t in (x, h0, c0))
+    exact = results(theirs, model, x, h0, c0, reset, lengths, mask_dtype=dtype)
+    model.to(dtype)
+    x, h0, c0 = (t.to(dtype) for t in (x, h0, c0))
+    reference_low = results(theirs, model, x, h0, c0, reset, lengths)
+    ours_low = results(ours, model, x, h0, c0, reset, lengths)
+    unit = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    for k, (a, r, e) in enumerate(zip(ours_low, reference_low, exact)):
+        assert a.dtype == dtype
+        assert rel_err(a, e) <= 2 * rel_err(r, e) + unit, (k, rel_err(a, e), rel_err(r, e))
 
 
 @pytest.mark.parametrize("options,lengths", [
@@ -367,9 +397,6 @@ def test_bad_options_are_clear_errors(kwargs, match):
 def test_refused_where_not_supported():
     model = lstm_ext.LSTM(3, 5, zoneout=0.2, recurrent_dropout=0.2)
     x = torch.randn(7, 2, 3)
-    with pytest.raises(NotImplementedError, match="bfloat16 / float16"):
-        model.to(torch.bfloat16)(x.bfloat16())
-    model.float()
     params = dict(model.named_parameters())
     with pytest.raises(NotImplementedError,
                        match="zoneout, recurrent_dropout not supported under torch.func"):

@@ -96,6 +96,10 @@ def test_save_and_load_across_backends(tmp_path, saved_by, loaded_by):
     (["--lr", "fast"], "--lr: must be a number greater than 0, got 'fast'"),
     (["--load", "/nonexistent/model.pt"], "--load: no such file: /nonexistent/model.pt"),
     (["--compare", "--save", "x.pt"], "--save takes one model"),
+    (["--zoneout", "1"], "--zoneout: must be a number in [0, 1), got '1'"),
+    (["--zoneout", "0.1,0.2,0.3"], "--zoneout: must be p or p_c,p_h"),
+    (["--recurrent-dropout", "-0.1"], "--recurrent-dropout: must be a number in [0, 1)"),
+    (["--backend", "torch", "--zoneout", "0.1"], "torch.nn.LSTM does not have"),
 ] + ([] if torch.cuda.is_available() else
      [(["--device", "cuda"], "--device cuda: no CUDA device is available")]))
 def test_bad_options_exit_2_with_one_line(argv, message):
@@ -228,3 +232,18 @@ def test_low_precision_compare_runs_both_in_the_same_precision(tmp_path, capsys)
 ])
 def test_low_precision_option_errors(argv, message):
     assert message in one_line_error(run_cli(*argv, "--no-plot"))
+
+
+@pytest.mark.parametrize("argv,options", [
+    (["--zoneout", "0.1", "--recurrent-dropout", "0.1"], ((0.1, 0.1), 0.1)),
+    (["--zoneout", "0,0.2"], ((0.0, 0.2), 0.0)),
+], ids=str)
+def test_regularised_training_runs(tmp_path, monkeypatch, argv, options):
+    built = []
+    original = sincos.build_model
+    monkeypatch.setattr(sincos, "build_model",
+                        lambda *a: built.append(original(*a)) or built[-1])
+    result = run_main(tmp_path, *argv, "--epochs", "300", "--no-plot")
+    lstm = built[0].lstm
+    assert (lstm.zoneout, lstm.recurrent_dropout) == options
+    assert result["final_loss"] < 0.1 and result["test_mse"] < 0.5

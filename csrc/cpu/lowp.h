@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "../lstm_checks.h"
+#include "../lstm_regularize.h"
 #include "../lstm_steps.h"
 
 namespace lstm_ext {
@@ -32,7 +33,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
     const c10::optional<at::Tensor>& bias_hh, const c10::optional<at::Tensor>& weight_hr,
-    bool reverse, bool keep_state);
+    bool reverse, bool keep_state, const Zoneout& zoneout = Zoneout(),
+    const c10::optional<at::Tensor>& recurrent_mask = c10::nullopt);
 
 // The layer backward: gradients of input (no rows unless need_grad_input), h0, c0, weight_ih,
 // weight_hh, the bias, weight_hr (no rows without it), in the input's dtype.
@@ -44,7 +46,8 @@ layer_backward_lowp(const LayerSizes& s, const Steps& steps, const Restarts& res
                     const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                     const c10::optional<at::Tensor>& weight_hr, bool reverse,
                     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-                    bool need_grad_input);
+                    bool need_grad_input, const Zoneout& zoneout = Zoneout(),
+                    const c10::optional<at::Tensor>& recurrent_mask = c10::nullopt);
 
 bool has_lowp_blas();
 

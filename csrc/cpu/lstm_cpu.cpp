@@ -91,13 +91,6 @@ inline void wait_until_at_least(const std::atomic<int64_t>& counter, int64_t tar
   }
 }
 
-// Zoneout and recurrent dropout run in the float32 / float64 kernels only, so far.
-void check_no_regularize_lowp(const char* op, const Zoneout& zoneout, bool recurrent) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!zoneout.any() && !recurrent, op,
-                              ": zoneout and recurrent_dropout are implemented for float32 and "
-                              "float64 so far, not for bfloat16 / float16 layers");
-}
-
 // Forward of one layer over all steps.
 //   restarts: the rows that start anew from h0 / c0 before a step (reset; csrc/lstm_steps.h)
 //   x      [rows, I]     h0 [B, P], c0 [B, H]
@@ -591,9 +584,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   const Zoneout zoneout(zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h);
   const bool recurrent = recurrent_mask.has_value() && recurrent_mask->defined();
   if (is_low_precision(input.scalar_type())) {
-    check_no_regularize_lowp(op, zoneout, recurrent);
     return layer_forward_lowp(s, steps, restarts, packed, input, h0, c0, weight_ih, weight_hh,
-                              bias_ih, bias_hh, weight_hr, reverse, keep_state);
+                              bias_ih, bias_hh, weight_hr, reverse, keep_state, zoneout,
+                              recurrent_mask);
   }
   const auto x = input.expect_contiguous(), h0c = h0.expect_contiguous(),
              c0c = c0.expect_contiguous(), w_ih = weight_ih.expect_contiguous();
@@ -704,10 +697,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   const auto dy = contiguous_or_none(grad_output), dh_n = contiguous_or_none(grad_h_n),
              dc_n = contiguous_or_none(grad_c_n);
   if (is_low_precision(input.scalar_type())) {
-    check_no_regularize_lowp(op, zoneout, recurrent);
     return layer_backward_lowp(s, steps, restarts, dy ? &*dy : nullptr, dh_n ? &*dh_n : nullptr,
                                dc_n ? &*dc_n : nullptr, input, h0, c0, weight_ih, weight_hh,
-                               weight_hr, reverse, output, gates, cells, need_grad_input);
+                               weight_hr, reverse, output, gates, cells, need_grad_input,
+                               zoneout, recurrent_mask);
   }
   const auto x = input.expect_contiguous(), h0c = h0.expect_contiguous(),
              c0c = c0.expect_contiguous(), w_ih = weight_ih.expect_contiguous(),

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../lstm_regularize.h"
 #include "gates.h"
 #include "layer_common.h"
 #include "lowp.h"
@@ -162,22 +163,35 @@ void to_float(const S* src, float* dst, int64_t n) {
 //   (no w_packed) or of one step (w_packed); cells [rows, H] float32 or null
 //   r [B, H] float32: o ⊙ tanh(c_t); with w_hr: r_lowp [B, H], y_float [B, P] scratch
 //   xh [B, I + P]: a step's [x_t | h] (with w_packed)
+//   zoneout, recurrent_mask [B, P] or null (csrc/lstm_regularize.h), with their scratch:
+//   c_prev [B, H] float32 (zoneout of c), fed [B, P] (the masked h; recurrent_mask, no w_packed)
 template <typename S>
 void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const Restarts& restarts,
                    const S* x, const S* h0, const S* c0, const S* w_ih, const S* w_hh,
                    const PackedWeight<S>* w_packed,
                    const float* bias, const S* w_hr, S* y, S* h_n, float* c_state, float* gates,
                    bool gates_all_rows, int64_t chunk_steps, float* cells, float* r, S* r_lowp,
-                   float* y_float, S* xh) {
+                   float* y_float, S* xh, const Zoneout& zoneout, const S* recurrent_mask,
+                   float* c_prev, S* fed) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H, K = s.I + s.P;
   std::memcpy(h_n, h0, s.B * P * sizeof(S));
   to_float(c0, c_state, s.B * H);
   // After a step's products are in gates_t (rows [b0, b0 + n) of step t, at `row`): the gate
   // pass, c_t kept, y_t = h_t (projected with w_hr), and h_t as the next step reads it.
+  // c_{t-1}'s rows [b0, b0 + n), kept for zoneout's mix before the gate pass overwrites them.
+  auto keep_c_prev = [&](int64_t n, int64_t b0) {
+    if (zoneout.on_c()) {
+      std::memcpy(c_prev + b0 * H, c_state + b0 * H, n * H * sizeof(float));
+    }
+  };
   auto finish_step = [&](int64_t n, int64_t row, int64_t b0, float* gates_t) {
     S* y_t = y + row * P;
     float* r_t = r + b0 * H;
     gates_forward(n, H, 0, H, gates_t, bias, c_state + b0 * H, r_t, nullptr);
+    if (zoneout.on_c()) {
+      zoneout_mix(zoneout.c_rows(row, H), zoneout.p_c, n * H, c_prev + b0 * H,
+                  c_state + b0 * H);
+    }
     if (cells) {
       std::memcpy(cells + row * H, c_state + b0 * H, n * H * sizeof(float));
     }
@@ -194,6 +208,9 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
       to_lowp(y_rows, y_t, n * P);
     } else {
       to_lowp(r_t, y_t, n * H);
+    }
+    if (zoneout.on_h()) {
+      zoneout_mix(zoneout.h_rows(row, P), zoneout.p_h, n * P, h_n + b0 * P, y_t);
     }
     std::memcpy(h_n + b0 * P, y_t, n * P * sizeof(S));  // the next step reads it rounded
   };
@@ -213,10 +230,15 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
         S* a = xh + b0 * K;
         for (int64_t i = 0; i < n; ++i) {
           std::memcpy(a + i * K, x + (row + i) * s.I, s.I * sizeof(S));
-          std::memcpy(a + i * K + s.I, h_n + (b0 + i) * P, P * sizeof(S));
+          if (recurrent_mask) {
+            mask_rows(1, P, h_n + (b0 + i) * P, recurrent_mask + (b0 + i) * P, a + i * K + s.I);
+          } else {
+            std::memcpy(a + i * K + s.I, h_n + (b0 + i) * P, P * sizeof(S));
+          }
         }
         float* gates_t = gates_all_rows ? gates + row * G : gates + b0 * G;
         w_packed->multiply(n, a, K, false, gates_t, G);
+        keep_c_prev(n, b0);
         finish_step(n, row, b0, gates_t);
       }
       PackedWeight<S>::release();
@@ -242,7 +264,13 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
           restart_states(restart, n, P, H, h0 + b0 * P, c0 + b0 * H, h_n + b0 * P,
                          c_state + b0 * H);
         }
-        gemm_lowp<S>(false, true, n, G, P, h_n + b0 * P, P, w_hh, P, 1.f, gates_t, G);
+        const S* h_fed = h_n + b0 * P;
+        if (recurrent_mask) {
+          mask_rows(n, P, h_fed, recurrent_mask + b0 * P, fed + b0 * P);
+          h_fed = fed + b0 * P;
+        }
+        gemm_lowp<S>(false, true, n, G, P, h_fed, P, w_hh, P, 1.f, gates_t, G);
+        keep_c_prev(n, b0);
         finish_step(n, row, b0, gates_t);
       }
     });
@@ -257,6 +285,8 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
 //   xh [rows, P] S: the h each step read; with w_hr: dh_all [rows, P], r_all [rows, H] S,
 //   r_step, dr [B, H] float32
 //   w_hh_packed: W_hh [4H, P] packed for brgemm, or null
+//   zoneout, recurrent_mask as in the forward, with float32 scratch keep_dh [B, P] (zoneout of
+//   h), keep_dc and c_new [B, H] (zoneout of c): as the float32 kernel's
 template <typename S>
 void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool reverse,
                                const Restarts& restarts, const S* dy,
@@ -265,7 +295,9 @@ void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool rev
                                const S* y, const float* gates, const float* cells, float* dh,
                                float* dc, float* dgates_step, S* dgates, float* db_slices, S* xh,
                                S* dh_all, S* r_all, float* r_step, float* dr,
-                               float* restart_dh, float* restart_dc) {
+                               float* restart_dh, float* restart_dc, const Zoneout& zoneout,
+                               const S* recurrent_mask, float* keep_dh, float* keep_dc,
+                               float* c_new) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   for_each_batch_slice(s, [&](int64_t b0, int64_t b1) {
     float* dh_state = dh + b0 * P;
@@ -286,15 +318,31 @@ void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool rev
       }
       const uint8_t* restart = restarts.at(t, b0);  // rows that read h0 / c0 although r < n_prev
       for (int64_t r = 0; r < n; ++r) {
-        const bool from_h0 = r >= n_prev || (restart && restart[r]);
-        const S* h_read = from_h0 ? h0 + (b0 + r) * P : y + (prev_row + r) * P;
-        std::memcpy(xh + (row + r) * P, h_read, P * sizeof(S));
+        const S* h_read = state_read(r, n_prev, restart, y + prev_row * P, h0 + b0 * P, P);
+        if (recurrent_mask) {  // dW_hh multiplies the h the step fed to W_hh
+          mask_rows(1, P, h_read, recurrent_mask + (b0 + r) * P, xh + (row + r) * P);
+        } else {
+          std::memcpy(xh + (row + r) * P, h_read, P * sizeof(S));
+        }
       }
       if (dy) {
         const S* dy_t = dy + row * P;
         for (int64_t u = 0; u < n * P; ++u) {
           dh_state[u] += static_cast<float>(dy_t[u]);
         }
+      }
+      // Zoneout, as in the float32 kernel: what passes straight to the state before waits.
+      float* keep_dh_rows = zoneout.on_h() ? keep_dh + b0 * P : nullptr;
+      if (keep_dh_rows) {
+        zoneout_split(zoneout.h_rows(row, P), zoneout.p_h, n * P, dh_state, keep_dh_rows);
+      }
+      float* keep_dc_rows = zoneout.on_c() ? keep_dc + b0 * H : nullptr;
+      const float* cells_t = cells + row * H;
+      if (keep_dc_rows) {
+        zoneout_split(zoneout.c_rows(row, H), zoneout.p_c, n * H, dc_state, keep_dc_rows);
+        new_cells(n, H, gates + row * G, cells + prev_row * H, c0f + b0 * H, n_prev, restart,
+                  c_new + b0 * H);
+        cells_t = c_new + b0 * H;
       }
       const float* dr_rows = dh_state;  // dL/d(o ⊙ tanh c_t)
       if (w_hr) {
@@ -307,9 +355,12 @@ void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool rev
         dr_rows = dr + b0 * H;
       }
       float* dg = dgates_step + b0 * G;
-      gates_backward(n, H, gates + row * G, cells + row * H, cells + prev_row * H, c0f + b0 * H,
+      gates_backward(n, H, gates + row * G, cells_t, cells + prev_row * H, c0f + b0 * H,
                      n_prev, restart, dr_rows, dc_state, dg, db_slice,
                      w_hr ? r_step + b0 * H : nullptr, nullptr);
+      if (keep_dc_rows) {
+        add_kept(n * H, keep_dc_rows, dc_state);
+      }
       if (w_hr) {
         to_lowp(r_step + b0 * H, r_all + row * H, n * H);
       }
@@ -320,6 +371,12 @@ void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool rev
         w_hh_packed->multiply(n, dg_rows, G, false, dh_state, P);
       } else {
         gemm_lowp<S>(false, false, n, P, G, dg_rows, G, w_hh, P, 0.f, dh_state, P);
+      }
+      if (recurrent_mask) {
+        mask_rows(n, P, dh_state, recurrent_mask + b0 * P, dh_state);
+      }
+      if (keep_dh_rows) {
+        add_kept(n * P, keep_dh_rows, dh_state);
       }
       if (restart) {
         move_restart_gradients(restart, n, P, H, dh_state, dc_state, restart_dh + b0 * P,
@@ -344,7 +401,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
     const c10::optional<at::Tensor>& bias_hh, const c10::optional<at::Tensor>& weight_hr,
-    bool reverse, bool keep_state) {
+    bool reverse, bool keep_state, const Zoneout& zoneout,
+    const c10::optional<at::Tensor>& recurrent_mask) {
+  const bool recurrent = recurrent_mask.has_value() && recurrent_mask->defined();
   const auto x = input.expect_contiguous(), h0c = h0.expect_contiguous(),
              c0c = c0.expect_contiguous(), w_ih = weight_ih.expect_contiguous(),
              w_hh = weight_hh.expect_contiguous();
@@ -370,8 +429,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     // float32: bias [4H], c_state [B, H], r [B, H], y_float [B, P] (proj), gates of one chunk;
     // scalar_t: r_lowp [B, H] (proj)
     const int64_t buffer_rows = keep_state ? 0 : chunk_steps * s.B;  // >= one step's B rows
-    Workspace<float> work(G + 2 * s.B * s.H + (proj ? s.B * s.P : 0) + buffer_rows * G,
+    // and c_prev [B, H] (zoneout of c); scalar_t: fed [B, P] (recurrent dropout)
+    Workspace<float> work(G + 2 * s.B * s.H + (proj ? s.B * s.P : 0) + buffer_rows * G +
+                              (zoneout.on_c() ? s.B * s.H : 0),
                           float_opts);
+    float* c_prev = zoneout.on_c() ? work.take(s.B * s.H) : nullptr;
+    at::Tensor fed = recurrent ? at::empty({s.B, s.P}, opts) : at::Tensor();
     float* bias = work.take(G);
     combined_bias_into<float, scalar_t>(bias_ih, bias_hh, G, bias);
     float* c_state = work.take(s.B * s.H);
@@ -393,7 +456,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
         output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), c_state, gates_buffer, keep_state,
         chunk_steps, keep_state ? cells.data_ptr<float>() : nullptr, r,
         proj ? r_lowp.data_ptr<scalar_t>() : nullptr, y_float,
-        xh.defined() ? xh.data_ptr<scalar_t>() : nullptr);
+        xh.defined() ? xh.data_ptr<scalar_t>() : nullptr, zoneout,
+        recurrent ? recurrent_mask->data_ptr<scalar_t>() : nullptr, c_prev,
+        recurrent ? fed.data_ptr<scalar_t>() : nullptr);
     to_lowp(c_state, c_n.data_ptr<scalar_t>(), s.B * s.H);
   });
   return {output, h_n, c_n, gates, cells};
@@ -407,7 +472,9 @@ layer_backward_lowp(const LayerSizes& s, const Steps& steps, const Restarts& res
                     const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                     const c10::optional<at::Tensor>& weight_hr, bool reverse,
                     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-                    bool need_grad_input) {
+                    bool need_grad_input, const Zoneout& zoneout,
+                    const c10::optional<at::Tensor>& recurrent_mask) {
+  const bool recurrent = recurrent_mask.has_value() && recurrent_mask->defined();
   const auto x = input.expect_contiguous(), h0c = h0.expect_contiguous(),
              c0c = c0.expect_contiguous(), w_ih = weight_ih.expect_contiguous(),
              w_hh = weight_hh.expect_contiguous(), y = output.expect_contiguous(),
@@ -433,8 +500,13 @@ layer_backward_lowp(const LayerSizes& s, const Steps& steps, const Restarts& res
     const int64_t dw_elements = G * std::max(s.I, P);
     Workspace<float> work(s.B * (P + 2 * H + 2 * G) + (proj ? 2 * s.B * H : 0) + dw_elements +
                               (need_grad_input ? s.N * s.I : 0) + G +
-                              (restarts.any() ? s.B * (P + H) : 0),
+                              (restarts.any() ? s.B * (P + H) : 0) +
+                              (zoneout.on_h() ? s.B * P : 0) + (zoneout.on_c() ? 2 * s.B * H : 0),
                           float_opts);
+    // zoneout: keep_dh [B, P], keep_dc and c_new [B, H]
+    float* keep_dh = zoneout.on_h() ? work.take(s.B * P) : nullptr;
+    float* keep_dc = zoneout.on_c() ? work.take(s.B * H) : nullptr;
+    float* c_new = zoneout.on_c() ? work.take(s.B * H) : nullptr;
     float* dh = work.take(s.B * P);
     float* dc = work.take(s.B * H);
     float* c0f = work.take(s.B * H);
@@ -477,7 +549,8 @@ layer_backward_lowp(const LayerSizes& s, const Steps& steps, const Restarts& res
         h0c->data_ptr<S>(), c0f, w_hh->data_ptr<S>(), w_hh_packed ? &*w_hh_packed : nullptr,
         data_or_null<S>(w_hr), y->data_ptr<S>(),
         gates_c->data_ptr<float>(), cells_c->data_ptr<float>(), dh, dc, dgates_step, dgates,
-        db_slices, xh, dh_all, r_all, r_step, dr, restart_dh, restart_dc);
+        db_slices, xh, dh_all, r_all, r_step, dr, restart_dh, restart_dc, zoneout,
+        recurrent ? recurrent_mask->data_ptr<S>() : nullptr, keep_dh, keep_dc, c_new);
     if (restarts.any()) {
       add_restart_gradients(s.B, P, H, restart_dh, restart_dc, dh, dc);
     }
