@@ -46,7 +46,7 @@ inline void fill_bernoulli_mask(const at::Tensor& mask, double p) {
     seed = generator->random64();
   }
   const uint64_t threshold = static_cast<uint64_t>(p * 4294967296.0);  // P(32 bits < it) = p
-  bool* out = mask.data_ptr<bool>();
+  uint8_t* out = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
   at::parallel_for(0, mask.numel(), int64_t(1) << 16, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       uint64_t z = seed + static_cast<uint64_t>(u + 1) * 0x9e3779b97f4a7c15ull;
@@ -61,8 +61,9 @@ inline void fill_bernoulli_mask(const at::Tensor& mask, double p) {
 // A layer's zoneout: the masks (bool, one row per step row: [rows, H] for c, [rows, P] for h)
 // in training, or null and the probabilities (eval).
 struct Zoneout {
-  const bool* mask_c = nullptr;
-  const bool* mask_h = nullptr;
+  // Read as bytes (torch's bool is one byte, 0 or 1): GCC vectorises no loop over bool loads.
+  const uint8_t* mask_c = nullptr;
+  const uint8_t* mask_h = nullptr;
   double p_c = 0, p_h = 0;
 
   Zoneout() = default;  // off
@@ -77,23 +78,29 @@ struct Zoneout {
   bool on_h() const { return mask_h || p_h > 0; }
   bool any() const { return on_c() || on_h(); }
   // The masks' rows from `row` on (null in eval).
-  const bool* c_rows(int64_t row, int64_t H) const { return mask_c ? mask_c + row * H : nullptr; }
-  const bool* h_rows(int64_t row, int64_t P) const { return mask_h ? mask_h + row * P : nullptr; }
+  const uint8_t* c_rows(int64_t row, int64_t H) const {
+    return mask_c ? mask_c + row * H : nullptr;
+  }
+  const uint8_t* h_rows(int64_t row, int64_t P) const {
+    return mask_h ? mask_h + row * P : nullptr;
+  }
 
  private:
   // (The checks in lstm_checks.h have made each mask contiguous bool or refused it.)
-  static const bool* data_or_null(const c10::optional<at::Tensor>& t) {
-    return t.has_value() && t->defined() ? t->data_ptr<bool>() : nullptr;
+  static const uint8_t* data_or_null(const c10::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? reinterpret_cast<const uint8_t*>(t->data_ptr<bool>())
+                                         : nullptr;
   }
 };
 
 // next[u] = d ⊙ previous[u] + (1 - d) ⊙ next[u] over n values: d = mask[u] where a mask is
 // given, else p, computed in float64 for float64 and in float32 otherwise (16-bit h: one rounding).
 template <typename T, typename S>
-void zoneout_mix(const bool* mask, double p, int64_t n, const S* previous, T* next) {
+void zoneout_mix(const uint8_t* mask, double p, int64_t n, const S* previous, T* next) {
   if (mask) {
-    for (int64_t u = 0; u < n; ++u) {  // a select, not a branch: it vectorises
-      next[u] = mask[u] ? static_cast<T>(previous[u]) : next[u];
+    for (int64_t u = 0; u < n; ++u) {
+      const T kept = static_cast<T>(previous[u]), fresh = next[u];
+      next[u] = mask[u] ? kept : fresh;
     }
     return;
   }
@@ -107,11 +114,13 @@ void zoneout_mix(const bool* mask, double p, int64_t n, const S* previous, T* ne
 // The backward of zoneout_mix: grad in: dL/d(the mixed state), out: dL/d(new), (1 - d) ⊙ grad;
 // keep out: dL/d(previous) through the mix, d ⊙ grad.
 template <typename T>
-void zoneout_split(const bool* mask, double p, int64_t n, T* grad, T* keep) {
+void zoneout_split(const uint8_t* mask, double p, int64_t n, T* grad, T* keep) {
   if (mask) {
-    for (int64_t u = 0; u < n; ++u) {
-      keep[u] = mask[u] ? grad[u] : T(0);
-      grad[u] = mask[u] ? T(0) : grad[u];
+    for (int64_t u = 0; u < n; ++u) {  // selects on loaded values: they vectorise
+      const T g = grad[u];
+      const bool kept = mask[u];
+      keep[u] = kept ? g : T(0);
+      grad[u] = kept ? T(0) : g;
     }
     return;
   }
