@@ -28,6 +28,55 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
+# (input, hidden), T, B, options, lengths (None: all T; else packed, unsorted): the paths of the
+# 16-bit kernels, for the tests of reset, zoneout and recurrent dropout in those dtypes.
+LOW_PRECISION_CONFIGS = [
+    ((8, 32), 20, 4, dict(), None),  # the micro-kernel path (T >= 8, 4H a multiple of 16)
+    ((7, 5), 12, 3, dict(bidirectional=True, proj_size=3), [12, 5, 9]),
+    ((6, 16), 10, 3, dict(num_layers=2), None),
+]
+
+
+def assert_as_accurate(actual, yardstick, exact, dtype):
+    """Each of `actual` (lstm_ext in a lower precision) is as close to `exact` (float64) as
+    `yardstick` (nn.LSTM or the reference, in the same precision) is: float32 within
+    FLOAT32_ERROR_FACTOR times the yardstick's error plus FLOAT32_ULPS ulps; the 16-bit dtypes
+    within twice it plus one unit of the dtype."""
+    if dtype == torch.float32:
+        factor, slack = FLOAT32_ERROR_FACTOR, FLOAT32_ULPS * torch.finfo(torch.float32).eps
+    else:
+        factor, slack = 2.0, {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    for k, (a, y, e) in enumerate(zip(actual, yardstick, exact)):
+        assert a.dtype == dtype, (k, a.dtype)
+        assert rel_err(a, e) <= factor * rel_err(y, e) + slack, (k, rel_err(a, e), rel_err(y, e))
+
+
+def round_through(dtype, modules, tensors):
+    """The modules' parameters and the tensors rounded to dtype and back (in place / returned),
+    so that a float64 run sees exactly the values a run in dtype does."""
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.copy_(p.to(dtype).to(p.dtype))
+    return [t.to(dtype).to(t.dtype) for t in tensors]
+
+
+def outputs_and_grads(run, model, x, h0, c0, reset, lengths, **kw):
+    """run(model, x, h0, c0, reset, lengths, **kw) -> padded output [T, B, .], h_n, c_n; returns
+    the output's valid rows (each row's first lengths[b] steps; all with lengths None), h_n, c_n,
+    then the gradients of x, h0, c0 and every parameter of model for a fixed random loss."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, h0, c0)]
+    out, h_n, c_n = run(model, *leaves, reset, lengths, **kw)
+    gen = torch.Generator().manual_seed(7)
+    valid = torch.ones(out.shape[:2], dtype=torch.bool)
+    for b, n in enumerate(lengths or []):
+        valid[n:, b] = False
+    outputs = [out[valid], h_n, c_n]
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
+               for o in outputs)
+    return outputs + list(torch.autograd.grad(loss, leaves + list(model.parameters())))
+
+
 def forward_backward(model, x, hx, grad_seed=1234):
     """Run model(x, hx), backprop fixed random gradients of (output, h_n, c_n).
 

@@ -14,7 +14,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_ext
 from lstm_ext.reference import lstm_reference
-from lstm_testing import FLOAT32_ERROR_FACTOR, FLOAT32_ULPS, rel_err
+from lstm_testing import (LOW_PRECISION_CONFIGS, assert_as_accurate, rel_err, round_through,
+                          outputs_and_grads as results)
 
 SEED = 1234
 
@@ -100,20 +101,6 @@ def theirs(model, x, h0, c0, reset, lengths, mask_dtype=None):
         inverse = torch.argsort(order)
         out, h_n, c_n = padded, h_n[:, inverse], c_n[:, inverse]
     return out, h_n, c_n
-
-
-def results(run, model, x, h0, c0, reset, lengths, **kw):
-    """Outputs and the gradients of x, h0, c0 and every parameter, for a fixed loss."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, h0, c0)]
-    out, h_n, c_n = run(model, *leaves, reset, lengths, **kw)
-    gen = torch.Generator().manual_seed(7)
-    valid = torch.ones(out.shape[:2], dtype=torch.bool)
-    for b, n in enumerate(lengths or []):
-        valid[n:, b] = False
-    outputs = [out[valid], h_n, c_n]
-    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
-               for o in outputs)
-    return outputs + list(torch.autograd.grad(loss, leaves + list(model.parameters())))
 
 
 CONFIGS = [
@@ -204,39 +191,25 @@ def test_float32_as_accurate_as_the_reference(sizes, T, B, options, lengths, var
     model.float()
     x, h0, c0 = x.float(), h0.float(), c0.float()
     reference32 = results(theirs, model, x, h0, c0, reset, lengths)
-    ours32 = results(ours, model, x, h0, c0, reset, lengths)
-    eps = torch.finfo(torch.float32).eps
-    for k, (a, r, e) in enumerate(zip(ours32, reference32, exact)):
-        assert a.dtype == torch.float32
-        bound = FLOAT32_ERROR_FACTOR * rel_err(r, e) + FLOAT32_ULPS * eps
-        assert rel_err(a, e) <= bound, (k, rel_err(a, e), rel_err(r, e))
+    assert_as_accurate(results(ours, model, x, h0, c0, reset, lengths), reference32, exact,
+                       torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("sizes,T,B,options,lengths", [
-    ((8, 32), 20, 4, dict(), None),  # the micro-kernel path (T >= 8, 4H a multiple of 16)
-    ((7, 5), 12, 3, dict(bidirectional=True, proj_size=3), [12, 5, 9]),
-    ((6, 16), 10, 3, dict(num_layers=2), None),
-], ids=str)
+@pytest.mark.parametrize("sizes,T,B,options,lengths", LOW_PRECISION_CONFIGS, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_low_precision_as_accurate_as_the_reference(dtype, sizes, T, B, options, lengths,
                                                     training):
     model, x, h0, c0, reset = make(sizes, T, B, dict(options, zoneout=(0.2, 0.3),
                                                      recurrent_dropout=0.25))
     model.train(training)
-    with torch.no_grad():  # weights and inputs representable in the low precision
-        for p in model.parameters():
-            p.copy_(p.to(dtype).double())
-    x, h0, c0 = (t.to(dtype).double() for t in (x, h0, c0))
+    x, h0, c0 = round_through(dtype, [model], (x, h0, c0))
     exact = results(theirs, model, x, h0, c0, reset, lengths, mask_dtype=dtype)
     model.to(dtype)
     x, h0, c0 = (t.to(dtype) for t in (x, h0, c0))
     reference_low = results(theirs, model, x, h0, c0, reset, lengths)
-    ours_low = results(ours, model, x, h0, c0, reset, lengths)
-    unit = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
-    for k, (a, r, e) in enumerate(zip(ours_low, reference_low, exact)):
-        assert a.dtype == dtype
-        assert rel_err(a, e) <= 2 * rel_err(r, e) + unit, (k, rel_err(a, e), rel_err(r, e))
+    assert_as_accurate(results(ours, model, x, h0, c0, reset, lengths), reference_low, exact,
+                       dtype)
 
 
 @pytest.mark.parametrize("options,lengths", [

@@ -13,7 +13,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_ext
 from lstm_ext.reference import lstm_reference
-from lstm_testing import FLOAT32_ERROR_FACTOR, FLOAT32_ULPS, rel_err
+from lstm_testing import (LOW_PRECISION_CONFIGS, assert_as_accurate, rel_err, round_through,
+                          outputs_and_grads as results)
 
 
 def pieces(row_reset, length):
@@ -62,20 +63,6 @@ def our_run(model, x, h0, c0, reset, lengths, batch_first=False):
     if batch_first:
         out = out.transpose(0, 1)
     return out, h_n, c_n
-
-
-def results(run, model, x, h0, c0, reset, lengths, **kw):
-    """Outputs and the gradients of x, h0, c0 and every parameter, for a fixed loss."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, h0, c0)]
-    out, h_n, c_n = run(model, *leaves, reset, lengths, **kw)
-    gen = torch.Generator().manual_seed(7)
-    mask = torch.zeros(out.shape[:2], dtype=torch.bool)
-    for b, n in enumerate(lengths):
-        mask[:n, b] = True
-    outputs = [out[mask], h_n, c_n]
-    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
-               for o in outputs)
-    return outputs + list(torch.autograd.grad(loss, leaves + list(model.parameters())))
 
 
 def make(sizes, T, B, options, dtype=torch.float64, seed=0, rate=0.25, lengths=None):
@@ -137,36 +124,21 @@ def test_float32_as_accurate_as_nn(sizes, T, B, options, lengths):
     ours.float()
     x, h0, c0 = x.float(), h0.float(), c0.float()
     nn32 = results(split_run, theirs, x, h0, c0, reset, lengths)
-    ours32 = results(our_run, ours, x, h0, c0, reset, lengths)
-    eps = torch.finfo(torch.float32).eps
-    for k, (a, n, e) in enumerate(zip(ours32, nn32, exact)):
-        assert a.dtype == torch.float32
-        bound = FLOAT32_ERROR_FACTOR * rel_err(n, e) + FLOAT32_ULPS * eps
-        assert rel_err(a, e) <= bound, (k, rel_err(a, e), rel_err(n, e))
+    assert_as_accurate(results(our_run, ours, x, h0, c0, reset, lengths), nn32, exact,
+                       torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("sizes,T,B,options,lengths", [
-    ((8, 32), 20, 4, dict(), None),  # the micro-kernel path (T >= 8, 4H a multiple of 16)
-    ((7, 5), 12, 3, dict(bidirectional=True, proj_size=3), [12, 5, 9]),
-    ((6, 16), 10, 3, dict(num_layers=2), None),
-], ids=str)
+@pytest.mark.parametrize("sizes,T,B,options,lengths", LOW_PRECISION_CONFIGS, ids=str)
 def test_low_precision_as_accurate_as_nn(dtype, sizes, T, B, options, lengths):
     theirs, ours, x, h0, c0, reset, lengths = make(sizes, T, B, options, lengths=lengths)
-    with torch.no_grad():  # weights and inputs representable in the low precision
-        for p in list(theirs.parameters()) + list(ours.parameters()):
-            p.copy_(p.to(dtype).double())
-    x, h0, c0 = (t.to(dtype).double() for t in (x, h0, c0))
+    x, h0, c0 = round_through(dtype, [theirs, ours], (x, h0, c0))
     exact = results(split_run, theirs, x, h0, c0, reset, lengths)
     theirs.to(dtype)
     ours.to(dtype)
     x, h0, c0 = (t.to(dtype) for t in (x, h0, c0))
     nn_low = results(split_run, theirs, x, h0, c0, reset, lengths)
-    ours_low = results(our_run, ours, x, h0, c0, reset, lengths)
-    unit = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
-    for k, (a, n, e) in enumerate(zip(ours_low, nn_low, exact)):
-        assert a.dtype == dtype
-        assert rel_err(a, e) <= 2 * rel_err(n, e) + unit, (k, rel_err(a, e), rel_err(n, e))
+    assert_as_accurate(results(our_run, ours, x, h0, c0, reset, lengths), nn_low, exact, dtype)
 
 
 def test_matches_the_reference():
