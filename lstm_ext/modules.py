@@ -171,8 +171,8 @@ class LSTM(_WeightsAtTheCall):
     where ``reset[t, b]``, every layer runs row b's step t from its h_0 / c_0 (zeros without hx),
     as if the steps before had been a separate call: an episode or a document ended at t - 1.
     A reverse direction runs the later sequence first and so starts anew at t - 1. h_n, c_n are
-    each row's state after its last step. Gradients flow to h_0 / c_0 from every restart. On the
-    CPU only so far; not under torch.func transforms or ONNX export.
+    each row's state after its last step. Gradients flow to h_0 / c_0 from every restart. Not
+    under torch.func transforms or ONNX export yet.
 
     Also beyond nn.LSTM, two regularisers of the recurrence (keyword-only, default off, so a
     default module is nn.LSTM exactly; the equations are in lstm_ext/reference.py):
@@ -186,10 +186,12 @@ class LSTM(_WeightsAtTheCall):
       W_hh is multiplied by one dropout mask per sequence (batch row), layer and direction,
       the same at every step of the call, kept units scaled by 1 / (1 - p); nothing in eval.
 
-    Both run fused in the C++ loop (CPU; float32, float64, bfloat16, float16), draw their masks
-    from torch's default generator (``torch.manual_seed`` reproduces them, in eager and under
-    torch.compile alike), and work with reset, bidirectional, proj_size and PackedSequence. Not
-    yet: CUDA, torch.func transforms, ONNX export (a clear error says so).
+    Both run fused in the C++ loop on the CPU (float32, float64, bfloat16, float16), draw their
+    masks from torch's default generator (``torch.manual_seed`` reproduces them, in eager and
+    under torch.compile alike), and work with reset, bidirectional, proj_size and
+    PackedSequence. On CUDA, reset and both regularisers run in the host loop as a few ATen ops
+    per step (not fused into the gate kernels yet; not run on a GPU yet). Not yet: torch.func
+    transforms, ONNX export (a clear error says so).
 
     The weights are whatever ``getattr(module, name)`` gives at the call, as for nn.LSTM: the
     Parameters, or a parametrization's, ``torch.func.functional_call``'s or a pruning hook's

@@ -333,3 +333,25 @@ def test_low_precision_kept_state_and_packed(dtype):
         assert gpu_t.dtype == cpu_t.dtype == dtype
         assert relative_error(gpu_t.cpu(), exact_t) <= \
             2 * relative_error(cpu_t, exact_t) + EPS[dtype]
+
+
+@pytest.mark.parametrize("options", [dict(bidirectional=True, proj_size=3),
+                                     dict(num_layers=2)], ids=str)
+def test_reset_zoneout_and_recurrent_dropout_on_cuda(options):
+    """The module with all three on the GPU against the same module on the CPU. The masks come
+    from each device's generator, so the forward is compared in eval (zoneout's expectation, no
+    masks), and training is checked to run and to differentiate (gradcheck lives on the CPU)."""
+    model = lstm_ext.LSTM(4, 6, zoneout=(0.2, 0.3), recurrent_dropout=0.25, dtype=F64,
+                          **options)
+    x = torch.randn(9, 3, 4, dtype=F64)
+    reset = torch.rand(9, 3) < 0.3
+    model.eval()
+    gpu_model = model.cuda()
+    out, (h_n, c_n) = gpu_model(x.cuda(), reset=reset.cuda())
+    cpu_out, (cpu_h, cpu_c) = model.cpu()(x, reset=reset)
+    assert torch.allclose(out.cpu(), cpu_out, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(c_n.cpu(), cpu_c, rtol=1e-10, atol=1e-12)
+    gpu_model = model.cuda().train()
+    out, (h_n, c_n) = gpu_model(x.cuda(), reset=reset.cuda())
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gpu_model.parameters())

@@ -108,6 +108,50 @@ def test_layer_matches_the_cpu_kernels(host, packed, reverse, proj, bias, dtype)
             assert_same(host.layer_backward(*args), ops.lstm_layer_backward(*args), dtype)
 
 
+def variant_args(T, B, H, P, rows, dtype, variant, training, seed=3):
+    """lstm_layer_forward's trailing arguments (reset, zoneout_c, zoneout_h, zoneout_mask_c,
+    zoneout_mask_h, recurrent_mask) for one variant; rows: the input's leading shape."""
+    g = torch.Generator().manual_seed(seed)
+    reset = torch.rand(T, B, generator=g) < 0.3 if "reset" in variant else None
+    p_c, p_h = (0.3, 0.4) if "zoneout" in variant else (0.0, 0.0)
+    mask_c = mask_h = recurrent = None
+    if "zoneout" in variant and training:
+        mask_c = torch.rand(*rows, H, generator=g) < p_c
+        mask_h = torch.rand(*rows, P, generator=g) < p_h
+    if "recurrent" in variant:
+        recurrent = ((torch.rand(B, P, generator=g) > 0.25).to(F64) / 0.75).to(dtype)
+    return (reset, p_c, p_h, mask_c, mask_h, recurrent)
+
+
+VARIANTS = ["reset", "zoneout", "recurrent", "reset+zoneout+recurrent"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("packed,reverse,proj", [(False, False, False), (True, True, True),
+                                                 (False, True, True), (True, False, False)],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16], ids=str)
+def test_reset_zoneout_and_recurrent_dropout_match_the_cpu_kernels(host, variant, training,
+                                                                  packed, reverse, proj, dtype):
+    """The host loop's reset, zoneout and recurrent dropout (ATen ops per step) against the CPU
+    kernels' fused ones, which tests/test_reset.py and tests/test_regularize.py hold to nn.LSTM
+    and the reference."""
+    T, B, I, H = 7, 5, 3, 6
+    P = 4 if proj else H
+    w = weights(I, H, P, True, dtype)
+    x, h0, c0, batch_sizes = layer_inputs(T, B, I, H, P, packed, dtype)
+    extra = variant_args(T, B, H, P, x.shape[:-1], dtype, variant, training)
+    for keep_state in (False, True):
+        args = (x, h0, c0, *w, batch_sizes, reverse, keep_state, *extra)
+        ours, theirs = host.layer_forward(*args), ops.lstm_layer_forward(*args)
+        assert_same(ours, theirs, dtype)
+    for which in ("yhc", "y", "c"):
+        args = backward_args(theirs, x, h0, c0, w, batch_sizes, reverse, which)
+        args = args + (True, *extra)
+        assert_same(host.layer_backward(*args), ops.lstm_layer_backward(*args), dtype)
+
+
 @pytest.mark.parametrize("packed,reverse", [(False, False), (True, False), (True, True)])
 def test_inference_in_chunks_of_steps(small_chunks, packed, reverse):
     """Without keep_state the gates of one chunk of steps are held at a time (here one step)."""
