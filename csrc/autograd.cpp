@@ -868,9 +868,9 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
                                const optional<Tensor>& reset, double zoneout_c, double zoneout_h,
                                double recurrent_dropout) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const ModuleConfig config{has_biases, has_projections, num_layers, dropout,    train,
-                              bidirectional, batch_sizes, reset,       zoneout_c, zoneout_h,
-                              recurrent_dropout};
+    const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
+                              train,      bidirectional,   batch_sizes, reset,
+                              zoneout_c,  zoneout_h,       recurrent_dropout};
     ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/true);
     // Everything goes through save_for_backward, intermediate results included: the last layer's
     // output is also this node's output, and a tensor held anywhere else in the context would
@@ -895,9 +895,9 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto flags = ctx->saved_data["config"].toIntVector();
     ModuleConfig config{flags[0] != 0, flags[1] != 0, flags[2],
-                              ctx->saved_data["dropout"].toDouble(), flags[3] != 0,
-                              flags[4] != 0, ctx->saved_data["batch_sizes"].toOptional<Tensor>(),
-                              ctx->saved_data["reset"].toOptional<Tensor>()};
+                        ctx->saved_data["dropout"].toDouble(), flags[3] != 0,
+                        flags[4] != 0, ctx->saved_data["batch_sizes"].toOptional<Tensor>(),
+                        ctx->saved_data["reset"].toOptional<Tensor>()};
     const auto regularize = ctx->saved_data["regularize"].toDoubleVector();
     config.zoneout_c = regularize[0];
     config.zoneout_h = regularize[1];
@@ -1027,9 +1027,9 @@ std::tuple<Tensor, Tensor, Tensor> lstm_no_state(const Tensor& input, const opti
                                                  const optional<Tensor>& batch_sizes,
                                                  const optional<Tensor>& reset, double zoneout_c,
                                                  double zoneout_h, double recurrent_dropout) {
-  const ModuleConfig config{has_biases, has_projections, num_layers, dropout,    train,
-                            bidirectional, batch_sizes, reset,       zoneout_c, zoneout_h,
-                            recurrent_dropout};
+  const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
+                            train,      bidirectional,   batch_sizes, reset,
+                            zoneout_c,  zoneout_h,       recurrent_dropout};
   ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/false);
   return {result.output, result.h_n, result.c_n};
 }
