@@ -8,6 +8,8 @@ the rate tests check its distribution). float64 must agree to ~1e-10, float32 as
 as the reference's own float32 error allows.
 """
 
+import io
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -377,6 +379,8 @@ def test_refused_where_not_supported():
     model.eval()  # eval: recurrent dropout is off, zoneout is not
     with pytest.raises(NotImplementedError, match="zoneout not supported under torch.func"):
         torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,))[0].sum())(params)
+    with pytest.raises(NotImplementedError, match="zoneout not supported under ONNX export"):
+        torch.onnx.export(model, (x,), io.BytesIO(), dynamo=False)
     model.zoneout = (0.0, 0.0)  # eval, recurrent dropout only: the plain LSTM, transformable
     torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,))[0].sum())(params)
 
