@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../lstm_math.h"
+#include "../lstm_regularize.h"
 #include "../lstm_steps.h"
 #include "vec_math.h"
 #include "vml.h"
@@ -214,6 +215,51 @@ void new_cells(int64_t B, int64_t H, const T* gates, const T* c_prev_rows, const
     for (int64_t j = 0; j < H; ++j) {
       ob[j] = next_cell(a[j], a[H + j], a[2 * H + j], cp[j]);
     }
+  }
+}
+
+// A backward step's zoneout before its gate pass, shared by the float and 16-bit loops: dh [n, P]
+// and dc [n, H] (the step's totals) go on as the gradients of its new h and c, what the mix
+// passes straight to the state before waits in keep_dh / keep_dc (null where that state is not
+// zoned out), and with zoneout of c, c_new [n, H] receives the unmixed c_t (new_cells). Returns
+// the c_t the gate pass takes tanh of: c_new, or the kept cells_t. row: the step's first row;
+// gates, c_prev_rows, c0_rows, n_prev, restarts as gates_backward reads them.
+template <typename D>
+const D* zoneout_step_backward(const Zoneout& zoneout, int64_t row, int64_t n, int64_t P,
+                               int64_t H, const D* gates, const D* cells_t,
+                               const D* c_prev_rows, const D* c0_rows, int64_t n_prev,
+                               const uint8_t* restarts, D* dh, D* dc, D* keep_dh, D* keep_dc,
+                               D* c_new) {
+  if (keep_dh) {
+    zoneout_split(zoneout.h_rows(row, P), zoneout.p_h, n * P, dh, keep_dh);
+  }
+  if (!keep_dc) {
+    return cells_t;
+  }
+  zoneout_split(zoneout.c_rows(row, H), zoneout.p_c, n * H, dc, keep_dc);
+  new_cells(n, H, gates, c_prev_rows, c0_rows, n_prev, restarts, c_new);
+  return c_new;
+}
+
+// The end of a backward step, shared by the float and 16-bit loops, once dh [n, P] holds
+// dG_t W_hh: the recurrent mask's rows (or null) multiply it, zoneout's kept parts (or null)
+// are added back, and the rows that restarted at this step hand dh, dc to h0, c0
+// (move_restart_gradients).
+template <typename D, typename M>
+void finish_step_backward(int64_t n, int64_t P, int64_t H, const M* recurrent_rows,
+                          const D* keep_dh, const D* keep_dc, const uint8_t* restarts, D* dh,
+                          D* dc, D* restart_dh, D* restart_dc) {
+  if (recurrent_rows) {
+    mask_rows(n, P, dh, recurrent_rows, dh);
+  }
+  if (keep_dh) {
+    add_kept(n * P, keep_dh, dh);
+  }
+  if (keep_dc) {
+    add_kept(n * H, keep_dc, dc);
+  }
+  if (restarts) {
+    move_restart_gradients(restarts, n, P, H, dh, dc, restart_dh, restart_dc);
   }
 }
 

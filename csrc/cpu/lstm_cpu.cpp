@@ -378,20 +378,12 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
           dh_state[u] += dy_t[u];
         }
       }
-      // Zoneout: dh_state, dc_state go on as the gradients of the step's new h and c; what the
-      // mix passes straight to the state before waits in keep_dh, keep_dc.
       T* keep_dh_rows = zoneout.on_h() ? keep_dh + b0 * P : nullptr;
-      if (keep_dh_rows) {
-        zoneout_split(zoneout.h_rows(row, P), zoneout.p_h, n * P, dh_state, keep_dh_rows);
-      }
       T* keep_dc_rows = zoneout.on_c() ? keep_dc + b0 * H : nullptr;
-      const T* cells_t = cells + row * H;  // c_t as the gate pass made it
-      if (keep_dc_rows) {
-        zoneout_split(zoneout.c_rows(row, H), zoneout.p_c, n * H, dc_state, keep_dc_rows);
-        new_cells(n, H, gates + row * G, cells + prev_row * H, c0 + b0 * H, n_prev, restart,
-                  c_new + b0 * H);
-        cells_t = c_new + b0 * H;
-      }
+      const T* cells_t = zoneout_step_backward(
+          zoneout, row, n, P, H, gates + row * G, cells + row * H, cells + prev_row * H,
+          c0 + b0 * H, n_prev, restart, dh_state, dc_state, keep_dh_rows, keep_dc_rows,
+          zoneout.on_c() ? c_new + b0 * H : nullptr);
       const T* dr = dh_state;  // dL/d(o ⊙ tanh c_t)
       if (w_hr) {
         std::memcpy(dh_all + row * P, dh_state, n * P * sizeof(T));
@@ -403,21 +395,12 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
       gates_backward(n, H, gates + row * G, cells_t, cells + prev_row * H, c0 + b0 * H, n_prev,
                      restart, dr, dc_state, dgates_t, db_slice, w_hr ? r_all + row * H : nullptr,
                      tanh_c + b0 * H);
-      if (keep_dc_rows) {
-        add_kept(n * H, keep_dc_rows, dc_state);
-      }
       // dL/dh of the state this step read = dG_t W_hh (⊙ the recurrent mask), + zoneout's part
       gemm<T>(false, false, n, P, G, T(1), dgates_t, G, w_hh, P, T(0), dh_state, P);
-      if (recurrent_mask) {
-        mask_rows(n, P, dh_state, recurrent_mask + b0 * P, dh_state);
-      }
-      if (keep_dh_rows) {
-        add_kept(n * P, keep_dh_rows, dh_state);
-      }
-      if (restart) {
-        move_restart_gradients(restart, n, P, H, dh_state, dc_state, restart_dh + b0 * P,
-                               restart_dc + b0 * H);
-      }
+      finish_step_backward(n, P, H, recurrent_mask ? recurrent_mask + b0 * P : nullptr,
+                           keep_dh_rows, keep_dc_rows, restart, dh_state, dc_state,
+                           restarts.any() ? restart_dh + b0 * P : nullptr,
+                           restarts.any() ? restart_dc + b0 * H : nullptr);
       if (done) {
         done->store(s.T - k, std::memory_order_release);
       }

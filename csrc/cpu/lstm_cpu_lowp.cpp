@@ -331,19 +331,12 @@ void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool rev
           dh_state[u] += static_cast<float>(dy_t[u]);
         }
       }
-      // Zoneout, as in the float32 kernel: what passes straight to the state before waits.
       float* keep_dh_rows = zoneout.on_h() ? keep_dh + b0 * P : nullptr;
-      if (keep_dh_rows) {
-        zoneout_split(zoneout.h_rows(row, P), zoneout.p_h, n * P, dh_state, keep_dh_rows);
-      }
       float* keep_dc_rows = zoneout.on_c() ? keep_dc + b0 * H : nullptr;
-      const float* cells_t = cells + row * H;
-      if (keep_dc_rows) {
-        zoneout_split(zoneout.c_rows(row, H), zoneout.p_c, n * H, dc_state, keep_dc_rows);
-        new_cells(n, H, gates + row * G, cells + prev_row * H, c0f + b0 * H, n_prev, restart,
-                  c_new + b0 * H);
-        cells_t = c_new + b0 * H;
-      }
+      const float* cells_t = zoneout_step_backward(
+          zoneout, row, n, P, H, gates + row * G, cells + row * H, cells + prev_row * H,
+          c0f + b0 * H, n_prev, restart, dh_state, dc_state, keep_dh_rows, keep_dc_rows,
+          zoneout.on_c() ? c_new + b0 * H : nullptr);
       const float* dr_rows = dh_state;  // dL/d(o ⊙ tanh c_t)
       if (w_hr) {
         S* dh_rows = dh_all + row * P;
@@ -358,9 +351,6 @@ void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool rev
       gates_backward(n, H, gates + row * G, cells_t, cells + prev_row * H, c0f + b0 * H,
                      n_prev, restart, dr_rows, dc_state, dg, db_slice,
                      w_hr ? r_step + b0 * H : nullptr, nullptr);
-      if (keep_dc_rows) {
-        add_kept(n * H, keep_dc_rows, dc_state);
-      }
       if (w_hr) {
         to_lowp(r_step + b0 * H, r_all + row * H, n * H);
       }
@@ -372,16 +362,10 @@ void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool rev
       } else {
         gemm_lowp<S>(false, false, n, P, G, dg_rows, G, w_hh, P, 0.f, dh_state, P);
       }
-      if (recurrent_mask) {
-        mask_rows(n, P, dh_state, recurrent_mask + b0 * P, dh_state);
-      }
-      if (keep_dh_rows) {
-        add_kept(n * P, keep_dh_rows, dh_state);
-      }
-      if (restart) {
-        move_restart_gradients(restart, n, P, H, dh_state, dc_state, restart_dh + b0 * P,
-                               restart_dc + b0 * H);
-      }
+      finish_step_backward(n, P, H, recurrent_mask ? recurrent_mask + b0 * P : nullptr,
+                           keep_dh_rows, keep_dc_rows, restart, dh_state, dc_state,
+                           restarts.any() ? restart_dh + b0 * P : nullptr,
+                           restarts.any() ? restart_dc + b0 * H : nullptr);
     }
     if (w_hh_packed) {
       PackedWeight<S>::release();
