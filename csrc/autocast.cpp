@@ -29,7 +29,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autocast(const Tensor& input, const opti
                                                  const optional<Tensor>& batch_sizes,
                                                  const optional<Tensor>& reset,
                                                  double zoneout_c, double zoneout_h,
-                                                 double recurrent_dropout) {
+                                                 double recurrent_dropout, bool layer_norm) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
@@ -39,11 +39,11 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autocast(const Tensor& input, const opti
           .typed<std::tuple<Tensor, Tensor, Tensor>(
               const Tensor&, const optional<Tensor>&, const optional<Tensor>&, at::TensorList,
               bool, bool, int64_t, double, bool, bool, const optional<Tensor>&,
-              const optional<Tensor>&, double, double, double)>();
+              const optional<Tensor>&, double, double, double, bool)>();
   return op.call(cached_cast(dtype, input, device), cached_cast(dtype, h0, device),
                  cached_cast(dtype, c0, device), cached_cast(dtype, params, device), has_biases,
                  has_projections, num_layers, dropout, train, bidirectional, batch_sizes, reset,
-                 zoneout_c, zoneout_h, recurrent_dropout);
+                 zoneout_c, zoneout_h, recurrent_dropout, layer_norm);
 }
 
 template <c10::DeviceType device>

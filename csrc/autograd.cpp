@@ -84,7 +84,9 @@ const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
     const optional<Tensor>&, bool, const optional<Tensor>&, double, double,
-    const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&)>&
+    const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+    const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+    const optional<Tensor>&)>&
 layer_reference_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lstm_ext::lstm_layer_reference", "")
@@ -93,7 +95,39 @@ layer_reference_op() {
                                  const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
                                  const optional<Tensor>&, const optional<Tensor>&, bool,
                                  const optional<Tensor>&, double, double, const optional<Tensor>&,
+                                 const optional<Tensor>&, const optional<Tensor>&,
+                                 const optional<Tensor>&, const optional<Tensor>&,
                                  const optional<Tensor>&, const optional<Tensor>&)>();
+  return op;
+}
+
+// ln_lstm_layer_forward and ln_lstm_layer_backward (the layer-normalised layer).
+using LnLayerForward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
+    const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&, bool, bool,
+    const optional<Tensor>&, double, double, const optional<Tensor>&, const optional<Tensor>&,
+    const optional<Tensor>&);
+const c10::TypedOperatorHandle<LnLayerForward>& ln_layer_forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lstm_ext::ln_lstm_layer_forward", "")
+                             .typed<LnLayerForward>();
+  return op;
+}
+
+using LnLayerBackward =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+               Tensor>(const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+                       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                       const optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
+                       const Tensor&, const optional<Tensor>&, bool, const Tensor&, const Tensor&,
+                       const Tensor&, const Tensor&, bool, const optional<Tensor>&, double,
+                       double, const optional<Tensor>&, const optional<Tensor>&,
+                       const optional<Tensor>&);
+const c10::TypedOperatorHandle<LnLayerBackward>& ln_layer_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lstm_ext::ln_lstm_layer_backward", "")
+                             .typed<LnLayerBackward>();
   return op;
 }
 
@@ -137,7 +171,7 @@ cell_reference_op() {
 const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, at::TensorList, bool, bool, int64_t, bool,
     const optional<Tensor>&, at::TensorList, const c10::List<optional<Tensor>>&,
-    const c10::List<optional<Tensor>>&, const optional<Tensor>&, double, double)>&
+    const c10::List<optional<Tensor>>&, const optional<Tensor>&, double, double, bool)>&
 module_reference_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lstm_ext::lstm_reference", "")
@@ -146,7 +180,7 @@ module_reference_op() {
                                  bool, bool, int64_t, bool, const optional<Tensor>&,
                                  at::TensorList, const c10::List<optional<Tensor>>&,
                                  const c10::List<optional<Tensor>>&, const optional<Tensor>&,
-                                 double, double)>();
+                                 double, double, bool)>();
   return op;
 }
 
@@ -272,6 +306,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
           layer_reference_op().call(input, h0, c0, weight_ih, weight_hh, as_optional(bias_ih),
                                     as_optional(bias_hh), as_optional(weight_hr), batch_sizes,
                                     reverse, c10::nullopt, 0., 0., c10::nullopt, c10::nullopt,
+                                    c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt,
                                     c10::nullopt);
       differentiable_grads(ctx, inputs, {ref_output, ref_h_n, ref_c_n}, grad_outputs, grads);
       return grads;
@@ -361,6 +396,7 @@ struct ModuleConfig {
   optional<Tensor> reset;  // bool [T, B] or None: where rows start anew (csrc/lstm.cpp)
   // zoneout and recurrent dropout probabilities (csrc/lstm_regularize.h)
   double zoneout_c = 0, zoneout_h = 0, recurrent_dropout = 0;
+  bool layer_norm = false;  // haste's LayerNormLSTM (csrc/cpu/lstm_cpu_layer_norm.cpp)
 
   int64_t directions() const { return bidirectional ? 2 : 1; }
   // Whether the forward draws masks for zoneout or recurrent dropout (training only: in eval
@@ -368,8 +404,11 @@ struct ModuleConfig {
   bool draws_masks() const {
     return train && (zoneout_c > 0 || zoneout_h > 0 || recurrent_dropout > 0);
   }
-  // Parameters per layer and direction: weight_ih, weight_hh, (bias_ih, bias_hh), (weight_hr).
-  int64_t params_per_layer() const { return 2 + (has_biases ? 2 : 0) + (has_projections ? 1 : 0); }
+  // Parameters per layer and direction: weight_ih, weight_hh, (bias_ih, bias_hh), (weight_hr),
+  // (ln_weight_ih, ln_weight_hh, ln_weight_c, ln_bias_c).
+  int64_t params_per_layer() const {
+    return 2 + (has_biases ? 2 : 0) + (has_projections ? 1 : 0) + (layer_norm ? 4 : 0);
+  }
   bool dropout_after(int64_t layer) const {
     return train && dropout > 0 && layer < num_layers - 1;
   }
@@ -379,7 +418,10 @@ struct ModuleConfig {
 struct LayerParams {
   Tensor weight_ih, weight_hh;
   optional<Tensor> bias_ih, bias_hh, weight_hr;
+  Tensor ln_weight_ih, ln_weight_hh, ln_weight_c, ln_bias_c;  // with layer_norm only
 };
+
+constexpr int64_t kLayerNormParams = 4;
 
 LayerParams layer_params(at::TensorList params, const ModuleConfig& config, int64_t index) {
   const int64_t first = index * config.params_per_layer();
@@ -388,8 +430,16 @@ LayerParams layer_params(at::TensorList params, const ModuleConfig& config, int6
     p.bias_ih = params[first + 2];
     p.bias_hh = params[first + 3];
   }
+  const int64_t norms = config.layer_norm ? kLayerNormParams : 0;
   if (config.has_projections) {
-    p.weight_hr = params[first + config.params_per_layer() - 1];
+    p.weight_hr = params[first + config.params_per_layer() - norms - 1];
+  }
+  if (config.layer_norm) {
+    const int64_t at = first + config.params_per_layer() - norms;
+    p.ln_weight_ih = params[at];
+    p.ln_weight_hh = params[at + 1];
+    p.ln_weight_c = params[at + 2];
+    p.ln_bias_c = params[at + 3];
   }
   return p;
 }
@@ -410,8 +460,17 @@ std::string param_name(const ModuleConfig& config, size_t position) {
   const int64_t per_layer = config.params_per_layer();
   const int64_t index = static_cast<int64_t>(position) / per_layer;  // layer * directions + d
   const int64_t kind = static_cast<int64_t>(position) % per_layer;
-  const char* kinds[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"};
-  const char* name = kind < (config.has_biases ? 4 : 2) ? kinds[kind] : "weight_hr";
+  std::vector<const char*> kinds = {"weight_ih", "weight_hh"};
+  if (config.has_biases) {
+    kinds.insert(kinds.end(), {"bias_ih", "bias_hh"});
+  }
+  if (config.has_projections) {
+    kinds.push_back("weight_hr");
+  }
+  if (config.layer_norm) {
+    kinds.insert(kinds.end(), {"ln_weight_ih", "ln_weight_hh", "ln_weight_c", "ln_bias_c"});
+  }
+  const char* name = kinds[kind];
   return std::string(name) + "_l" + std::to_string(index / config.directions()) +
          (index % config.directions() == 1 ? "_reverse" : "");
 }
@@ -429,6 +488,10 @@ void check_module_args(const Tensor& input, const optional<Tensor>& h0, const op
     TORCH_CHECK_VALUE(p >= 0 && p < 1, op, ": ", name, " must be a probability in [0, 1), got ",
                       p);
   }
+  TORCH_CHECK_NOT_IMPLEMENTED(!config.layer_norm || input.is_cpu(),
+                              "lstm_ext.LSTM: layer_norm=True runs on the CPU only so far (its "
+                              "CUDA kernels are not written yet); the input is on ",
+                              input.device());
   const int64_t expected = config.num_layers * config.directions() * config.params_per_layer();
   TORCH_CHECK(static_cast<int64_t>(params.size()) == expected, op, ": expected ", expected,
               " parameters (", config.num_layers, " layers x ", config.directions(),
@@ -475,6 +538,9 @@ struct ForwardResult {
   // When config.draws_masks(), per layer-direction: zoneout's masks of c and h, the recurrent
   // dropout mask (each undefined where its probability is 0); else empty.
   std::vector<Tensor> masks;
+  // With layer_norm and keep_state, per layer-direction: what the kernel kept of the
+  // normalisations (ln_lstm_layer_forward's norms); else empty.
+  std::vector<Tensor> norms;
 };
 
 constexpr int64_t kMasksPerDirection = 3;
@@ -615,20 +681,35 @@ ForwardResult module_forward(const Tensor& input, const optional<Tensor>& h0,
     }
     // per direction: output, h_n, c_n, gates, cells
     std::vector<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>> runs(directions);
+    std::vector<Tensor> layer_norms(directions);  // with layer_norm: each direction's norms
     for_each_direction(directions, concurrently, [&](int64_t direction) {
       const int64_t index = layer * directions + direction;
       const LayerParams p = layer_params(params, config, index);
       const Tensor* masks = result.masks.empty() ? nullptr
                                                  : &result.masks[index * kMasksPerDirection];
+      const Tensor h0_layer = has_states ? h0->select(0, index) : zero_h;
+      const Tensor c0_layer = has_states ? c0->select(0, index) : zero_c;
+      const optional<Tensor> mask_c = masks ? as_optional(masks[0]) : c10::nullopt;
+      const optional<Tensor> mask_h = masks ? as_optional(masks[1]) : c10::nullopt;
+      const optional<Tensor> recurrent = masks ? as_optional(masks[2]) : c10::nullopt;
+      if (config.layer_norm) {
+        auto [output, h, c, gates, cells, norms] = ln_layer_forward_op().call(
+            layer_input, h0_layer, c0_layer, p.weight_ih, p.weight_hh, p.bias_ih, p.bias_hh,
+            p.weight_hr, p.ln_weight_ih, p.ln_weight_hh, p.ln_weight_c, p.ln_bias_c,
+            config.batch_sizes, /*reverse=*/direction == 1, keep_state, config.reset,
+            config.zoneout_c, config.zoneout_h, mask_c, mask_h, recurrent);
+        runs[direction] = {output, h, c, gates, cells};
+        layer_norms[direction] = norms;
+        return;
+      }
       runs[direction] = layer_forward_op().call(
-          layer_input, has_states ? h0->select(0, index) : zero_h,
-          has_states ? c0->select(0, index) : zero_c, p.weight_ih, p.weight_hh, p.bias_ih,
-          p.bias_hh, p.weight_hr, config.batch_sizes, /*reverse=*/direction == 1, keep_state,
-          config.reset, config.zoneout_c, config.zoneout_h,
-          masks ? as_optional(masks[0]) : c10::nullopt,
-          masks ? as_optional(masks[1]) : c10::nullopt,
-          masks ? as_optional(masks[2]) : c10::nullopt);
+          layer_input, h0_layer, c0_layer, p.weight_ih, p.weight_hh, p.bias_ih, p.bias_hh,
+          p.weight_hr, config.batch_sizes, /*reverse=*/direction == 1, keep_state, config.reset,
+          config.zoneout_c, config.zoneout_h, mask_c, mask_h, recurrent);
     });
+    if (keep_state && config.layer_norm) {
+      result.norms.insert(result.norms.end(), layer_norms.begin(), layer_norms.end());
+    }
     std::vector<Tensor> outputs;
     for (const auto& [output, h, c, gates, cells] : runs) {
       if (keep_state) {
@@ -691,7 +772,7 @@ variable_list module_reference(const Tensor& input, const Tensor& h0, const Tens
   auto [output, h_n, c_n] = module_reference_op().call(
       input, h0, c0, params, config.has_biases, config.has_projections, config.num_layers,
       config.bidirectional, config.batch_sizes, dropout_masks(config, kept), zoneout_masks,
-      recurrent_masks, config.reset, config.zoneout_c, config.zoneout_h);
+      recurrent_masks, config.reset, config.zoneout_c, config.zoneout_h, config.layer_norm);
   return {output, h_n, c_n};
 }
 
@@ -783,7 +864,7 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
                             const Tensor& c0, at::TensorList params, const ModuleConfig& config,
                             const Tensor& zero_h, const Tensor& zero_c,
                             const std::vector<Tensor>& kept, const std::vector<Tensor>& masks,
-                            bool need_grad_input) {
+                            const std::vector<Tensor>& norms, bool need_grad_input) {
   const int64_t directions = config.directions();
   const int64_t per_layer = config.params_per_layer();
   ModuleGrads grads;
@@ -815,28 +896,51 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
       const optional<Tensor> dc_n =
           grad_c_n.defined() ? optional<Tensor>(grad_c_n.select(0, index)) : c10::nullopt;
       const Tensor* layer_masks = masks.empty() ? nullptr : &masks[index * kMasksPerDirection];
-      auto [grad_in, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
-          layer_backward_op().call(dy, dh_n, dc_n, layer_input,
-                                   h0.defined() ? h0.select(0, index) : zero_h,
-                                   c0.defined() ? c0.select(0, index) : zero_c, p.weight_ih,
-                                   p.weight_hh, p.weight_hr, config.batch_sizes,
-                                   /*reverse=*/direction == 1, output, gates, cells,
-                                   /*need_grad_input=*/layer > 0 || need_grad_input,
-                                   config.reset, config.zoneout_c, config.zoneout_h,
-                                   layer_masks ? as_optional(layer_masks[0]) : c10::nullopt,
-                                   layer_masks ? as_optional(layer_masks[1]) : c10::nullopt,
-                                   layer_masks ? as_optional(layer_masks[2]) : c10::nullopt);
+      const Tensor h0_layer = h0.defined() ? h0.select(0, index) : zero_h;
+      const Tensor c0_layer = c0.defined() ? c0.select(0, index) : zero_c;
+      const bool need_grad_layer_input = layer > 0 || need_grad_input;
+      const optional<Tensor> mask_c =
+          layer_masks ? as_optional(layer_masks[0]) : c10::nullopt;
+      const optional<Tensor> mask_h =
+          layer_masks ? as_optional(layer_masks[1]) : c10::nullopt;
+      const optional<Tensor> recurrent =
+          layer_masks ? as_optional(layer_masks[2]) : c10::nullopt;
+      const size_t first = index * per_layer;
+      const int64_t norms_at = config.layer_norm ? kLayerNormParams : 0;
+      Tensor grad_in, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr;
+      if (config.layer_norm) {
+        Tensor grad_ln_ih, grad_ln_hh, grad_ln_c, grad_ln_bias_c;
+        std::tie(grad_in, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_ln_ih,
+                 grad_ln_hh, grad_ln_c, grad_ln_bias_c) =
+            ln_layer_backward_op().call(
+                dy, dh_n, dc_n, layer_input, h0_layer, c0_layer, p.weight_ih, p.weight_hh,
+                p.weight_hr, p.ln_weight_ih, p.ln_weight_hh, p.ln_weight_c, p.ln_bias_c,
+                config.batch_sizes, /*reverse=*/direction == 1, output, gates, cells,
+                norms[index], need_grad_layer_input, config.reset, config.zoneout_c,
+                config.zoneout_h, mask_c, mask_h, recurrent);
+        const size_t at = first + per_layer - kLayerNormParams;
+        grads.params[at] = grad_ln_ih;
+        grads.params[at + 1] = grad_ln_hh;
+        grads.params[at + 2] = grad_ln_c;
+        grads.params[at + 3] = grad_ln_bias_c;
+      } else {
+        std::tie(grad_in, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr) =
+            layer_backward_op().call(dy, dh_n, dc_n, layer_input, h0_layer, c0_layer,
+                                     p.weight_ih, p.weight_hh, p.weight_hr, config.batch_sizes,
+                                     /*reverse=*/direction == 1, output, gates, cells,
+                                     need_grad_layer_input, config.reset, config.zoneout_c,
+                                     config.zoneout_h, mask_c, mask_h, recurrent);
+      }
       grad_inputs[direction] = grad_in;
       grads.h0[index] = grad_h;
       grads.c0[index] = grad_c;
-      const size_t first = index * per_layer;
       grads.params[first] = grad_w_ih;
       grads.params[first + 1] = grad_w_hh;
       if (config.has_biases) {
         grads.params[first + 2] = grads.params[first + 3] = grad_bias;
       }
       if (config.has_projections) {
-        grads.params[first + per_layer - 1] = grad_w_hr;
+        grads.params[first + per_layer - norms_at - 1] = grad_w_hr;
       }
     });
     const bool computed_input = layer > 0 || need_grad_input;  // else no rows
@@ -855,8 +959,8 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
 
 // Argument positions of lstm: input, h0, c0, then each parameter, then the configuration (one
 // position each: has_biases, has_projections, num_layers, dropout, train, bidirectional,
-// batch_sizes, reset, zoneout_c, zoneout_h, recurrent_dropout).
-constexpr size_t kModuleConfigArgs = 11;
+// batch_sizes, reset, zoneout_c, zoneout_h, recurrent_dropout, layer_norm).
+constexpr size_t kModuleConfigArgs = 12;
 
 class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
  public:
@@ -866,11 +970,11 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
                                int64_t num_layers, double dropout, bool train, bool bidirectional,
                                const optional<Tensor>& batch_sizes,
                                const optional<Tensor>& reset, double zoneout_c, double zoneout_h,
-                               double recurrent_dropout) {
+                               double recurrent_dropout, bool layer_norm) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
-                              train,      bidirectional,   batch_sizes, reset,
-                              zoneout_c,  zoneout_h,       recurrent_dropout};
+    const ModuleConfig config{has_biases, has_projections, num_layers,        dropout,
+                              train,      bidirectional,   batch_sizes,       reset,
+                              zoneout_c,  zoneout_h,       recurrent_dropout, layer_norm};
     ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/true);
     // Everything goes through save_for_backward, intermediate results included: the last layer's
     // output is also this node's output, and a tensor held anywhere else in the context would
@@ -880,9 +984,10 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
     to_save.insert(to_save.end(), {result.zero_h, result.zero_c});
     to_save.insert(to_save.end(), result.kept.begin(), result.kept.end());
     to_save.insert(to_save.end(), result.masks.begin(), result.masks.end());
+    to_save.insert(to_save.end(), result.norms.begin(), result.norms.end());
     ctx->save_for_backward(to_save);
     ctx->saved_data["config"] = std::vector<int64_t>{
-        has_biases, has_projections, num_layers, train, bidirectional};
+        has_biases, has_projections, num_layers, train, bidirectional, layer_norm};
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reset"] = reset;
@@ -902,7 +1007,8 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
     config.zoneout_c = regularize[0];
     config.zoneout_h = regularize[1];
     config.recurrent_dropout = regularize[2];
-    // saved: input, h0, c0, the parameters, the zero states, then `kept`, then the masks.
+    config.layer_norm = flags[5] != 0;
+    // saved: input, h0, c0, the parameters, the zero states, then `kept`, the masks, the norms.
     const variable_list saved = ctx->get_saved_variables();
     const size_t n_inputs = 3 + config.num_layers * config.directions() * config.params_per_layer();
     const std::vector<Tensor> inputs(saved.begin(), saved.begin() + n_inputs);
@@ -913,7 +1019,12 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
     const auto kept_begin = saved.begin() + n_inputs + 2;
     const auto kept_end = kept_begin + kept_index(config, config.num_layers);
     const std::vector<Tensor> kept(kept_begin, kept_end);
-    const std::vector<Tensor> masks(kept_end, saved.end());
+    const auto masks_end =
+        kept_end + (config.draws_masks()
+                        ? config.num_layers * config.directions() * kMasksPerDirection
+                        : 0);
+    const std::vector<Tensor> masks(kept_end, masks_end);
+    const std::vector<Tensor> norms(masks_end, saved.end());
     variable_list grads(n_inputs + kModuleConfigArgs);
 
     if (torch::autograd::GradMode::is_enabled()) {  // create_graph=True
@@ -932,7 +1043,7 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const ModuleGrads computed =
         module_backward(grad_outputs[0], grad_outputs[1], grad_outputs[2], input, h0, c0, params,
-                        config, zero_h, zero_c, kept, masks, needs_grad(ctx, inputs, 0));
+                        config, zero_h, zero_c, kept, masks, norms, needs_grad(ctx, inputs, 0));
     if (needs_grad(ctx, inputs, 0)) {
       grads[0] = computed.input;
     }
@@ -1026,10 +1137,11 @@ std::tuple<Tensor, Tensor, Tensor> lstm_no_state(const Tensor& input, const opti
                                                  double dropout, bool train, bool bidirectional,
                                                  const optional<Tensor>& batch_sizes,
                                                  const optional<Tensor>& reset, double zoneout_c,
-                                                 double zoneout_h, double recurrent_dropout) {
-  const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
-                            train,      bidirectional,   batch_sizes, reset,
-                            zoneout_c,  zoneout_h,       recurrent_dropout};
+                                                 double zoneout_h, double recurrent_dropout,
+                                                 bool layer_norm) {
+  const ModuleConfig config{has_biases, has_projections, num_layers,        dropout,
+                            train,      bidirectional,   batch_sizes,       reset,
+                            zoneout_c,  zoneout_h,       recurrent_dropout, layer_norm};
   ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/false);
   return {result.output, result.h_n, result.c_n};
 }
@@ -1041,7 +1153,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autograd(const Tensor& input, const opti
                                                  double dropout, bool train, bool bidirectional,
                                                  const optional<Tensor>& batch_sizes,
                                                  const optional<Tensor>& reset, double zoneout_c,
-                                                 double zoneout_h, double recurrent_dropout) {
+                                                 double zoneout_h, double recurrent_dropout,
+                                                 bool layer_norm) {
   bool track = false;
   if (torch::autograd::GradMode::is_enabled()) {
     const Tensor none;
@@ -1054,11 +1167,11 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autograd(const Tensor& input, const opti
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return lstm_no_state(input, h0, c0, params, has_biases, has_projections, num_layers, dropout,
                          train, bidirectional, batch_sizes, reset, zoneout_c, zoneout_h,
-                         recurrent_dropout);
+                         recurrent_dropout, layer_norm);
   }
   const variable_list out = ModuleFunction::apply(
       input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
-      bidirectional, batch_sizes, reset, zoneout_c, zoneout_h, recurrent_dropout);
+      bidirectional, batch_sizes, reset, zoneout_c, zoneout_h, recurrent_dropout, layer_norm);
   return {out[0], out[1], out[2]};
 }
 
@@ -1092,7 +1205,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_kernels(
   ModuleGrads grads = module_backward(grad_output.value_or(Tensor()),
                                       grad_h_n.value_or(Tensor()), grad_c_n.value_or(Tensor()),
                                       input, h0_t, c0_t, params, config, zero_h, zero_c, kept,
-                                      /*masks=*/{}, /*need_grad_input=*/true);
+                                      /*masks=*/{}, /*norms=*/{}, /*need_grad_input=*/true);
   if (has_biases) {  // an op's outputs do not alias each other: bias_hh gets its own copy
     for (size_t i = 3; i < grads.params.size(); i += config.params_per_layer()) {
       grads.params[i] = grads.params[i].clone();
@@ -1111,7 +1224,8 @@ TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
   // The kernels are not differentiable themselves (the public ops and lstm_ext/_functorch.py
   // differentiate them): differentiating through one is an error, never a silent zero.
   for (const char* op : {"lstm_forward", "lstm_backward", "lstm_layer_forward",
-                         "lstm_layer_backward", "lstm_cell_forward", "lstm_cell_backward",
+                         "lstm_layer_backward", "ln_lstm_layer_forward",
+                         "ln_lstm_layer_backward", "lstm_cell_forward", "lstm_cell_backward",
                          "fill_bernoulli_mask_"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }

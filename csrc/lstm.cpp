@@ -39,12 +39,16 @@ TORCH_LIBRARY(lstm_ext, m) {
   // it becomes p * previous + (1 - p) * new. recurrent_dropout (Gal and Ghahramani 2016): in
   // training, the h fed to W_hh is multiplied by one mask per sequence, layer and direction
   // (kept units scaled by 1 / (1 - p)); nothing in eval. See csrc/lstm_regularize.h.
+  // layer_norm: haste's LayerNormLSTM (csrc/cpu/lstm_cpu_layer_norm.cpp); params then hold,
+  // after each layer-direction's nn.LSTM parameters, ln_weight_ih, ln_weight_hh [4H],
+  // ln_weight_c, ln_bias_c [H].
   // -> output [T, B, D*P] (or [N, D*P]), h_n [L*D, B, P], c_n [L*D, B, H].
   m.def(
       "lstm(Tensor input, Tensor? h0, Tensor? c0, Tensor[] params, bool has_biases, "
       "bool has_projections, int num_layers, float dropout, bool train, bool bidirectional, "
       "Tensor? batch_sizes, Tensor? reset=None, float zoneout_c=0., float zoneout_h=0., "
-      "float recurrent_dropout=0.) -> (Tensor output, Tensor h_n, Tensor c_n)",
+      "float recurrent_dropout=0., bool layer_norm=False) -> (Tensor output, Tensor h_n, "
+      "Tensor c_n)",
       {at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded});
   m.def(
       "lstm_layer(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
@@ -77,6 +81,32 @@ TORCH_LIBRARY(lstm_ext, m) {
       "-> (Tensor grad_input, Tensor grad_h0, "
       "Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_weight_hr)",
+      {at::Tag::pt2_compliant_tag});
+  // The layer-normalised layer (haste's LayerNormLSTM; csrc/cpu/lstm_cpu_layer_norm.cpp): the
+  // plain layer kernels' arguments and results, with the normalisation's parameters
+  // ln_weight_ih, ln_weight_hh [4H] (the gains of LN(x W_ih^T) and LN(h W_hh^T)), ln_weight_c,
+  // ln_bias_c [H] (of LN(c_t) inside h_t's tanh); norms [rows, 8H + 4] is what the forward keeps
+  // of the normalisations (no rows without keep_state).
+  m.def(
+      "ln_lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, "
+      "Tensor ln_weight_ih, Tensor ln_weight_hh, Tensor ln_weight_c, Tensor ln_bias_c, "
+      "Tensor? batch_sizes, bool reverse, bool keep_state, Tensor? reset=None, "
+      "float zoneout_c=0., float zoneout_h=0., Tensor? zoneout_mask_c=None, "
+      "Tensor? zoneout_mask_h=None, Tensor? recurrent_mask=None) -> (Tensor output, Tensor h_n, "
+      "Tensor c_n, Tensor gates, Tensor cells, Tensor norms)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "ln_lstm_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
+      "Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? weight_hr, Tensor ln_weight_ih, Tensor ln_weight_hh, Tensor ln_weight_c, "
+      "Tensor ln_bias_c, Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, "
+      "Tensor cells, Tensor norms, bool need_grad_input=True, Tensor? reset=None, "
+      "float zoneout_c=0., float zoneout_h=0., Tensor? zoneout_mask_c=None, "
+      "Tensor? zoneout_mask_h=None, Tensor? recurrent_mask=None) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, "
+      "Tensor grad_bias, Tensor grad_weight_hr, Tensor grad_ln_weight_ih, "
+      "Tensor grad_ln_weight_hh, Tensor grad_ln_weight_c, Tensor grad_ln_bias_c)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lstm_cell_forward(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
@@ -123,14 +153,16 @@ TORCH_LIBRARY(lstm_ext, m) {
       "lstm_reference(Tensor input, Tensor h0, Tensor c0, Tensor[] params, bool has_biases, "
       "bool has_projections, int num_layers, bool bidirectional, Tensor? batch_sizes, "
       "Tensor[] dropout_masks, Tensor?[] zoneout_masks, Tensor?[] recurrent_masks, "
-      "Tensor? reset=None, float zoneout_c=0., float zoneout_h=0.) -> (Tensor output, "
-      "Tensor h_n, Tensor c_n)");
+      "Tensor? reset=None, float zoneout_c=0., float zoneout_h=0., bool layer_norm=False) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
       "lstm_layer_reference(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, "
       "Tensor? batch_sizes, bool reverse, Tensor? reset=None, float zoneout_c=0., "
       "float zoneout_h=0., Tensor? zoneout_mask_c=None, Tensor? zoneout_mask_h=None, "
-      "Tensor? recurrent_mask=None) -> (Tensor output, Tensor h_n, Tensor c_n)");
+      "Tensor? recurrent_mask=None, Tensor? ln_weight_ih=None, Tensor? ln_weight_hh=None, "
+      "Tensor? ln_weight_c=None, Tensor? ln_bias_c=None) -> (Tensor output, Tensor h_n, "
+      "Tensor c_n)");
   m.def(
       "lstm_cell_reference(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh) -> (Tensor hy, Tensor cy)");
@@ -148,15 +180,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_typed(
     const c10::optional<at::Tensor>& c0, const std::vector<at::Tensor>& params, bool has_biases,
     bool has_projections, int64_t num_layers, double dropout, bool train, bool bidirectional,
     const c10::optional<at::Tensor>& batch_sizes, const c10::optional<at::Tensor>& reset,
-    double zoneout_c, double zoneout_h, double recurrent_dropout) {
+    double zoneout_c, double zoneout_h, double recurrent_dropout, bool layer_norm) {
   using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
       at::TensorList, bool, bool, int64_t, double, bool, bool, const c10::optional<at::Tensor>&,
-      const c10::optional<at::Tensor>&, double, double, double);
+      const c10::optional<at::Tensor>&, double, double, double, bool);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::lstm", "").typed<Signature>();
   return op.call(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
-                 bidirectional, batch_sizes, reset, zoneout_c, zoneout_h, recurrent_dropout);
+                 bidirectional, batch_sizes, reset, zoneout_c, zoneout_h, recurrent_dropout,
+                 layer_norm);
 }
 
 // lstm_ext::lstm_cell the same way (a cell is called once per step: per-call cost is most of it).
@@ -185,7 +218,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("has_projections"), py::arg("num_layers"), py::arg("dropout"), py::arg("train"),
         py::arg("bidirectional"), py::arg("batch_sizes"), py::arg("reset") = py::none(),
         py::arg("zoneout_c") = 0.0, py::arg("zoneout_h") = 0.0,
-        py::arg("recurrent_dropout") = 0.0);
+        py::arg("recurrent_dropout") = 0.0, py::arg("layer_norm") = false);
   m.def("lstm_cell", &lstm_ext::lstm_cell_typed,
         "torch.ops.lstm_ext.lstm_cell through its typed handle (same op, less per-call cost)");
   // Checked by lstm_ext/_ops.py against the running torch (C++ ABI is per torch version).

@@ -300,12 +300,14 @@ def _unfold(t: Tensor, at: int, size: int) -> Tensor:
 
 
 def _refuse_beyond_nn(reset: Optional[Tensor], zoneout_c: float = 0.0, zoneout_h: float = 0.0,
-                      recurrent_dropout: float = 0.0) -> None:
-    """reset, zoneout and recurrent dropout do not run under torch.func transforms yet."""
-    if reset is not None or zoneout_c or zoneout_h or recurrent_dropout:
+                      recurrent_dropout: float = 0.0, layer_norm: bool = False) -> None:
+    """reset, zoneout, recurrent dropout and layer_norm do not run under torch.func transforms
+    yet."""
+    if reset is not None or zoneout_c or zoneout_h or recurrent_dropout or layer_norm:
         raise NotImplementedError(
-            "lstm_ext: reset, zoneout and recurrent_dropout under torch.func transforms are not "
-            "supported yet; call the module outside the transform, or without them")
+            "lstm_ext: reset, zoneout, recurrent_dropout and layer_norm under torch.func "
+            "transforms are not supported yet; call the module outside the transform, or "
+            "without them")
 
 
 def _dropout_draws(dropout, train, num_layers) -> bool:
@@ -335,8 +337,8 @@ def _lstm_forward_vmap(info, in_dims, input, h0, c0, params, has_biases, has_pro
 @torch.library.register_vmap("lstm_ext::lstm")
 def _lstm_vmap(info, in_dims, input, h0, c0, params, has_biases, has_projections, num_layers,
                dropout, train, bidirectional, batch_sizes, reset=None, zoneout_c=0.0,
-               zoneout_h=0.0, recurrent_dropout=0.0):
-    _refuse_beyond_nn(reset, zoneout_c, zoneout_h, recurrent_dropout)
+               zoneout_h=0.0, recurrent_dropout=0.0, layer_norm=False):
+    _refuse_beyond_nn(reset, zoneout_c, zoneout_h, recurrent_dropout, layer_norm)
     args = (input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
             bidirectional, batch_sizes)
     random = _dropout_draws(dropout, train, num_layers)

@@ -66,7 +66,7 @@ def _kept_dtype(t: Tensor) -> torch.dtype:
 @torch.library.register_fake("lstm_ext::lstm")
 def _lstm_fake(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
                bidirectional, batch_sizes, reset=None, zoneout_c=0.0, zoneout_h=0.0,
-               recurrent_dropout=0.0):
+               recurrent_dropout=0.0, layer_norm=False):
     directions = 2 if bidirectional else 1
     H, P = params[1].shape[0] // 4, params[1].shape[1]
     if h0 is not None:
@@ -160,6 +160,42 @@ def _(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weig
     )
 
 
+@torch.library.register_fake("lstm_ext::ln_lstm_layer_forward")
+def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, ln_weight_ih,
+      ln_weight_hh, ln_weight_c, ln_bias_c, batch_sizes, reverse, keep_state, reset=None,
+      zoneout_c=0.0, zoneout_h=0.0, zoneout_mask_c=None, zoneout_mask_h=None,
+      recurrent_mask=None):
+    rows = tuple(input.shape[:-1])
+    kept = rows if keep_state else (0,) + rows[1:]
+    H, P = weight_hh.shape[0] // 4, weight_hh.shape[1]
+    B = h0.shape[0]
+    return (input.new_empty(rows + (P,)), input.new_empty(B, P), input.new_empty(B, H),
+            input.new_empty(kept + (4 * H,), dtype=_kept_dtype(input)),
+            input.new_empty(kept + (H,), dtype=_kept_dtype(input)),
+            input.new_empty(kept + (8 * H + 4,), dtype=_kept_dtype(input)))
+
+
+@torch.library.register_fake("lstm_ext::ln_lstm_layer_backward")
+def _(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
+      ln_weight_ih, ln_weight_hh, ln_weight_c, ln_bias_c, batch_sizes, reverse, output, gates,
+      cells, norms, need_grad_input=True, reset=None, zoneout_c=0.0, zoneout_h=0.0,
+      zoneout_mask_c=None, zoneout_mask_h=None, recurrent_mask=None):
+    H, P = weight_hh.shape[0] // 4, weight_hh.shape[1]
+    return (
+        input.new_empty((input.shape[0] if need_grad_input else 0,) + tuple(input.shape[1:])),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape),
+        weight_ih.new_empty(weight_ih.shape),
+        weight_hh.new_empty(weight_hh.shape),
+        weight_hh.new_empty(4 * H),
+        weight_hh.new_empty(P if weight_hr is not None else 0, H),
+        ln_weight_ih.new_empty(4 * H),
+        ln_weight_hh.new_empty(4 * H),
+        ln_weight_c.new_empty(H),
+        ln_bias_c.new_empty(H),
+    )
+
+
 @torch.library.register_fake("lstm_ext::fill_bernoulli_mask_")
 def _(mask, p):
     return None
@@ -204,13 +240,15 @@ def lstm(
     has_biases: bool, has_projections: bool, num_layers: int, dropout: float, train: bool,
     bidirectional: bool, batch_sizes: Optional[Tensor], reset: Optional[Tensor] = None,
     zoneout_c: float = 0.0, zoneout_h: float = 0.0, recurrent_dropout: float = 0.0,
+    layer_norm: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The whole module, differentiable -> (output [.., D*P], h_n [L*D,B,P], c_n [L*D,B,H]).
     reset: None or bool [T, B]: where rows start anew from h0 / c0; zoneout_c, zoneout_h,
-    recurrent_dropout: probabilities (csrc/lstm.cpp)."""
+    recurrent_dropout: probabilities; layer_norm: params hold each layer-direction's four
+    normalisation parameters too (csrc/lstm.cpp)."""
     return _ops.lstm(input, h0, c0, params, has_biases, has_projections, num_layers, dropout,
                      train, bidirectional, batch_sizes, reset, zoneout_c, zoneout_h,
-                     recurrent_dropout)
+                     recurrent_dropout, layer_norm)
 
 
 def lstm_layer(

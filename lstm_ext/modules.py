@@ -204,7 +204,7 @@ class LSTM(_WeightsAtTheCall):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *,
                  zoneout: "float | Tuple[float, float]" = 0.0,
-                 recurrent_dropout: float = 0.0) -> None:
+                 recurrent_dropout: float = 0.0, layer_norm: bool = False) -> None:
         super().__init__()
         # The same argument errors and warning as torch.nn.RNNBase.
         if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
@@ -236,6 +236,8 @@ class LSTM(_WeightsAtTheCall):
         if len(zoneout_pair) != 2 or not all(_is_probability(p) for p in zoneout_pair):
             raise ValueError(f"{self._owner}: zoneout should be a number in range [0, 1), or a "
                              f"pair (p_c, p_h) of them, got {zoneout!r}")
+        if not isinstance(layer_norm, bool):
+            raise TypeError(f"layer_norm should be of type bool, got: {type(layer_norm).__name__}")
         if not _is_probability(recurrent_dropout):
             raise ValueError(f"{self._owner}: recurrent_dropout should be a number in range "
                              f"[0, 1) representing the probability of an element being zeroed, "
@@ -252,6 +254,7 @@ class LSTM(_WeightsAtTheCall):
         self.proj_size = proj_size
         self.zoneout = (float(zoneout_pair[0]), float(zoneout_pair[1]))  # (p_c, p_h)
         self.recurrent_dropout = float(recurrent_dropout)
+        self.layer_norm = layer_norm
 
         factory = {"device": device, "dtype": dtype}
         directions = 2 if bidirectional else 1
@@ -270,6 +273,10 @@ class LSTM(_WeightsAtTheCall):
                                ("bias_hh", (_GATES * hidden_size,))]
                 if proj_size > 0:
                     shapes += [("weight_hr", (proj_size, hidden_size))]
+                if layer_norm:  # the gains of LN(x W_ih^T), LN(h W_hh^T); LN(c)'s gain, bias
+                    shapes += [("ln_weight_ih", (_GATES * hidden_size,)),
+                               ("ln_weight_hh", (_GATES * hidden_size,)),
+                               ("ln_weight_c", (hidden_size,)), ("ln_bias_c", (hidden_size,))]
                 suffix = "_reverse" if direction == 1 else ""
                 names = []
                 for kind, shape in shapes:
@@ -285,13 +292,21 @@ class LSTM(_WeightsAtTheCall):
         # A module pickled before zoneout and recurrent_dropout existed has neither: both off.
         state.setdefault("zoneout", (0.0, 0.0))
         state.setdefault("recurrent_dropout", 0.0)
+        state.setdefault("layer_norm", False)
         super().__setstate__(state)
 
     def reset_parameters(self) -> None:
-        """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as nn.LSTM."""
+        """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as nn.LSTM; with layer_norm, the
+        normalisation gains are ones and ln_bias_c zeros (as nn.LayerNorm's and haste's), drawing
+        nothing, so the other weights get the numbers nn.LSTM's would under the same seed."""
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        for name, weight in self.named_parameters():
+            if name.startswith("ln_bias"):
+                nn.init.zeros_(weight)
+            elif name.startswith("ln_weight"):
+                nn.init.ones_(weight)
+            else:
+                nn.init.uniform_(weight, -stdv, stdv)
 
     def flatten_parameters(self) -> None:
         """No-op, kept so code written for nn.LSTM runs unchanged: lstm_ext needs no flat buffer."""
@@ -413,7 +428,8 @@ class LSTM(_WeightsAtTheCall):
         recurrent_dropout = self.recurrent_dropout if self.training else 0.0  # eval: nothing
         beyond_nn = [name for name, used in (("reset", reset is not None),
                                              ("zoneout", zoneout_c > 0 or zoneout_h > 0),
-                                             ("recurrent_dropout", recurrent_dropout > 0)) if used]
+                                             ("recurrent_dropout", recurrent_dropout > 0),
+                                             ("layer_norm", self.layer_norm)) if used]
         if not beyond_nn:
             output, h_n_t, c_n_t = op(input, h0, c0, weights, self.bias, self.proj_size > 0,
                                       self.num_layers, self.dropout, self.training,
@@ -428,7 +444,7 @@ class LSTM(_WeightsAtTheCall):
             output, h_n_t, c_n_t = op(
                 input, h0, c0, weights, self.bias, self.proj_size > 0, self.num_layers,
                 self.dropout, self.training, self.bidirectional, batch_sizes, reset, zoneout_c,
-                zoneout_h, recurrent_dropout)
+                zoneout_h, recurrent_dropout, self.layer_norm)
         if packed:
             if unsorted_indices is not None:
                 h_n_t = h_n_t.index_select(1, unsorted_indices)
@@ -460,6 +476,8 @@ class LSTM(_WeightsAtTheCall):
             s += f", zoneout={zoneout}"
         if self.recurrent_dropout != 0:
             s += ", recurrent_dropout={recurrent_dropout}"
+        if self.layer_norm:
+            s += ", layer_norm=True"
         return s.format(**self.__dict__)
 
 

@@ -21,6 +21,16 @@ one per sequence (the whole call) and layer-direction, 0 or 1 / (1 - p):
     z = x_t W_ih^T + b_ih + (m ⊙ h_{t-1}) W_hh^T + b_hh
 Both apply at every layer; the output, h_n and the next layer see h_t itself (unmasked).
 
+Layer normalisation (Ba et al. 2016), haste's LayerNormLSTM: each of the two products is
+normalised over its 4H values with a learnable gain (no bias of its own: b_ih + b_hh follow), and
+so is the cell state inside the output tanh, with a gain and a bias; c_t itself goes on
+unnormalised. LN(v) = (v - mean(v)) / sqrt(var(v) + 1e-5), var the biased variance (as
+torch.nn.functional.layer_norm):
+    z   = LN(x_t W_ih^T) ⊙ γ_ih + LN(h_{t-1} W_hh^T) ⊙ γ_hh + b_ih + b_hh      γ_ih, γ_hh [4H]
+    h_t = o ⊙ tanh(LN(c_t) ⊙ γ_c + β_c)                                        γ_c, β_c [H]
+(ln_weight_ih, ln_weight_hh, ln_weight_c, ln_bias_c; haste's gamma[0], gamma[1], gamma_h, beta_h).
+With zoneout, LN(c_new) feeds h_new; with recurrent dropout, the masked h is the one multiplied.
+
 Being plain differentiable PyTorch, it is also what lstm_ext differentiates through when a second
 derivative is asked for (create_graph=True).
 """
@@ -29,6 +39,31 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+
+LAYER_NORM_EPS = 1e-5
+
+
+def _layer_norm(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return torch.nn.functional.layer_norm(v, v.shape[-1:], weight, bias, LAYER_NORM_EPS)
+
+
+def layer_norm_cell_reference(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor,
+                              weight_hh: Tensor, bias_ih: Optional[Tensor],
+                              bias_hh: Optional[Tensor], weight_hr: Optional[Tensor],
+                              ln_weight_ih: Tensor, ln_weight_hh: Tensor, ln_weight_c: Tensor,
+                              ln_bias_c: Tensor) -> Tuple[Tensor, Tensor]:
+    """One step of the layer-normalised LSTM (the module docstring's equations) -> (h_t, c_t)."""
+    z = _layer_norm(x @ weight_ih.T, ln_weight_ih) + _layer_norm(h @ weight_hh.T, ln_weight_hh)
+    if bias_ih is not None:
+        z = z + bias_ih + bias_hh
+    z_i, z_f, z_g, z_o = z.chunk(4, dim=1)
+    i, f, g, o = torch.sigmoid(z_i), torch.sigmoid(z_f), torch.tanh(z_g), torch.sigmoid(z_o)
+    c = f * c + i * g
+    h = o * torch.tanh(_layer_norm(c, ln_weight_c, ln_bias_c))
+    if weight_hr is not None:
+        h = h @ weight_hr.T
+    return h, c
 
 
 def lstm_cell_reference(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor,
@@ -82,7 +117,11 @@ def lstm_layer_reference(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tenso
                          reset: Optional[Tensor] = None, zoneout_c: float = 0.0,
                          zoneout_h: float = 0.0, zoneout_mask_c: Optional[Tensor] = None,
                          zoneout_mask_h: Optional[Tensor] = None,
-                         recurrent_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                         recurrent_mask: Optional[Tensor] = None,
+                         ln_weight_ih: Optional[Tensor] = None,
+                         ln_weight_hh: Optional[Tensor] = None,
+                         ln_weight_c: Optional[Tensor] = None,
+                         ln_bias_c: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction.
 
     input [T, B, I], or a PackedSequence's data [N, I] with its batch_sizes [T] (step t holds the
@@ -90,6 +129,7 @@ def lstm_layer_reference(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tenso
     to the first. reset: None or bool [T, B] (the module docstring says what it restarts).
     zoneout_mask_c / zoneout_mask_h: None or bool in the input's layout with H / P features (where
     None, zoneout_c / zoneout_h act as the expectation); recurrent_mask: None or [B, P].
+    ln_*: the layer normalisation's parameters (all four, or None: no layer normalisation).
     Returns output (input's layout, P features), h_n [B, P], c_n [B, H]: each sequence's state
     after its last step.
     """
@@ -111,8 +151,13 @@ def lstm_layer_reference(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tenso
             h_prev = torch.where(restarting[:, None], h0[:b], h_prev)
             c_prev = torch.where(restarting[:, None], c0[:b], c_prev)
         h_fed = h_prev if recurrent_mask is None else h_prev * recurrent_mask[:b]
-        h_t, c_t = lstm_cell_reference(steps[t], h_fed, c_prev, weight_ih, weight_hh, bias_ih,
-                                       bias_hh, weight_hr)
+        if ln_weight_ih is None:
+            h_t, c_t = lstm_cell_reference(steps[t], h_fed, c_prev, weight_ih, weight_hh,
+                                           bias_ih, bias_hh, weight_hr)
+        else:
+            h_t, c_t = layer_norm_cell_reference(steps[t], h_fed, c_prev, weight_ih, weight_hh,
+                                                 bias_ih, bias_hh, weight_hr, ln_weight_ih,
+                                                 ln_weight_hh, ln_weight_c, ln_bias_c)
         c_t = _zoneout(masks_c[t], zoneout_c, c_prev, c_t)
         h_t = _zoneout(masks_h[t], zoneout_h, h_prev, h_t)
         h, c = torch.cat([h_t, h[b:]]), torch.cat([c_t, c[b:]])
@@ -128,12 +173,14 @@ def lstm_reference(input: Tensor, h0: Tensor, c0: Tensor, params: Sequence[Tenso
                    zoneout_masks: Sequence[Optional[Tensor]] = (),
                    recurrent_masks: Sequence[Optional[Tensor]] = (),
                    reset: Optional[Tensor] = None, zoneout_c: float = 0.0,
-                   zoneout_h: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+                   zoneout_h: float = 0.0,
+                   layer_norm: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """The whole of nn.LSTM's computation: layers, each of one or two directions.
 
     input [T, B, I], or a PackedSequence's data [N, I] with its batch_sizes; h0 [L*D, B, P],
     c0 [L*D, B, H] (D = 2 if bidirectional else 1); params in nn.LSTM's order, per layer and
-    direction: weight_ih, weight_hh, (bias_ih, bias_hh), (weight_hr). A layer's input is the
+    direction: weight_ih, weight_hh, (bias_ih, bias_hh), (weight_hr), then with layer_norm
+    ln_weight_ih, ln_weight_hh, ln_weight_c, ln_bias_c. A layer's input is the
     previous layer's output, both directions' concatenated; dropout_masks, when given, are the
     dropout between layers: one per layer but the last, multiplied into that layer's output.
     zoneout_masks: in training, two per layer-direction (c's, then h's; None for a state not
@@ -143,7 +190,8 @@ def lstm_reference(input: Tensor, h0: Tensor, c0: Tensor, params: Sequence[Tenso
     Returns output (input's layout, D*P features), h_n [L*D, B, P], c_n [L*D, B, H].
     """
     directions = 2 if bidirectional else 1
-    per_layer = 2 + (2 if has_biases else 0) + (1 if has_projections else 0)
+    norms = 4 if layer_norm else 0
+    per_layer = 2 + (2 if has_biases else 0) + (1 if has_projections else 0) + norms
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
     layer_input = input
@@ -153,7 +201,8 @@ def lstm_reference(input: Tensor, h0: Tensor, c0: Tensor, params: Sequence[Tenso
             index = layer * directions + direction
             weights = params[index * per_layer:(index + 1) * per_layer]
             biases = (weights[2], weights[3]) if has_biases else (None, None)
-            weight_hr = weights[-1] if has_projections else None
+            weight_hr = weights[len(weights) - norms - 1] if has_projections else None
+            ln_params = weights[len(weights) - norms:] if layer_norm else (None,) * 4
             output, h, c = lstm_layer_reference(layer_input, h0[index], c0[index], weights[0],
                                                 weights[1], *biases, weight_hr, batch_sizes,
                                                 reverse=direction == 1, reset=reset,
@@ -163,7 +212,10 @@ def lstm_reference(input: Tensor, h0: Tensor, c0: Tensor, params: Sequence[Tenso
                                                 zoneout_mask_h=zoneout_masks[2 * index + 1]
                                                 if zoneout_masks else None,
                                                 recurrent_mask=recurrent_masks[index]
-                                                if recurrent_masks else None)
+                                                if recurrent_masks else None,
+                                                ln_weight_ih=ln_params[0],
+                                                ln_weight_hh=ln_params[1],
+                                                ln_weight_c=ln_params[2], ln_bias_c=ln_params[3])
             outputs.append(output)
             h_n.append(h)
             c_n.append(c)

@@ -10,7 +10,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+import lstm_ext
+from lstm_ext.reference import lstm_reference
 
 FLOAT64_RTOL = 1e-10
 # lstm_ext's float32 error may be at most this multiple of nn.LSTM's float32 error ...
@@ -75,6 +78,103 @@ def outputs_and_grads(run, model, x, h0, c0, reset, lengths, **kw):
     loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
                for o in outputs)
     return outputs + list(torch.autograd.grad(loss, leaves + list(model.parameters())))
+
+
+# ---- runs of lstm_ext.LSTM with reset, zoneout, recurrent dropout, layer_norm, and of the reference
+# with the masks the module drew: they come from torch's default generator in a fixed order (per
+# layer, per direction: zoneout's c mask, its h mask, the recurrent dropout mask; then the dropout
+# between layers), so drawn_masks redraws them from the same seed.
+
+SEED = 1234
+
+
+def bernoulli_mask(size, p):
+    """A mask drawn as the module draws zoneout's (csrc/lstm_regularize.h)."""
+    mask = torch.empty(size, dtype=torch.bool)
+    torch.ops.lstm_ext.fill_bernoulli_mask_(mask, p)
+    return mask
+
+
+def drawn_masks(model, rows, batch, dtype):
+    """The masks model's forward draws (in training) right after torch.manual_seed(SEED):
+    (zoneout_masks, recurrent_masks, dropout_masks) as lstm_reference takes them."""
+    torch.manual_seed(SEED)
+    D = 2 if model.bidirectional else 1
+    H, P = model.hidden_size, model.proj_size or model.hidden_size
+    (p_c, p_h), p_r = model.zoneout, model.recurrent_dropout
+    zoneout, recurrent, dropout = [], [], []
+    for layer in range(model.num_layers):
+        for _ in range(D):
+            zoneout.append(bernoulli_mask([*rows, H], p_c) if p_c else None)
+            zoneout.append(bernoulli_mask([*rows, P], p_h) if p_h else None)
+            recurrent.append(torch.empty(batch, P, dtype=dtype).bernoulli_(1 - p_r).div_(1 - p_r)
+                             if p_r else None)
+        if model.dropout and layer < model.num_layers - 1:
+            p = model.dropout
+            dropout.append(torch.empty(*rows, D * P, dtype=dtype).bernoulli_(1 - p).div_(1 - p))
+    return (zoneout if p_c or p_h else []), (recurrent if p_r else []), dropout
+
+
+def make(sizes, T, B, options, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    model = lstm_ext.LSTM(*sizes, dtype=dtype, **options)
+    with torch.no_grad():  # layer_norm's gains and biases away from their ones and zeros
+        for name, p in model.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen).to(dtype))
+    D = 2 if model.bidirectional else 1
+    P = model.proj_size or model.hidden_size
+    x = torch.randn(T, B, sizes[0], generator=gen).to(dtype)
+    h0 = torch.randn(model.num_layers * D, B, P, generator=gen).to(dtype)
+    c0 = torch.randn(model.num_layers * D, B, sizes[1], generator=gen).to(dtype)
+    reset = torch.rand(T, B, generator=gen) < 0.2
+    return model, x, h0, c0, reset
+
+
+def ours(model, x, h0, c0, reset, lengths, **_):
+    """lstm_ext after seeding, padded or packed (unsorted lengths) -> padded out, h_n, c_n."""
+    torch.manual_seed(SEED)
+    packed = lengths is not None
+    if packed:
+        x = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+    out, (h_n, c_n) = model(x, (h0, c0), reset=reset)
+    if packed:
+        out, _ = pad_packed_sequence(out, total_length=len(reset))
+    return out, h_n, c_n
+
+
+def theirs(model, x, h0, c0, reset, lengths, mask_dtype=None):
+    """lstm_reference with the masks the module drew (model.training) -> padded out, h_n, c_n.
+    mask_dtype: the dtype the module drew the recurrent dropout mask in (default: x's)."""
+    params = [getattr(model, n) for n in model._flat_weights_names]
+    T, B = x.shape[:2]
+    batch_sizes = order = None
+    data = x
+    if lengths is not None:  # the packed layout: rows of each step in order of length
+        packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+        batch_sizes, order = packed.batch_sizes, packed.sorted_indices
+        data = torch.cat([x[t, order[:n]] for t, n in enumerate(batch_sizes.tolist())])
+        h0, c0 = h0[:, order], c0[:, order]
+        reset = reset[:, order]
+    rows = (data.shape[0],) if lengths is not None else (T, B)
+    zoneout, recurrent, dropout = (drawn_masks(model, rows, B, mask_dtype or x.dtype)
+                                   if model.training else ([], [], []))
+    recurrent = [m if m is None else m.to(x.dtype) for m in recurrent]
+    dropout = [m.to(x.dtype) for m in dropout]
+    out, h_n, c_n = lstm_reference(data, h0, c0, params, model.bias, model.proj_size > 0,
+                                   model.num_layers, model.bidirectional, batch_sizes, dropout,
+                                   zoneout, recurrent, reset, *model.zoneout,
+                                   layer_norm=getattr(model, "layer_norm", False))
+    if lengths is not None:
+        padded = out.new_zeros(T, B, out.shape[-1])
+        start = 0
+        for t, n in enumerate(batch_sizes.tolist()):
+            padded[t, order[:n]] = out[start:start + n]
+            start += n
+        inverse = torch.argsort(order)
+        out, h_n, c_n = padded, h_n[:, inverse], c_n[:, inverse]
+    return out, h_n, c_n
+
 
 
 def forward_backward(model, x, hx, grad_seed=1234):
