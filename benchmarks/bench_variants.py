@@ -1,5 +1,5 @@
-"""Time lstm_ext.LSTM's options beyond nn.LSTM (reset, zoneout, recurrent_dropout) against what a
-user would otherwise write, forward + backward, float32, in training mode:
+"""Time lstm_ext.LSTM's options beyond nn.LSTM (reset, zoneout, recurrent_dropout, layer_norm)
+against what a user would otherwise write, forward + backward, float32, in training mode:
 
   reference   lstm_ext.reference (plain PyTorch, one small op after another per step), eager,
               drawing its masks with torch.bernoulli as the module does
@@ -15,6 +15,7 @@ another, lstm_ext beside them. In a table row, "lstm_ext" is the first loop's fi
     python benchmarks/bench_variants.py                     # both shapes, eager reference
     python benchmarks/bench_variants.py --compiled          # also torch.compile of the reference
     python benchmarks/bench_variants.py --shapes 20,5,1,16 --rounds 50
+    python benchmarks/bench_variants.py --options layer_norm "layer_norm + all three"
 """
 
 import argparse
@@ -32,6 +33,8 @@ OPTIONS = {
     "zoneout": dict(zoneout=0.1),
     "recurrent_dropout": dict(recurrent_dropout=0.25),
     "all three": dict(zoneout=0.1, recurrent_dropout=0.25),
+    "layer_norm": dict(layer_norm=True),
+    "layer_norm + all three": dict(layer_norm=True, zoneout=0.1, recurrent_dropout=0.25),
 }
 RESET_RATE = 0.05  # a new sequence starts at 5% of the (step, row) pairs, where reset is used
 
@@ -58,7 +61,8 @@ def reference_function(model, with_reset):
         recurrent = ([torch.empty(B, H, dtype=x.dtype).bernoulli_(1 - p_r).div_(1 - p_r)]
                      if p_r else [])
         return lstm_reference(x, h0, c0, params, True, False, 1, False, None, [], zoneout,
-                              recurrent, reset if with_reset else None, p_c, p_h)
+                              recurrent, reset if with_reset else None, p_c, p_h,
+                              model.layer_norm)
 
     return run
 
@@ -94,6 +98,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compiled", action="store_true",
                         help="also time torch.compile of the reference (slow to compile)")
+    parser.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS),
+                        help="the options to time")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fwd+bwd, float32, "
@@ -108,10 +114,10 @@ def main():
         reset = torch.rand(T, B) < RESET_RATE
         grads = (torch.randn(T, B, H), torch.randn(1, B, H), torch.randn(1, B, H))
         plain = lstm_ext.LSTM(I, H)
-        for option, kwargs in OPTIONS.items():
-            with_reset = option in ("reset", "all three")
-            model = lstm_ext.LSTM(I, H, **kwargs)
-            model.load_state_dict(plain.state_dict())
+        for option in args.options:
+            with_reset = option in ("reset", "all three", "layer_norm + all three")
+            model = lstm_ext.LSTM(I, H, **OPTIONS[option])
+            model.load_state_dict(plain.state_dict(), strict=False)  # layer_norm's: its own
             params = list(model.parameters()) + list(plain.parameters())
             reference = reference_function(model, with_reset)
             ours = lambda: fwd_bwd(lambda: (lambda o: (o[0], *o[1]))(  # noqa: E731

@@ -85,7 +85,7 @@ TORCH_LIBRARY(lstm_ext, m) {
   // The layer-normalised layer (haste's LayerNormLSTM; csrc/cpu/lstm_cpu_layer_norm.cpp): the
   // plain layer kernels' arguments and results, with the normalisation's parameters
   // ln_weight_ih, ln_weight_hh [4H] (the gains of LN(x W_ih^T) and LN(h W_hh^T)), ln_weight_c,
-  // ln_bias_c [H] (of LN(c_t) inside h_t's tanh); norms [rows, 8H + 4] is what the forward keeps
+  // ln_bias_c [H] (of LN(c_t) inside h_t's tanh); norms [rows, 8H + 16] is what the forward keeps
   // of the normalisations (no rows without keep_state).
   m.def(
       "ln_lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, "

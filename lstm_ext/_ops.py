@@ -172,7 +172,7 @@ def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, ln_weigh
     return (input.new_empty(rows + (P,)), input.new_empty(B, P), input.new_empty(B, H),
             input.new_empty(kept + (4 * H,), dtype=_kept_dtype(input)),
             input.new_empty(kept + (H,), dtype=_kept_dtype(input)),
-            input.new_empty(kept + (8 * H + 4,), dtype=_kept_dtype(input)))
+            input.new_empty(kept + (8 * H + 16,), dtype=_kept_dtype(input)))
 
 
 @torch.library.register_fake("lstm_ext::ln_lstm_layer_backward")

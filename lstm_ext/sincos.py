@@ -39,7 +39,8 @@ class SinCosModel(nn.Module):
     def __init__(self, backend: str, hidden_size: int = 16, num_layers: int = 1,
                  **lstm_options):
         super().__init__()
-        # lstm_options: lstm_ext.LSTM's zoneout / recurrent_dropout (none for torch.nn.LSTM)
+        # lstm_options: lstm_ext.LSTM's zoneout / recurrent_dropout / layer_norm (none for
+        # torch.nn.LSTM)
         self.lstm = BACKENDS[backend](1, hidden_size, num_layers, **lstm_options)
         self.linear = nn.Linear(hidden_size, 1)
 
@@ -303,6 +304,9 @@ def parse_args(argv):
     parser.add_argument("--recurrent-dropout", type=probability, default=0.0, metavar="P",
                         help="lstm_ext only: dropout of the h fed back to W_hh, one mask per "
                              "sequence (default: %(default)s, off)")
+    parser.add_argument("--layer-norm", action="store_true",
+                        help="lstm_ext only: layer-normalised LSTM (haste's LayerNormLSTM; "
+                             "default: off)")
     parser.add_argument("--lr", type=positive_float, default=1e-2,
                         help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--target-loss", type=positive_float,
@@ -335,9 +339,11 @@ def parse_args(argv):
             parser.error("--device cuda: lstm_ext was built without CUDA kernels")
     if args.load and not os.path.isfile(args.load):
         parser.error(f"--load: no such file: {args.load}")
-    if (args.zoneout or args.recurrent_dropout) and (args.compare or args.backend == "torch"):
-        parser.error("--zoneout and --recurrent-dropout are lstm_ext.LSTM options that "
-                     "torch.nn.LSTM does not have: use them with --backend ext, without --compare")
+    if ((args.zoneout or args.recurrent_dropout or args.layer_norm)
+            and (args.compare or args.backend == "torch")):
+        parser.error("--zoneout, --recurrent-dropout and --layer-norm are lstm_ext.LSTM options "
+                     "that torch.nn.LSTM does not have: use them with --backend ext, without "
+                     "--compare")
     if args.compare and args.save:
         parser.error("--save takes one model: use it without --compare")
     if args.autocast and args.dtype != "float32":
@@ -401,8 +407,8 @@ def load_state(path: str, hidden: int, layers: int, device: str) -> dict:
 
 def build_model(backend: str, args, state: Optional[dict]) -> SinCosModel:
     torch.manual_seed(args.seed)  # same seed, same initial weights on both backends
-    options = ({"zoneout": args.zoneout, "recurrent_dropout": args.recurrent_dropout}
-               if backend == "ext" else {})
+    options = ({"zoneout": args.zoneout, "recurrent_dropout": args.recurrent_dropout,
+                "layer_norm": args.layer_norm} if backend == "ext" else {})
     model = SinCosModel(backend, args.hidden, args.layers, **options).to(args.device,
                                                                           DTYPES[args.dtype])
     if state is not None:

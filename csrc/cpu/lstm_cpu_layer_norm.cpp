@@ -16,9 +16,10 @@
 // dW_hr.
 //
 // What the forward keeps for the backward, besides gates (activated) and cells (c_t, mixed by
-// zoneout where on): norms [rows, 8H + 4]: per row the normalised products x̂_ih = LN(x W_ih^T)
+// zoneout where on): norms [rows, 8H + 16]: per row the normalised products x̂_ih = LN(x W_ih^T)
 // and x̂_hh = LN(h W_hh^T) (4H each, before their gains), then rstd_ih, rstd_hh (1 / sqrt(var +
-// eps) of each product), mean_c and rstd_c (of c_new, the unmixed c_t).
+// eps) of each product), mean_c and rstd_c (of c_new, the unmixed c_t), padded to 16 values so
+// that each row's products start 64-byte aligned (they are the per-step GEMM's output).
 //
 // float32 and float64 compute in their own type; bfloat16 and float16 layers are computed in
 // float32 (inputs and weights converted once per call, gates, c and the normalisations in
@@ -59,10 +60,10 @@ using c10::optional;
 // nn.LayerNorm's default, and haste's.
 constexpr double kLayerNormEps = 1e-5;
 
-// A row of norms: [x̂_ih (4H) | x̂_hh (4H) | rstd_ih, rstd_hh, mean_c, rstd_c].
+// A row of norms: [x̂_ih (4H) | x̂_hh (4H) | rstd_ih, rstd_hh, mean_c, rstd_c, 12 unused].
 struct NormsRow {
   int64_t H;
-  int64_t width() const { return 8 * H + 4; }
+  int64_t width() const { return 8 * H + 16; }
   int64_t hh() const { return 4 * H; }
   int64_t stats() const { return 8 * H; }
 };
@@ -73,21 +74,36 @@ LSTM_EXT_ALWAYS_INLINE double sigmoid_act(double x) { return sigmoid_of(x); }
 LSTM_EXT_ALWAYS_INLINE float tanh_act(float x) { return tanh_f32(x); }
 LSTM_EXT_ALWAYS_INLINE double tanh_act(double x) { return tanh_of(x); }
 
+// The sum of term(j) over j in [0, n), in one 64-byte vector of partial sums (GCC vectorises
+// this form; it left `omp simd reduction` loops scalar where they were inlined into the passes).
+template <typename T, typename F>
+LSTM_EXT_ALWAYS_INLINE T lane_sum(int64_t n, const F& term) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  T lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      lanes[l] += term(j + l);
+    }
+  }
+  T sum = 0;
+  for (; j < n; ++j) {
+    sum += term(j);
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    sum += lanes[l];
+  }
+  return sum;
+}
+
 // Mean and 1 / sqrt(var + eps) of v [n] (two passes: the variance of the centred values).
 template <typename T>
 LSTM_EXT_ALWAYS_INLINE std::pair<T, T> moments(int64_t n, const T* __restrict__ v) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    sum += v[j];
-  }
-  const T mean = sum / T(n);
-  T squares = 0;
-#pragma omp simd reduction(+ : squares)
-  for (int64_t j = 0; j < n; ++j) {
+  const T mean = lane_sum<T>(n, [&](int64_t j) { return v[j]; }) / T(n);
+  const T squares = lane_sum<T>(n, [&](int64_t j) {
     const T d = v[j] - mean;
-    squares += d * d;
-  }
+    return d * d;
+  });
   return {mean, T(1) / std::sqrt(squares / T(n) + T(kLayerNormEps))};
 }
 
@@ -106,13 +122,8 @@ LSTM_EXT_ALWAYS_INLINE T normalize(int64_t n, T* __restrict__ v) {
 // = rstd (u - mean(u) - v̂ mean(u ⊙ v̂)).
 template <typename T>
 LSTM_EXT_ALWAYS_INLINE void normalize_backward(int64_t n, const T* __restrict__ v_hat, T rstd, T* __restrict__ u) {
-  T sum = 0, dot = 0;
-#pragma omp simd reduction(+ : sum, dot)
-  for (int64_t j = 0; j < n; ++j) {
-    sum += u[j];
-    dot += u[j] * v_hat[j];
-  }
-  const T mean = sum / T(n), mean_dot = dot / T(n);
+  const T mean = lane_sum<T>(n, [&](int64_t j) { return u[j]; }) / T(n);
+  const T mean_dot = lane_sum<T>(n, [&](int64_t j) { return u[j] * v_hat[j]; }) / T(n);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     u[j] = rstd * (u[j] - mean - v_hat[j] * mean_dot);
@@ -215,30 +226,33 @@ LSTM_EXT_ALWAYS_INLINE void ln_gates_backward_body(int64_t n, int64_t H, const T
     const T* __restrict__ drb = dr + b * H;
     T* __restrict__ dcb = dc + b * H;
     T* __restrict__ dz = d_hh + b * G;  // first dL/dz, then dL/d(h W_hh^T) in place
-    T* __restrict__ u = d_ih + b * G;   // scratch [H]: dL/d(LN(c_new)) before d_ih is written
+    // scratch [3H] in d_ih's row until it is written: dL/d(LN(c_new)) (after the gain), LN(c_new)
+    // itself, and tanh(LN(c_new) γ_c + β_c)
+    T* __restrict__ u = d_ih + b * G;
+    T* __restrict__ c_hat = u + H;
+    T* __restrict__ tn = u + 2 * H;
     // Through h = o ⊙ tanh(n), n = ĉ γ_c + β_c: dL/do (kept in dz's o block for now) and dL/dn.
-    T sum_u = 0, dot_u = 0;
-#pragma omp simd reduction(+ : sum_u, dot_u)
-    for (int64_t j = 0; j < H; ++j) {
-      const T c_hat = (cb[j] - mean_c) * rstd_c;
-      const T tn = tanh_act(c_hat * g_c[j] + b_c[j]);
-      const T o = a[3 * H + j];
-      const T dn = drb[j] * o * (T(1) - tn * tn);
-      dz[3 * H + j] = drb[j] * tn * o * (T(1) - o);
-      dg_c[j] += dn * c_hat;
-      db_c[j] += dn;
-      u[j] = dn * g_c[j];
-      sum_u += u[j];
-      dot_u += u[j] * c_hat;
-      if (r) {
-        r[b * H + j] = o * tn;
-      }
-    }
-    const T mean_u = sum_u / T(H), mean_dot = dot_u / T(H);
 #pragma GCC ivdep
     for (int64_t j = 0; j < H; ++j) {
-      const T c_hat = (cb[j] - mean_c) * rstd_c;
-      const T dc_total = dcb[j] + rstd_c * (u[j] - mean_u - c_hat * mean_dot);
+      c_hat[j] = (cb[j] - mean_c) * rstd_c;
+      tn[j] = tanh_act(c_hat[j] * g_c[j] + b_c[j]);
+      const T o = a[3 * H + j];
+      const T dn = drb[j] * o * (T(1) - tn[j] * tn[j]);
+      dz[3 * H + j] = drb[j] * tn[j] * o * (T(1) - o);
+      dg_c[j] += dn * c_hat[j];
+      db_c[j] += dn;
+      u[j] = dn * g_c[j];
+    }
+    if (r) {
+      for (int64_t j = 0; j < H; ++j) {
+        r[b * H + j] = a[3 * H + j] * tn[j];
+      }
+    }
+    const T mean_u = lane_sum<T>(H, [&](int64_t j) { return u[j]; }) / T(H);
+    const T mean_dot = lane_sum<T>(H, [&](int64_t j) { return u[j] * c_hat[j]; }) / T(H);
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const T dc_total = dcb[j] + rstd_c * (u[j] - mean_u - c_hat[j] * mean_dot);
       const T i = a[j], f = a[H + j], g = a[2 * H + j];
       dz[j] = dc_total * g * i * (T(1) - i);
       dz[H + j] = dc_total * cp[j] * f * (T(1) - f);
@@ -652,8 +666,8 @@ ln_lstm_layer_backward_cpu(
   const bool packed = batch_sizes.has_value();
   const int64_t G = 4 * s.H, W = NormsRow{s.H}.width();
   check_shape(op, norms, "norms",
-              packed ? "[N, 8*H + 4] (saved by ln_lstm_layer_forward with keep_state=True)"
-                     : "[T, B, 8*H + 4] (saved by ln_lstm_layer_forward with keep_state=True)",
+              packed ? "[N, 8*H + 16] (saved by ln_lstm_layer_forward with keep_state=True)"
+                     : "[T, B, 8*H + 16] (saved by ln_lstm_layer_forward with keep_state=True)",
               per_step_shape(s, packed, W));
   check_kept_state(op, weight_ih, norms, "norms");
   check_reset(op, reset, input, s);
