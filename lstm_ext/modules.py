@@ -193,6 +193,21 @@ class LSTM(_WeightsAtTheCall):
     per step (not fused into the gate kernels yet; not run on a GPU yet). Not yet: torch.func
     transforms, ONNX export (a clear error says so).
 
+    ``layer_norm=True`` (keyword-only, default off): haste's LayerNormLSTM (Ba et al. 2016) on
+    nn.LSTM's weights. Each layer-direction gains four parameters, after its nn.LSTM ones:
+    ``ln_weight_ih_l{k}``, ``ln_weight_hh_l{k}`` [4H] (the gains of the two normalised products;
+    haste's ``gamma[0]``, ``gamma[1]``), ``ln_weight_c_l{k}`` and ``ln_bias_c_l{k}`` [H] (haste's
+    ``gamma_h``, ``beta_h``), initialised to ones and zeros; ``_reverse`` for a reverse
+    direction. With LN(v) = (v - mean(v)) / sqrt(var(v) + 1e-5) over a row::
+
+        z   = LN(x_t W_ih^T) * ln_weight_ih + LN(h_{t-1} W_hh^T) * ln_weight_hh + b_ih + b_hh
+        c_t = f * c_{t-1} + i * g                       (c itself is carried unnormalised)
+        h_t = o * tanh(LN(c_t) * ln_weight_c + ln_bias_c)
+
+    Fused in its own C++ loop on the CPU (float32, float64; bfloat16 and float16 computed in
+    float32 with h rounded to the dtype each step), with every other option. Not yet: CUDA,
+    torch.func transforms, ONNX export (clear errors say so).
+
     The weights are whatever ``getattr(module, name)`` gives at the call, as for nn.LSTM: the
     Parameters, or a parametrization's, ``torch.func.functional_call``'s or a pruning hook's
     tensors, or a plain tensor assigned in place of a deleted weight (weight drop).

@@ -29,6 +29,9 @@ CONFIGS = [
     ((8, 64), 12, 40, dict(bidirectional=True), [12] * 20 + [7] * 20),
     ((16, 128), 20, 1, dict(), None),
     ((5, 7), 3, 2, dict(num_layers=2, bidirectional=True, bias=False), None),
+    # the backward in chunks of 2 steps (backward_chunk_steps), padded and packed
+    ((4, 128), 5, 256, dict(bidirectional=True), None),
+    ((4, 128), 5, 256, dict(proj_size=16), [5] * 100 + [3] * 100 + [1] * 56),
 ]
 
 VARIANTS = {

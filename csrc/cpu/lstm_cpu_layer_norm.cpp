@@ -140,7 +140,9 @@ struct LayerNormParams {
 };
 
 // The fused pass of one forward step over n rows (the per-row work after h W_hh^T).
-//   norms [n, width] in: x̂_ih, and h W_hh^T where x̂_hh goes; out: x̂_hh and the row's stats
+//   norms [n, width] in: x W_ih^T where x̂_ih goes, h W_hh^T where x̂_hh goes; out: x̂_ih, x̂_hh
+//   and the row's stats (x W_ih^T is normalised here, while the step reads the row anyway, not
+//   in a pass over every row before the steps)
 //   bias [4H] (b_ih + b_hh, or zeros); gates [n, 4H] out: activated i, f, g, o
 //   c [n, H] in: c_{t-1}; out: c_new; r [n, H] out: o ⊙ tanh(LN(c_new) γ_c + β_c)
 template <typename T>
@@ -150,9 +152,10 @@ LSTM_EXT_ALWAYS_INLINE void ln_gates_forward_body(int64_t n, int64_t H, T* norms
   const int64_t G = 4 * H;
   for (int64_t b = 0; b < n; ++b) {
     T* row = norms + b * layout.width();
-    const T* __restrict__ x_hat = row;
+    T* __restrict__ x_hat = row;
     T* __restrict__ h_hat = row + layout.hh();
     T* stats = row + layout.stats();
+    stats[kRstdIh] = normalize(G, x_hat);
     stats[kRstdHh] = normalize(G, h_hat);
     T* __restrict__ a = gates + b * G;
     T* __restrict__ cb = c + b * H;
@@ -283,7 +286,6 @@ void ln_gates_backward_f32(int64_t n, int64_t H, const float* gates, const float
                            int64_t n_prev, const uint8_t* restarts,
                            const LayerNormParams<float>& ln, const float* dr, float* dc,
                            float* d_ih, float* d_hh, float* sums, float* r);
-void normalize_rows_f32(int64_t rows, int64_t n, int64_t stride, float* v, float* rstd);
 
 inline void ln_gates_forward(int64_t n, int64_t H, float* norms, const LayerNormParams<float>& ln,
                              const float* bias, float* gates, float* c, float* r) {
@@ -310,22 +312,6 @@ inline void ln_gates_backward(int64_t n, int64_t H, const double* gates, const d
   ln_gates_backward_body(n, H, gates, c_new, norms, c_prev_rows, c0_rows, n_prev, restarts, ln,
                          dr, dc, d_ih, d_hh, sums, r);
 }
-// rows of v (row r at v + r * stride) normalised over their first n values; rstd[r * stride]
-// receives each row's 1 / sqrt(var + eps).
-template <typename T>
-LSTM_EXT_ALWAYS_INLINE void normalize_rows_body(int64_t rows, int64_t n, int64_t stride, T* v,
-                                                T* rstd) {
-  for (int64_t r = 0; r < rows; ++r) {
-    rstd[r * stride] = normalize(n, v + r * stride);
-  }
-}
-inline void normalize_rows(int64_t rows, int64_t n, int64_t stride, float* v, float* rstd) {
-  normalize_rows_f32(rows, n, stride, v, rstd);
-}
-inline void normalize_rows(int64_t rows, int64_t n, int64_t stride, double* v, double* rstd) {
-  normalize_rows_body(rows, n, stride, v, rstd);
-}
-
 // Rounds n values of h in place through the layer's 16-bit dtype (a no-op for float32/float64
 // layers: round is null): the state a 16-bit LSTM carries from step to step.
 template <typename S>
@@ -355,11 +341,8 @@ void ln_layer_forward(const LayerSizes& s, const Steps& steps, bool reverse,
   const int64_t W = layout.width();
   std::memcpy(h_n, h0, s.B * P * sizeof(T));
   std::memcpy(c_n, c0, s.B * H * sizeof(T));
-  // Every step's x W_ih^T at once, normalised per row (x̂_ih and rstd_ih in norms).
+  // Every step's x W_ih^T at once (each step's pass normalises its rows).
   gemm<T>(false, true, s.N, G, s.I, T(1), x, s.I, w_ih, s.I, T(0), norms, W);
-  at::parallel_for(0, s.N, 64, [&](int64_t r0, int64_t r1) {
-    normalize_rows(r1 - r0, G, W, norms + r0 * W, norms + r0 * W + layout.stats() + kRstdIh);
-  });
   for_each_batch_slice(s, [&](int64_t b0, int64_t b1) {
     T* h_state = h_n + b0 * P;
     T* c_state = c_n + b0 * H;
@@ -408,13 +391,25 @@ void ln_layer_forward(const LayerSizes& s, const Steps& steps, bool reverse,
   });
 }
 
-// Backward of one layer: the steps in reverse, then the GEMMs over all rows.
+// The backward runs its steps in chunks of about this many gate values (at least one step), and
+// the chunk's GEMMs (dx, dW_ih, dW_hh, dW_hr) after each: the per-row gradient buffers then hold
+// one chunk, not every row. Measured at (100, 32, 64, 128), forward+backward: the whole-sequence
+// buffers (15 MB) cost ~2 ms of fresh pages a call when another model ran in between.
+constexpr int64_t kBackwardChunkElements = int64_t(1) << 18;
+
+inline int64_t backward_chunk_steps(const LayerSizes& s) {
+  return std::clamp<int64_t>(kBackwardChunkElements / std::max<int64_t>(s.B * 4 * s.H, 1), 1,
+                             s.T);
+}
+
+// Backward of one layer: the steps in reverse, in chunks, each chunk's GEMMs after its steps.
 //   dy [rows, P] or null; dh_n [B, P], dc_n [B, H] or null; x, h0, c0, w_ih, w_hh [4H, P],
 //   w_hr [P, H] or null, ln as in the forward; y, gates, cells, norms: the forward's
 //   dx [rows, I] or null; dh0 [B, P], dc0 [B, H] (the running dh, dc); dw_ih, dw_hh, dw_hr, db;
 //   dln_ih, dln_hh [4H], dln_c, dln_bias_c [H]
-//   workspaces: d_ih, d_hh [rows, 4H]; h_fed_all [rows, P] (the h each step fed to W_hh);
-//   with w_hr: dh_all [rows, P], r_all [rows, H], dr [B, H]; sums [B, 14H] (a slice [b0, b1)
+//   workspaces, each of a chunk's rows (backward_chunk_steps * B): d_ih, d_hh [., 4H]; h_fed
+//   [., P] (the h each step fed to W_hh); with w_hr: dh_all [., P], r_all [., H]; and dr [B, H];
+//   sums [B, 14H] (a slice [b0, b1)
 //   sums in row b0); restart_dh [B, P], restart_dc [B, H] (when any restart); keep_dh [B, P],
 //   keep_dc and c_new [B, H] (zoneout), as the plain kernel's.
 template <typename T>
@@ -424,7 +419,7 @@ void ln_layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
                        const T* w_hr, const LayerNormParams<T>& ln, const T* y, const T* gates,
                        const T* cells, const T* norms, T* dx, T* dh0, T* dc0, T* dw_ih,
                        T* dw_hh, T* dw_hr, T* db, T* dln_ih, T* dln_hh, T* dln_c, T* dln_bias_c,
-                       T* d_ih, T* d_hh, T* h_fed_all, T* dh_all, T* r_all, T* dr_scratch,
+                       T* d_ih, T* d_hh, T* h_fed, T* dh_all, T* r_all, T* dr_scratch,
                        T* sums, T* restart_dh, T* restart_dc, const Zoneout& zoneout,
                        const T* recurrent_mask, T* keep_dh, T* keep_dc, T* c_new) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H, SW = sums_width(H);
@@ -446,17 +441,20 @@ void ln_layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
     std::fill(restart_dh, restart_dh + s.B * P, T(0));
     std::fill(restart_dc, restart_dc + s.B * H, T(0));
   }
-  for_each_batch_slice(s, [&](int64_t b0, int64_t b1) {
+  const int64_t chunk_steps = backward_chunk_steps(s);
+  // Steps k_hi down to k_lo on batch rows [b0, b1); the chunk's rows start at row_begin.
+  auto run_steps = [&](int64_t k_lo, int64_t k_hi, int64_t row_begin, int64_t b0, int64_t b1) {
     T* dh_state = dh + b0 * P;
     T* dc_state = dc + b0 * H;
     T* slice_sums = sums + b0 * SW;
-    for (int64_t k = s.T - 1; k >= 0; --k) {
+    for (int64_t k = k_hi; k >= k_lo; --k) {
       const int64_t t = Steps::time_of(k, s.T, reverse);
       const int64_t n = std::min(b1, steps.batch[t]) - b0;
       if (n <= 0) {
         continue;
       }
       const int64_t row = steps.offset[t] + b0;
+      const int64_t local = row - row_begin;  // the row in the chunk's buffers
       int64_t n_prev = 0, prev_row = 0;  // as in the plain kernel's backward
       if (k > 0) {
         const int64_t t_prev = Steps::time_of(k - 1, s.T, reverse);
@@ -467,9 +465,9 @@ void ln_layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
       for (int64_t r = 0; r < n; ++r) {  // the h the step fed to W_hh, for dW_hh
         const T* h_read = state_read(r, n_prev, restart, y + prev_row * P, h0 + b0 * P, P);
         if (recurrent_mask) {
-          mask_rows(1, P, h_read, recurrent_mask + (b0 + r) * P, h_fed_all + (row + r) * P);
+          mask_rows(1, P, h_read, recurrent_mask + (b0 + r) * P, h_fed + (local + r) * P);
         } else {
-          std::memcpy(h_fed_all + (row + r) * P, h_read, P * sizeof(T));
+          std::memcpy(h_fed + (local + r) * P, h_read, P * sizeof(T));
         }
       }
       if (dy) {
@@ -487,29 +485,41 @@ void ln_layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
           zoneout.on_c() ? c_new_rows : nullptr);
       const T* dr = dh_state;
       if (w_hr) {
-        std::memcpy(dh_all + row * P, dh_state, n * P * sizeof(T));
+        std::memcpy(dh_all + local * P, dh_state, n * P * sizeof(T));
         T* dr_rows = dr_scratch + b0 * H;
         gemm<T>(false, false, n, H, P, T(1), dh_state, P, w_hr, H, T(0), dr_rows, H);  // dh W_hr
         dr = dr_rows;
       }
-      T* d_hh_t = d_hh + row * G;
+      T* d_hh_t = d_hh + local * G;
       ln_gates_backward(n, H, gates + row * G, c_new_t, norms + row * W, cells + prev_row * H,
-                        c0 + b0 * H, n_prev, restart, ln, dr, dc_state, d_ih + row * G, d_hh_t,
-                        slice_sums, w_hr ? r_all + row * H : nullptr);
+                        c0 + b0 * H, n_prev, restart, ln, dr, dc_state, d_ih + local * G,
+                        d_hh_t, slice_sums, w_hr ? r_all + local * H : nullptr);
       gemm<T>(false, false, n, P, G, T(1), d_hh_t, G, w_hh, P, T(0), dh_state, P);
       finish_step_backward(n, P, H, recurrent_mask ? recurrent_mask + b0 * P : nullptr,
                            keep_dh_rows, keep_dc_rows, restart, dh_state, dc_state,
                            restarts.any() ? restart_dh + b0 * P : nullptr,
                            restarts.any() ? restart_dc + b0 * H : nullptr);
     }
-  });
-  if (dx) {
-    gemm<T>(false, false, s.N, s.I, G, T(1), d_ih, G, w_ih, s.I, T(0), dx, s.I);
-  }
-  gemm<T>(true, false, G, s.I, s.N, T(1), d_ih, G, x, s.I, T(0), dw_ih, s.I);
-  gemm<T>(true, false, G, P, s.N, T(1), d_hh, G, h_fed_all, P, T(0), dw_hh, P);
-  if (w_hr) {
-    gemm<T>(true, false, P, H, s.N, T(1), dh_all, P, r_all, H, T(0), dw_hr, H);
+  };
+  // Chunks in processing order (k from T - 1 down); each chunk's rows are one range.
+  for (int64_t k_hi = s.T - 1; k_hi >= 0; k_hi -= chunk_steps) {
+    const int64_t k_lo = std::max<int64_t>(0, k_hi - chunk_steps + 1);
+    const auto [row_begin, row_end] = steps.rows_of_steps(k_lo, k_hi + 1, reverse);
+    for_each_batch_slice(s, [&](int64_t b0, int64_t b1) {
+      run_steps(k_lo, k_hi, row_begin, b0, b1);
+    });
+    // dx = dZ_ih W_ih; dW_ih (+)= dZ_ih^T x; dW_hh (+)= dZ_hh^T h_fed; dW_hr (+)= dH^T r
+    const int64_t rows = row_end - row_begin;
+    const T beta = k_hi == s.T - 1 ? T(0) : T(1);
+    if (dx) {
+      gemm<T>(false, false, rows, s.I, G, T(1), d_ih, G, w_ih, s.I, T(0), dx + row_begin * s.I,
+              s.I);
+    }
+    gemm<T>(true, false, G, s.I, rows, T(1), d_ih, G, x + row_begin * s.I, s.I, beta, dw_ih, s.I);
+    gemm<T>(true, false, G, P, rows, T(1), d_hh, G, h_fed, P, beta, dw_hh, P);
+    if (w_hr) {
+      gemm<T>(true, false, P, H, rows, T(1), dh_all, P, r_all, H, beta, dw_hr, H);
+    }
   }
   if (restarts.any()) {
     add_restart_gradients(s.B, P, H, restart_dh, restart_dc, dh0, dc0);
@@ -705,23 +715,25 @@ ln_lstm_layer_backward_cpu(
   Tensor grad_ln_ih = at::empty({G}, opts), grad_ln_hh = at::empty({G}, opts);
   Tensor grad_ln_c = at::empty({s.H}, opts), grad_ln_bias_c = at::empty({s.H}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ln_lstm_layer_backward_cpu", [&] {
-    // d_ih, d_hh [N, 4H], h_fed_all [N, P], sums [B, 14H], c_new [B, H]; with projection
-    // dh_all [N, P], r_all [N, H], dr [B, H]; restart_dh [B, P], restart_dc [B, H] (restarts);
-    // keep_dh [B, P] (zoneout of h), keep_dc [B, H] (zoneout of c)
-    const int64_t proj_elements = proj ? s.N * (s.P + s.H) + s.B * s.H : 0;
+    // per chunk row (C of them): d_ih, d_hh [C, 4H], h_fed [C, P], with projection dh_all
+    // [C, P], r_all [C, H]; sums [B, 14H], c_new [B, H], with projection dr [B, H];
+    // restart_dh [B, P], restart_dc [B, H] (restarts); keep_dh [B, P] (zoneout of h), keep_dc
+    // [B, H] (zoneout of c)
+    const int64_t C = std::min(s.N, backward_chunk_steps(s) * s.B);
+    const int64_t proj_elements = proj ? C * (s.P + s.H) + s.B * s.H : 0;
     const int64_t restart_elements = restarts.any() ? s.B * (s.P + s.H) : 0;
     const int64_t zoneout_elements =
         (zoneout.on_h() ? s.B * s.P : 0) + (zoneout.on_c() ? s.B * s.H : 0);
-    Workspace<scalar_t> work(2 * s.N * G + s.N * s.P + s.B * sums_width(s.H) + s.B * s.H +
+    Workspace<scalar_t> work(2 * C * G + C * s.P + s.B * sums_width(s.H) + s.B * s.H +
                                  proj_elements + restart_elements + zoneout_elements,
                              opts);
-    scalar_t* d_ih = work.take(s.N * G);
-    scalar_t* d_hh = work.take(s.N * G);
-    scalar_t* h_fed_all = work.take(s.N * s.P);
+    scalar_t* d_ih = work.take(C * G);
+    scalar_t* d_hh = work.take(C * G);
+    scalar_t* h_fed = work.take(C * s.P);
     scalar_t* sums = work.take(s.B * sums_width(s.H));
     scalar_t* c_new = work.take(s.B * s.H);
-    scalar_t* dh_all = proj ? work.take(s.N * s.P) : nullptr;
-    scalar_t* r_all = proj ? work.take(s.N * s.H) : nullptr;
+    scalar_t* dh_all = proj ? work.take(C * s.P) : nullptr;
+    scalar_t* r_all = proj ? work.take(C * s.H) : nullptr;
     scalar_t* dr_scratch = proj ? work.take(s.B * s.H) : nullptr;
     scalar_t* restart_dh = restarts.any() ? work.take(s.B * s.P) : nullptr;
     scalar_t* restart_dc = restarts.any() ? work.take(s.B * s.H) : nullptr;
@@ -739,8 +751,8 @@ ln_lstm_layer_backward_cpu(
         grad_w_ih.data_ptr<scalar_t>(), grad_w_hh.data_ptr<scalar_t>(),
         proj ? grad_w_hr.data_ptr<scalar_t>() : nullptr, grad_bias.data_ptr<scalar_t>(),
         grad_ln_ih.data_ptr<scalar_t>(), grad_ln_hh.data_ptr<scalar_t>(),
-        grad_ln_c.data_ptr<scalar_t>(), grad_ln_bias_c.data_ptr<scalar_t>(), d_ih, d_hh,
-        h_fed_all, dh_all, r_all, dr_scratch, sums, restart_dh, restart_dc, zoneout,
+        grad_ln_c.data_ptr<scalar_t>(), grad_ln_bias_c.data_ptr<scalar_t>(), d_ih, d_hh, h_fed,
+        dh_all, r_all, dr_scratch, sums, restart_dh, restart_dc, zoneout,
         data_or_null<scalar_t>(mask), keep_dh, keep_dc, c_new);
   });
   return {grad_input.to(dtype), grad_h0.to(dtype),      grad_c0.to(dtype),
@@ -767,10 +779,6 @@ void ln_gates_backward_f32(int64_t n, int64_t H, const float* gates, const float
                          dr, dc, d_ih, d_hh, sums, r);
 }
 
-LSTM_EXT_TARGET_CLONES
-void normalize_rows_f32(int64_t rows, int64_t n, int64_t stride, float* v, float* rstd) {
-  normalize_rows_body(rows, n, stride, v, rstd);
-}
 
 }  // namespace layer_norm
 }  // namespace cpu
