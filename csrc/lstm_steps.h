@@ -131,6 +131,28 @@ void move_restart_gradients(const uint8_t* restarts, int64_t n, int64_t P, int64
   }
 }
 
+// At the start of a backward: the running dh [B, P], dc [B, H] begin as dh_n, dc_n (zeros where
+// null), and restart_dh, restart_dc (what the restarts pass to h0, c0; null without restarts) as
+// zeros.
+template <typename D>
+void start_backward_states(int64_t B, int64_t P, int64_t H, const D* dh_n, const D* dc_n, D* dh,
+                           D* dc, D* restart_dh, D* restart_dc) {
+  if (dh_n) {
+    std::copy(dh_n, dh_n + B * P, dh);
+  } else {
+    std::fill(dh, dh + B * P, D(0));
+  }
+  if (dc_n) {
+    std::copy(dc_n, dc_n + B * H, dc);
+  } else {
+    std::fill(dc, dc + B * H, D(0));
+  }
+  if (restart_dh) {
+    std::fill(restart_dh, restart_dh + B * P, D(0));
+    std::fill(restart_dc, restart_dc + B * H, D(0));
+  }
+}
+
 // At the end of a backward: dh0 [B, P], dc0 [B, H] also get what the restarts passed on
 // (restart_dh, restart_dc: move_restart_gradients' dh0_rows, dc0_rows over the whole batch).
 template <typename D>

@@ -4,6 +4,7 @@
 // float32.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../lstm_math.h"
@@ -239,6 +240,22 @@ const D* zoneout_step_backward(const Zoneout& zoneout, int64_t row, int64_t n, i
   zoneout_split(zoneout.c_rows(row, H), zoneout.p_c, n * H, dc, keep_dc);
   new_cells(n, H, gates, c_prev_rows, c0_rows, n_prev, restarts, c_new);
   return c_new;
+}
+
+// The h each of a step's n rows fed to W_hh, for dW_hh (shared by the 16-bit and layer-norm
+// backward loops): out [n, P] = the state the row read (state_read: prev_rows, init_rows, n_prev,
+// restarts) times the recurrent mask's rows (recurrent_rows, or null).
+template <typename S, typename M>
+void fed_state_rows(int64_t n, int64_t P, int64_t n_prev, const uint8_t* restarts,
+                    const S* prev_rows, const S* init_rows, const M* recurrent_rows, S* out) {
+  for (int64_t r = 0; r < n; ++r) {
+    const S* h_read = state_read(r, n_prev, restarts, prev_rows, init_rows, P);
+    if (recurrent_rows) {
+      mask_rows(1, P, h_read, recurrent_rows + r * P, out + r * P);
+    } else {
+      std::copy(h_read, h_read + P, out + r * P);
+    }
+  }
 }
 
 // The end of a backward step, shared by the float and 16-bit loops, once dh [n, P] holds

@@ -321,21 +321,9 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   T* dh = dh0;
   T* dc = dc0;
-  if (dh_n) {
-    std::memcpy(dh, dh_n, s.B * P * sizeof(T));
-  } else {
-    std::fill(dh, dh + s.B * P, T(0));
-  }
-  if (dc_n) {
-    std::memcpy(dc, dc_n, s.B * H * sizeof(T));
-  } else {
-    std::fill(dc, dc + s.B * H, T(0));
-  }
+  start_backward_states(s.B, P, H, dh_n, dc_n, dh, dc, restarts.any() ? restart_dh : nullptr,
+                        restart_dc);
   std::fill(db_slices, db_slices + s.B * G, T(0));
-  if (restarts.any()) {
-    std::fill(restart_dh, restart_dh + s.B * P, T(0));
-    std::fill(restart_dc, restart_dc + s.B * H, T(0));
-  }
   // The reverse loop over batch rows [b0, b1), every step (rows are independent, as in the
   // forward). With `done`, it publishes how many steps it has finished (all rows).
   auto recurrence = [&](int64_t b0, int64_t b1, std::atomic<int64_t>* done) {

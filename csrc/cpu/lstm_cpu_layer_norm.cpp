@@ -426,21 +426,9 @@ void ln_layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
   const int64_t W = NormsRow{H}.width();
   T* dh = dh0;
   T* dc = dc0;
-  if (dh_n) {
-    std::memcpy(dh, dh_n, s.B * P * sizeof(T));
-  } else {
-    std::fill(dh, dh + s.B * P, T(0));
-  }
-  if (dc_n) {
-    std::memcpy(dc, dc_n, s.B * H * sizeof(T));
-  } else {
-    std::fill(dc, dc + s.B * H, T(0));
-  }
+  start_backward_states(s.B, P, H, dh_n, dc_n, dh, dc, restarts.any() ? restart_dh : nullptr,
+                        restart_dc);
   std::fill(sums, sums + s.B * SW, T(0));
-  if (restarts.any()) {
-    std::fill(restart_dh, restart_dh + s.B * P, T(0));
-    std::fill(restart_dc, restart_dc + s.B * H, T(0));
-  }
   const int64_t chunk_steps = backward_chunk_steps(s);
   // Steps k_hi down to k_lo on batch rows [b0, b1); the chunk's rows start at row_begin.
   auto run_steps = [&](int64_t k_lo, int64_t k_hi, int64_t row_begin, int64_t b0, int64_t b1) {
@@ -462,14 +450,8 @@ void ln_layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
         prev_row = steps.offset[t_prev] + b0;
       }
       const uint8_t* restart = restarts.at(t, b0);
-      for (int64_t r = 0; r < n; ++r) {  // the h the step fed to W_hh, for dW_hh
-        const T* h_read = state_read(r, n_prev, restart, y + prev_row * P, h0 + b0 * P, P);
-        if (recurrent_mask) {
-          mask_rows(1, P, h_read, recurrent_mask + (b0 + r) * P, h_fed + (local + r) * P);
-        } else {
-          std::memcpy(h_fed + (local + r) * P, h_read, P * sizeof(T));
-        }
-      }
+      fed_state_rows(n, P, n_prev, restart, y + prev_row * P, h0 + b0 * P,
+                     recurrent_mask ? recurrent_mask + b0 * P : nullptr, h_fed + local * P);
       if (dy) {
         const T* dy_t = dy + row * P;
         for (int64_t u = 0; u < n * P; ++u) {

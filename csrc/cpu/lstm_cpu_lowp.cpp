@@ -317,14 +317,8 @@ void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool rev
         prev_row = steps.offset[t_prev] + b0;
       }
       const uint8_t* restart = restarts.at(t, b0);  // rows that read h0 / c0 although r < n_prev
-      for (int64_t r = 0; r < n; ++r) {
-        const S* h_read = state_read(r, n_prev, restart, y + prev_row * P, h0 + b0 * P, P);
-        if (recurrent_mask) {  // dW_hh multiplies the h the step fed to W_hh
-          mask_rows(1, P, h_read, recurrent_mask + (b0 + r) * P, xh + (row + r) * P);
-        } else {
-          std::memcpy(xh + (row + r) * P, h_read, P * sizeof(S));
-        }
-      }
+      fed_state_rows(n, P, n_prev, restart, y + prev_row * P, h0 + b0 * P,
+                     recurrent_mask ? recurrent_mask + b0 * P : nullptr, xh + row * P);
       if (dy) {
         const S* dy_t = dy + row * P;
         for (int64_t u = 0; u < n * P; ++u) {
