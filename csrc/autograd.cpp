@@ -488,10 +488,6 @@ void check_module_args(const Tensor& input, const optional<Tensor>& h0, const op
     TORCH_CHECK_VALUE(p >= 0 && p < 1, op, ": ", name, " must be a probability in [0, 1), got ",
                       p);
   }
-  TORCH_CHECK_NOT_IMPLEMENTED(!config.layer_norm || input.is_cpu(),
-                              "lstm_ext.LSTM: layer_norm=True runs on the CPU only so far (its "
-                              "CUDA kernels are not written yet); the input is on ",
-                              input.device());
   const int64_t expected = config.num_layers * config.directions() * config.params_per_layer();
   TORCH_CHECK(static_cast<int64_t>(params.size()) == expected, op, ": expected ", expected,
               " parameters (", config.num_layers, " layers x ", config.directions(),

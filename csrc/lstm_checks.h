@@ -292,23 +292,6 @@ inline void check_regularize(const char* op, double zoneout_c, double zoneout_h,
   }
 }
 
-// A layer-normalised layer's parameters (csrc/cpu/lstm_cpu_layer_norm.cpp): the gains of the two
-// products' normalisation, ln_weight_ih and ln_weight_hh [4H], and the gain and bias of the cell
-// state's, ln_weight_c and ln_bias_c [H]; each 1-D with weight_ih's dtype and device.
-inline void check_layer_norm_params(const char* op, const at::Tensor& weight_ih,
-                                    const LayerSizes& s, const at::Tensor& ln_weight_ih,
-                                    const at::Tensor& ln_weight_hh, const at::Tensor& ln_weight_c,
-                                    const at::Tensor& ln_bias_c) {
-  check_shape(op, ln_weight_ih, "ln_weight_ih", "[4*H]", {4 * s.H});
-  check_shape(op, ln_weight_hh, "ln_weight_hh", "[4*H]", {4 * s.H});
-  check_shape(op, ln_weight_c, "ln_weight_c", "[H]", {s.H});
-  check_shape(op, ln_bias_c, "ln_bias_c", "[H]", {s.H});
-  check_same_dtype_device(op, weight_ih, "weight_ih", ln_weight_ih, "ln_weight_ih");
-  check_same_dtype_device(op, weight_ih, "weight_ih", ln_weight_hh, "ln_weight_hh");
-  check_same_dtype_device(op, weight_ih, "weight_ih", ln_weight_c, "ln_weight_c");
-  check_same_dtype_device(op, weight_ih, "weight_ih", ln_bias_c, "ln_bias_c");
-}
-
 // The cell's arguments: input [B, I], hx, cx [B, H] (one step: T = 1, N = B).
 inline LayerSizes check_cell_inputs(const char* op, const at::Tensor& input, const at::Tensor& hx,
                                     const at::Tensor& cx, const at::Tensor& weight_ih,

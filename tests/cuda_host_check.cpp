@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "../csrc/cuda/layer_host.h"
+#include "../csrc/cuda/layer_norm_host.h"
 
 namespace {
 
@@ -46,6 +47,7 @@ struct LoopKernels {
 };
 
 using Ops = lstm_ext::cuda::LayerOps<LoopKernels>;
+using NormOps = lstm_ext::cuda::LayerNormOps<LoopKernels>;
 
 }  // namespace
 
@@ -63,6 +65,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("reset") = py::none(), py::arg("zoneout_c") = 0.0, py::arg("zoneout_h") = 0.0,
         py::arg("zoneout_mask_c") = py::none(), py::arg("zoneout_mask_h") = py::none(),
         py::arg("recurrent_mask") = py::none());
+  m.def("ln_layer_forward", &NormOps::layer_forward);
+  m.def("ln_layer_backward", &NormOps::layer_backward);
   m.def("cell_forward", &Ops::cell_forward);
   m.def("cell_backward", &Ops::cell_backward);
   m.def("set_chunk_elements", [](int64_t n) { chunk_elements_for_tests = n; });

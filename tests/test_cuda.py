@@ -355,3 +355,40 @@ def test_reset_zoneout_and_recurrent_dropout_on_cuda(options):
     out, (h_n, c_n) = gpu_model(x.cuda(), reset=reset.cuda())
     out.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gpu_model.parameters())
+
+
+@pytest.mark.parametrize("options", [dict(bidirectional=True, proj_size=3),
+                                     dict(num_layers=2, zoneout=(0.2, 0.3),
+                                          recurrent_dropout=0.25)], ids=str)
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16], ids=str)
+def test_layer_norm_on_cuda(options, dtype):
+    """layer_norm=True on the GPU (csrc/cuda/layer_norm_host.h) against the same module on the
+    CPU: outputs and every parameter's gradient, packed, with reset; in eval where zoneout's masks
+    would differ (each device's generator), then training runs and differentiates."""
+    torch.manual_seed(0)
+    model = lstm_ext.LSTM(4, 6, layer_norm=True, dtype=dtype, **options)
+    with torch.no_grad():  # gains and biases away from their init
+        for name, p in model.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(9, 3, 4, dtype=F64).to(dtype)
+    reset = torch.rand(9, 3) < 0.3
+    model.eval()
+    results = []
+    for device in ("cpu", CUDA):
+        m = model.to(device)
+        m.zero_grad()
+        out, (h_n, c_n) = m(x.to(device), reset=reset.to(device))
+        (out.float().square().sum() + h_n.float().sum() + c_n.float().sum()).backward()
+        results.append([out, h_n, c_n] + [p.grad for p in m.parameters()])
+    tol = dict(rtol=1e-9, atol=1e-11) if dtype == F64 else dict(rtol=0.05, atol=0.05)
+    for gpu_t, cpu_t in zip(results[1], results[0]):
+        torch.testing.assert_close(gpu_t.cpu(), cpu_t, **tol)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [9, 6, 2], enforce_sorted=False)
+    cpu_out, _ = model.cpu()(packed)
+    gpu_out, _ = model.to(CUDA)(to_device(packed, CUDA))
+    torch.testing.assert_close(gpu_out.data.cpu(), cpu_out.data, **tol)
+    gpu_model = model.to(CUDA).train()
+    out, _ = gpu_model(x.to(CUDA), reset=reset.to(CUDA))
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gpu_model.parameters())

@@ -59,7 +59,9 @@ def layer_inputs(T, B, I, H, P, packed, dtype, seed=1):
     return x, r(B, P), r(B, H), batch_sizes
 
 
-def assert_same(ours, theirs, dtype):
+def assert_same(ours, theirs, dtype, summed_rows=1, ulps=8):
+    """summed_rows: how many rows a 1-D result sums (its rounding grows with them); ulps: the
+    roundings of the storage dtype allowed per sqrt(row)."""
     assert len(ours) == len(theirs)
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert a.shape == b.shape and a.dtype == b.dtype, (i, a.shape, b.shape, a.dtype, b.dtype)
@@ -71,7 +73,8 @@ def assert_same(ours, theirs, dtype):
             scale = b.float().abs().max().item() + 1e-3
             err = (a.float() - b.float()).abs().max().item()
             eps = torch.finfo(dtype).eps
-            assert err <= 8 * eps * scale * max(1, b.shape[0] ** 0.5 if b.dim() > 1 else 1), (
+            rows = b.shape[0] if b.dim() > 1 else summed_rows
+            assert err <= ulps * eps * scale * max(1, rows ** 0.5), (
                 i, err, scale)
 
 
@@ -208,3 +211,85 @@ def test_bad_arguments_get_the_ops_errors(host):
     x, h0, c0, _ = layer_inputs(2, 2, 3, 4, 4, False, F64)
     with pytest.raises(RuntimeError, match=r"h0 must have shape \[B, P\]"):
         host.layer_forward(x, h0[:1], c0, *w, None, False, True)
+
+
+def ln_params(H, dtype, seed=4):
+    """ln_weight_ih, ln_weight_hh [4H], ln_weight_c, ln_bias_c [H], away from their init (ones,
+    zeros) so that each one's gradient path is seen."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda n, mean: (mean + 0.3 * torch.randn(n, generator=g, dtype=F64)).to(dtype)  # noqa: E731
+    return (r(4 * H, 1.0), r(4 * H, 1.0), r(H, 1.0), r(H, 0.0))
+
+
+def assert_same_norms(ours, theirs, H, dtype):
+    """The kept norms, without their 12 unused values per row (NormsRow, csrc/lstm_layer_norm.h),
+    which neither kernel writes."""
+    used = 8 * H + 4
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    assert_same([ours[..., :used]], [theirs[..., :used]], dtype)
+
+
+LN_VARIANTS = ["plain"] + VARIANTS
+NO_VARIANT = (None, 0.0, 0.0, None, None, None)  # reset, zoneout_c, zoneout_h, the three masks
+
+
+@pytest.mark.parametrize("variant", LN_VARIANTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("packed,reverse,proj,bias",
+                         [(False, False, False, True), (True, True, True, True),
+                          (False, True, True, False), (True, False, False, True)], ids=str)
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_matches_the_cpu_kernels(host, variant, training, packed, reverse, proj,
+                                            bias, dtype):
+    """The CUDA path of layer_norm=True (layer_norm_host.h: ATen ops per step) against the fused
+    CPU kernel, which tests/test_layer_norm.py holds to haste's equations and the reference: every
+    output, the kept state, and all eleven gradients, with each variant."""
+    if variant == "plain" and not training:
+        pytest.skip("the same as training without a variant")
+    T, B, I, H = 7, 5, 3, 6
+    P = 4 if proj else H
+    w = weights(I, H, P, bias, dtype)
+    ln = ln_params(H, dtype)
+    x, h0, c0, batch_sizes = layer_inputs(T, B, I, H, P, packed, dtype)
+    extra = variant_args(T, B, H, P, x.shape[:-1], dtype, variant, training)
+    for keep_state in (False, True):
+        args = (x, h0, c0, *w, *ln, batch_sizes, reverse, keep_state, *extra)
+        ours, theirs = host.ln_layer_forward(*args), ops.ln_lstm_layer_forward(*args)
+        assert_same(ours[:5], theirs[:5], dtype)
+        assert_same_norms(ours[5], theirs[5], H, dtype)
+    y, h_n, c_n, gates, cells, norms = theirs
+    g = torch.Generator().manual_seed(2)
+    r = lambda t: torch.randn(t.shape, generator=g, dtype=F64).to(t.dtype)  # noqa: E731
+    for which in ("yhc", "y", "c"):
+        grads = (r(y) if "y" in which else None, r(h_n) if "h" in which else None,
+                 r(c_n) if "c" in which else None)
+        for need_grad_input in (True, False):
+            args = (*grads, x, h0, c0, w[0], w[1], w[4], *ln, batch_sizes, reverse, y, gates,
+                    cells, norms, need_grad_input, *extra)
+            # ulps: the two kernels normalise and sum in different orders, at every step
+            assert_same(host.ln_layer_backward(*args), ops.ln_lstm_layer_backward(*args), dtype,
+                        summed_rows=x.numel() // I, ulps=16)
+
+
+@pytest.mark.parametrize("packed,reverse", [(False, False), (True, True)])
+def test_layer_norm_inference_in_chunks_of_steps(small_chunks, packed, reverse):
+    T, B, I, H = 9, 4, 3, 5
+    w = weights(I, H, H, True, F64)
+    ln = ln_params(H, F64)
+    x, h0, c0, batch_sizes = layer_inputs(T, B, I, H, H, packed, F64)
+    args = (x, h0, c0, *w, *ln, batch_sizes, reverse, False, *NO_VARIANT)
+    ours, theirs = small_chunks.ln_layer_forward(*args), ops.ln_lstm_layer_forward(*args)
+    assert_same(ours, theirs, F64)  # the kept state has no rows
+
+
+def test_layer_norm_bad_arguments_get_the_ops_errors(host):
+    w = weights(3, 4, 4, True, F64)
+    ln = ln_params(4, F64)
+    x, h0, c0, _ = layer_inputs(2, 2, 3, 4, 4, False, F64)
+    with pytest.raises(RuntimeError, match=r"ln_weight_c must have shape \[H\]"):
+        host.ln_layer_forward(x, h0, c0, *w, ln[0], ln[1], ln[2][:2], ln[3], None, False, True,
+                              *NO_VARIANT)
+    fwd = ops.ln_lstm_layer_forward(x, h0, c0, *w, *ln, None, False, True)
+    with pytest.raises(RuntimeError, match=r"norms must have shape \[T, B, 8\*H \+ 16\]"):
+        host.ln_layer_backward(fwd[0], None, None, x, h0, c0, w[0], w[1], None, *ln, None, False,
+                               fwd[0], fwd[3], fwd[4], fwd[5][:, :, :-1], True, *NO_VARIANT)

@@ -71,7 +71,8 @@ else:
     release = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
     assert MIN_TORCH <= release < NEXT_UNTESTED_TORCH, f"torch {torch.__version__}: not supported"
 assert lstm_ext.build_info["torch_version"] == torch.__version__, lstm_ext.build_info
-ops = ["lstm_layer_forward", "lstm_layer_backward", "lstm_cell_forward", "lstm_cell_backward"]
+ops = ["lstm_layer_forward", "lstm_layer_backward", "ln_lstm_layer_forward", "ln_lstm_layer_backward",
+       "lstm_cell_forward", "lstm_cell_backward"]
 keys = ["CPU"] + (["CUDA"] if os.environ["EXPECT_CUDA"] == "1" else [])
 assert lstm_ext.build_info["cuda"] == (os.environ["EXPECT_CUDA"] == "1"), lstm_ext.build_info
 missing = [f"{op} ({key})" for op in ops for key in keys

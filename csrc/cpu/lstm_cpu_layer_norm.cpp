@@ -36,6 +36,7 @@
 #include <tuple>
 
 #include "../lstm_checks.h"
+#include "../lstm_layer_norm.h"
 #include "../lstm_math.h"
 #include "../lstm_regularize.h"
 #include "../lstm_steps.h"
@@ -56,18 +57,6 @@ using c10::optional;
 
 // Compiled into each caller, so into each target clone of the passes below.
 #define LSTM_EXT_ALWAYS_INLINE __attribute__((always_inline)) inline
-
-// nn.LayerNorm's default, and haste's.
-constexpr double kLayerNormEps = 1e-5;
-
-// A row of norms: [x̂_ih (4H) | x̂_hh (4H) | rstd_ih, rstd_hh, mean_c, rstd_c, 12 unused].
-struct NormsRow {
-  int64_t H;
-  int64_t width() const { return 8 * H + 16; }
-  int64_t hh() const { return 4 * H; }
-  int64_t stats() const { return 8 * H; }
-};
-enum Stat { kRstdIh = 0, kRstdHh = 1, kMeanC = 2, kRstdC = 3 };
 
 LSTM_EXT_ALWAYS_INLINE float sigmoid_act(float x) { return sigmoid_f32(x); }
 LSTM_EXT_ALWAYS_INLINE double sigmoid_act(double x) { return sigmoid_of(x); }
@@ -567,14 +556,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_layer_forward
     double zoneout_h, const optional<Tensor>& zoneout_mask_c,
     const optional<Tensor>& zoneout_mask_h, const optional<Tensor>& recurrent_mask) {
   constexpr const char* op = "lstm_ext::ln_lstm_layer_forward";
-  const LayerSizes s = check_layer_inputs(op, input, h0, c0, weight_ih, weight_hh, bias_ih,
-                                          bias_hh, weight_hr, batch_sizes);
-  check_layer_norm_params(op, weight_ih, s, ln_weight_ih, ln_weight_hh, ln_weight_c, ln_bias_c);
-  check_reset(op, reset, input, s);
+  const LayerSizes s = check_ln_layer_forward_args(
+      op, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, ln_weight_ih,
+      ln_weight_hh, ln_weight_c, ln_bias_c, batch_sizes, reset, zoneout_c, zoneout_h,
+      zoneout_mask_c, zoneout_mask_h, recurrent_mask);
   const bool packed = batch_sizes.has_value();
-  check_regularize(op, zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h, recurrent_mask,
-                   input, s, packed);
-  TORCH_CHECK(s.H > 0, op, ": hidden_size must be at least 1 with layer normalisation");
   const at::ScalarType dtype = input.scalar_type();
   const Steps steps(s, batch_sizes);
   const Restarts restarts(steps, reset, reverse);
@@ -651,21 +637,11 @@ ln_lstm_layer_backward_cpu(
     const optional<Tensor>& zoneout_mask_c, const optional<Tensor>& zoneout_mask_h,
     const optional<Tensor>& recurrent_mask) {
   constexpr const char* op = "lstm_ext::ln_lstm_layer_backward";
-  const LayerSizes s = check_layer_backward_inputs(op, grad_output, grad_h_n, grad_c_n, input, h0,
-                                                   c0, weight_ih, weight_hh, weight_hr,
-                                                   batch_sizes, output, gates, cells);
-  check_layer_norm_params(op, weight_ih, s, ln_weight_ih, ln_weight_hh, ln_weight_c, ln_bias_c);
-  const bool packed = batch_sizes.has_value();
-  const int64_t G = 4 * s.H, W = NormsRow{s.H}.width();
-  check_shape(op, norms, "norms",
-              packed ? "[N, 8*H + 16] (saved by ln_lstm_layer_forward with keep_state=True)"
-                     : "[T, B, 8*H + 16] (saved by ln_lstm_layer_forward with keep_state=True)",
-              per_step_shape(s, packed, W));
-  check_kept_state(op, weight_ih, norms, "norms");
-  check_reset(op, reset, input, s);
-  check_regularize(op, zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h, recurrent_mask,
-                   input, s, packed);
-  TORCH_CHECK(s.H > 0, op, ": hidden_size must be at least 1 with layer normalisation");
+  const LayerSizes s = check_ln_layer_backward_args(
+      op, grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
+      ln_weight_ih, ln_weight_hh, ln_weight_c, ln_bias_c, batch_sizes, output, gates, cells,
+      norms, reset, zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h, recurrent_mask);
+  const int64_t G = 4 * s.H;
   const at::ScalarType dtype = input.scalar_type();
   const Steps steps(s, batch_sizes);
   const Restarts restarts(steps, reset, reverse);

@@ -19,6 +19,7 @@
 #include "../lstm_steps.h"
 #include "gate_pass.h"
 #include "layer_host.h"
+#include "layer_norm_host.h"
 
 namespace lstm_ext {
 namespace cuda {
@@ -97,6 +98,7 @@ struct CudaKernels {
 
 // The op kernels: layer_host.h's, on the current CUDA device.
 using Ops = LayerOps<CudaKernels>;
+using NormOps = LayerNormOps<CudaKernels>;  // the layer-normalised layer (layer_norm_host.h)
 
 }  // namespace
 }  // namespace cuda
@@ -105,6 +107,8 @@ using Ops = LayerOps<CudaKernels>;
 TORCH_LIBRARY_IMPL(lstm_ext, CUDA, m) {
   m.impl("lstm_layer_forward", &lstm_ext::cuda::Ops::layer_forward);
   m.impl("lstm_layer_backward", &lstm_ext::cuda::Ops::layer_backward);
+  m.impl("ln_lstm_layer_forward", &lstm_ext::cuda::NormOps::layer_forward);
+  m.impl("ln_lstm_layer_backward", &lstm_ext::cuda::NormOps::layer_backward);
   m.impl("lstm_cell_forward", &lstm_ext::cuda::Ops::cell_forward);
   m.impl("lstm_cell_backward", &lstm_ext::cuda::Ops::cell_backward);
 }
