@@ -205,8 +205,9 @@ class LSTM(_WeightsAtTheCall):
         h_t = o * tanh(LN(c_t) * ln_weight_c + ln_bias_c)
 
     Fused in its own C++ loop on the CPU (float32, float64; bfloat16 and float16 computed in
-    float32 with h rounded to the dtype each step), with every other option. Not yet: CUDA,
-    torch.func transforms, ONNX export (clear errors say so).
+    float32 with h rounded to the dtype each step), with every other option. On CUDA it runs in
+    the host loop as ATen ops per step (not fused, not run on a GPU yet). Not yet: torch.func
+    transforms, ONNX export (clear errors say so).
 
     The weights are whatever ``getattr(module, name)`` gives at the call, as for nn.LSTM: the
     Parameters, or a parametrization's, ``torch.func.functional_call``'s or a pruning hook's
