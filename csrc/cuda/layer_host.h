@@ -126,6 +126,23 @@ struct LayerHost {
     return t.defined() ? t.narrow(0, row, n) : Tensor();
   }
 
+  // h_n [B, P]: each row's output y [N, P] at the last step that has it (h0 where none). In
+  // time-loop order a step's rows that the next step lacks end there (a packed forward layer
+  // drops its shortest sequences first).
+  static Tensor last_outputs(const LayerSizes& s, const Steps& steps, bool reverse,
+                             const Tensor& y, const Tensor& h0) {
+    Tensor h_n = h0.contiguous().clone();
+    for (int64_t k = 0; k < s.T; ++k) {
+      const int64_t t = Steps::time_of(k, s.T, reverse);
+      const int64_t n = steps.batch[t];
+      const int64_t n_next = k + 1 < s.T ? steps.batch[Steps::time_of(k + 1, s.T, reverse)] : 0;
+      if (n > n_next) {
+        h_n.narrow(0, n_next, n - n_next).copy_(y.narrow(0, steps.offset[t] + n_next, n - n_next));
+      }
+    }
+    return h_n;
+  }
+
   // x [N, I], h0 [B, P], c0 [B, H] in S. Returns output [N, P], h_n [B, P], c_n [B, H] in S;
   // with keep_state, gates [N, 4H] and cells [N, H] in C (else undefined).
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward(
@@ -213,18 +230,7 @@ struct LayerHost {
         }
       }
     }
-    // h_n: each row's output at the last step that has it. In time-loop order a step's rows that
-    // the next step lacks end there (a packed forward layer drops its shortest sequences first).
-    Tensor h_n = h0.contiguous().clone();
-    for (int64_t k = 0; k < s.T; ++k) {
-      const int64_t t = Steps::time_of(k, s.T, reverse);
-      const int64_t n = steps.batch[t];
-      const int64_t n_next = k + 1 < s.T ? steps.batch[Steps::time_of(k + 1, s.T, reverse)] : 0;
-      if (n > n_next) {
-        h_n.narrow(0, n_next, n - n_next).copy_(y.narrow(0, steps.offset[t] + n_next, n - n_next));
-      }
-    }
-    return {y, h_n, c_state.to(opts.dtype()), keep_state ? gates : Tensor(), cells};
+    return {y, last_outputs(s, steps, reverse, y, h0), c_state.to(opts.dtype()), keep_state ? gates : Tensor(), cells};
   }
 
   // dy [N, P] or undefined; x [N, I]; y [N, P] (read where a step continues the previous one);

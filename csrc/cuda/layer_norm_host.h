@@ -38,7 +38,7 @@ template <typename Kernels, typename S>
 struct LayerNormHost {
   using C = at::opmath_type<S>;
   using Tensor = at::Tensor;
-  using Host = LayerHost<Kernels, S>;  // previous(), state_read(), rows_of()
+  using Host = LayerHost<Kernels, S>;  // previous(), state_read(), rows_of(), last_outputs()
 
   // (v - mean) * rstd over each row of v [n, width], with mean and rstd [n, 1].
   static std::tuple<Tensor, Tensor, Tensor> normalize(const Tensor& v) {
@@ -144,16 +144,7 @@ struct LayerNormHost {
         y.narrow(0, row, n).copy_(h_new);  // rounded to S: the h the next step reads
       }
     }
-    // h_n: each row's output at the last step that has it (as LayerHost::forward).
-    Tensor h_n = h0.contiguous().clone();
-    for (int64_t k = 0; k < s.T; ++k) {
-      const int64_t t = Steps::time_of(k, s.T, reverse);
-      const int64_t n = steps.batch[t];
-      const int64_t n_next = k + 1 < s.T ? steps.batch[Steps::time_of(k + 1, s.T, reverse)] : 0;
-      if (n > n_next) {
-        h_n.narrow(0, n_next, n - n_next).copy_(y.narrow(0, steps.offset[t] + n_next, n - n_next));
-      }
-    }
+    const Tensor h_n = Host::last_outputs(s, steps, reverse, y, h0);
     if (!keep_state) {
       return {y, h_n, c_state.to(opts.dtype()), Tensor(), Tensor(), Tensor()};
     }
