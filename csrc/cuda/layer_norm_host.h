@@ -175,8 +175,10 @@ struct LayerNormHost {
     const Tensor gain_ih = ln_weight_ih.to(c_type), gain_hh = ln_weight_hh.to(c_type),
                  gain_c = ln_weight_c.to(c_type), bias_c = ln_bias_c.to(c_type);
     const Tensor h0c = h0.to(c_type), c0c = c0.to(c_type);
-    Tensor dh_state = grad_h_n.defined() ? grad_h_n.to(c_type).clone() : at::zeros({s.B, P}, c_opts);
-    Tensor dc_state = grad_c_n.defined() ? grad_c_n.to(c_type).clone() : at::zeros({s.B, H}, c_opts);
+    Tensor dh_state =
+        grad_h_n.defined() ? grad_h_n.to(c_type).clone() : at::zeros({s.B, P}, c_opts);
+    Tensor dc_state =
+        grad_c_n.defined() ? grad_c_n.to(c_type).clone() : at::zeros({s.B, H}, c_opts);
     // what the restarts pass to dh0, dc0 (added at the end)
     Tensor restart_dh = v.restarts.any() ? at::zeros({s.B, P}, c_opts) : Tensor();
     Tensor restart_dc = v.restarts.any() ? at::zeros({s.B, H}, c_opts) : Tensor();
