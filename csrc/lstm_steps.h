@@ -9,12 +9,22 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
 #include "lstm_checks.h"
 
 namespace lstm_ext {
+
+// dst[0, count) = src[0, count) for trivially copyable T. An empty tensor's data pointer is null,
+// and memcpy with a null pointer is undefined behaviour even for 0 bytes: nothing is copied then.
+template <typename T>
+inline void copy_elements(T* dst, const T* src, int64_t count) {
+  if (count > 0) {
+    std::memcpy(dst, src, static_cast<size_t>(count) * sizeof(T));
+  }
+}
 
 // Where each time step's rows are: offset[t] (in rows) and batch[t] (active rows).
 struct Steps {

@@ -117,8 +117,8 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
                    T* exp_scratch, T* r_scratch, const Zoneout& zoneout, const T* recurrent_mask,
                    T* fed_scratch, T* c_prev_scratch) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
-  std::memcpy(h_n, h0, s.B * P * sizeof(T));
-  std::memcpy(c_n, c0, s.B * H * sizeof(T));
+  copy_elements(h_n, h0, s.B * P);
+  copy_elements(c_n, c0, s.B * H);
   auto chunk_gates = [&](int64_t row_begin) {
     return gates_all_rows ? gates + row_begin * G : gates;
   };
@@ -154,7 +154,7 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
       gemm<T>(false, false, n, G, P, T(1), h_fed, P, w_hh_t, G, T(1), gates_t, G);
       T* c_prev = zoneout.on_c() ? c_prev_scratch + b0 * H : nullptr;
       if (c_prev) {
-        std::memcpy(c_prev, c_state, n * H * sizeof(T));
+        copy_elements(c_prev, c_state, n * H);
       }
       // c_state holds c_{t-1} and receives c_t.
       T* r_t = w_hr_t ? r_scratch + b0 * H : y_t;
@@ -163,7 +163,7 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
         zoneout_mix(zoneout.c_rows(row, H), zoneout.p_c, n * H, c_prev, c_state);
       }
       if (cells) {
-        std::memcpy(cells + row * H, c_state, n * H * sizeof(T));
+        copy_elements(cells + row * H, c_state, n * H);
       }
       if (w_hr_t) {
         gemm<T>(false, false, n, P, H, T(1), r_t, H, w_hr_t, P, T(0), y_t, P);  // r W_hr^T
@@ -171,7 +171,7 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
       if (zoneout.on_h()) {
         zoneout_mix(zoneout.h_rows(row, P), zoneout.p_h, n * P, h_state, y_t);
       }
-      std::memcpy(h_state, y_t, n * P * sizeof(T));
+      copy_elements(h_state, y_t, n * P);
     }
   };
 
@@ -236,8 +236,8 @@ void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse,
                           T* exp_scratch, T* r_scratch, const Zoneout& zoneout,
                           const T* recurrent_mask, T* fed_scratch, T* c_prev_scratch) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H, I = s.I;
-  std::memcpy(h_n, h0, s.B * P * sizeof(T));
-  std::memcpy(c_n, c0, s.B * H * sizeof(T));
+  copy_elements(h_n, h0, s.B * P);
+  copy_elements(c_n, c0, s.B * H);
   const bool split = at::get_num_threads() > 1 && !at::in_parallel_region() && H >= 32 &&
                      s.B * G * (I + P) >= kMinSplitStepMacs;
   for (int64_t k = 0; k < s.T; ++k) {
@@ -256,7 +256,7 @@ void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse,
       h_fed = fed_scratch;
     }
     if (zoneout.on_c()) {
-      std::memcpy(c_prev_scratch, c_n, n * H * sizeof(T));
+      copy_elements(c_prev_scratch, c_n, n * H);
     }
     // Units [j0, j1): their columns of each gate block, then their gate pass (h_n, the state this
     // step reads, is written only after every unit is done).
@@ -277,7 +277,7 @@ void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse,
       zoneout_mix(zoneout.c_rows(row, H), zoneout.p_c, n * H, c_prev_scratch, c_n);
     }
     if (cells) {
-      std::memcpy(cells + row * H, c_n, n * H * sizeof(T));
+      copy_elements(cells + row * H, c_n, n * H);
     }
     if (w_hr) {
       small_gemm_nt(n, P, H, r_t, H, w_hr, H, false, y_t, P);  // r W_hr^T
@@ -285,7 +285,7 @@ void layer_forward_direct(const LayerSizes& s, const Steps& steps, bool reverse,
     if (zoneout.on_h()) {
       zoneout_mix(zoneout.h_rows(row, P), zoneout.p_h, n * P, h_n, y_t);
     }
-    std::memcpy(h_n, y_t, n * P * sizeof(T));
+    copy_elements(h_n, y_t, n * P);
   }
 }
 
@@ -349,13 +349,13 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
       for (int64_t r = 0; r < n; ++r) {
         T* xh_row = xh + (row + r) * K;
         if (fuse_x) {
-          std::memcpy(xh_row, x + (row + r) * s.I, s.I * sizeof(T));
+          copy_elements(xh_row, x + (row + r) * s.I, s.I);
         }
         const T* h_read = state_read(r, n_prev, restart, y + prev_row * P, h0 + b0 * P, P);
         if (recurrent_mask) {  // dW_hh multiplies the h the step fed to W_hh
           mask_rows(1, P, h_read, recurrent_mask + (b0 + r) * P, xh_row + xw);
         } else {
-          std::memcpy(xh_row + xw, h_read, P * sizeof(T));
+          copy_elements(xh_row + xw, h_read, P);
         }
       }
 
@@ -374,7 +374,7 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
           zoneout.on_c() ? c_new + b0 * H : nullptr);
       const T* dr = dh_state;  // dL/d(o ⊙ tanh c_t)
       if (w_hr) {
-        std::memcpy(dh_all + row * P, dh_state, n * P * sizeof(T));
+        copy_elements(dh_all + row * P, dh_state, n * P);
         T* dr_rows = dr_scratch + b0 * H;
         gemm<T>(false, false, n, H, P, T(1), dh_state, P, w_hr, H, T(0), dr_rows, H);  // dh W_hr
         dr = dr_rows;
@@ -499,8 +499,8 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
   }
   if (fuse_x) {
     for (int64_t g = 0; g < G; ++g) {
-      std::memcpy(dw_ih + g * s.I, dw_cat + g * K, s.I * sizeof(T));
-      std::memcpy(dw_hh + g * P, dw_cat + g * K + s.I, P * sizeof(T));
+      copy_elements(dw_ih + g * s.I, dw_cat + g * K, s.I);
+      copy_elements(dw_hh + g * P, dw_cat + g * K + s.I, P);
     }
   }
 }

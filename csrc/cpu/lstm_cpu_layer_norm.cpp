@@ -328,8 +328,8 @@ void ln_layer_forward(const LayerSizes& s, const Steps& steps, bool reverse,
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   const NormsRow layout{H};
   const int64_t W = layout.width();
-  std::memcpy(h_n, h0, s.B * P * sizeof(T));
-  std::memcpy(c_n, c0, s.B * H * sizeof(T));
+  copy_elements(h_n, h0, s.B * P);
+  copy_elements(c_n, c0, s.B * H);
   // Every step's x W_ih^T at once (each step's pass normalises its rows).
   gemm<T>(false, true, s.N, G, s.I, T(1), x, s.I, w_ih, s.I, T(0), norms, W);
   for_each_batch_slice(s, [&](int64_t b0, int64_t b1) {
@@ -356,7 +356,7 @@ void ln_layer_forward(const LayerSizes& s, const Steps& steps, bool reverse,
       gemm<T>(false, false, n, G, P, T(1), h_fed, P, w_hh_t, G, T(0), norms_t + layout.hh(), W);
       T* c_prev = zoneout.on_c() ? c_prev_scratch + b0 * H : nullptr;
       if (c_prev) {
-        std::memcpy(c_prev, c_state, n * H * sizeof(T));
+        copy_elements(c_prev, c_state, n * H);
       }
       T* r_t = w_hr_t ? r_scratch + b0 * H : y_t;
       ln_gates_forward(n, H, norms_t, ln, bias, gates_t, c_state, r_t);
@@ -364,7 +364,7 @@ void ln_layer_forward(const LayerSizes& s, const Steps& steps, bool reverse,
         zoneout_mix(zoneout.c_rows(row, H), zoneout.p_c, n * H, c_prev, c_state);
       }
       if (cells) {
-        std::memcpy(cells + row * H, c_state, n * H * sizeof(T));
+        copy_elements(cells + row * H, c_state, n * H);
       }
       if (w_hr_t) {
         gemm<T>(false, false, n, P, H, T(1), r_t, H, w_hr_t, P, T(0), y_t, P);  // r W_hr^T
@@ -375,7 +375,7 @@ void ln_layer_forward(const LayerSizes& s, const Steps& steps, bool reverse,
       if (round) {
         round(n * P, y_t);
       }
-      std::memcpy(h_state, y_t, n * P * sizeof(T));
+      copy_elements(h_state, y_t, n * P);
     }
   });
 }
@@ -456,7 +456,7 @@ void ln_layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
           zoneout.on_c() ? c_new_rows : nullptr);
       const T* dr = dh_state;
       if (w_hr) {
-        std::memcpy(dh_all + local * P, dh_state, n * P * sizeof(T));
+        copy_elements(dh_all + local * P, dh_state, n * P);
         T* dr_rows = dr_scratch + b0 * H;
         gemm<T>(false, false, n, H, P, T(1), dh_state, P, w_hr, H, T(0), dr_rows, H);  // dh W_hr
         dr = dr_rows;

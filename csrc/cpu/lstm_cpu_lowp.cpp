@@ -174,14 +174,14 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
                    float* y_float, S* xh, const Zoneout& zoneout, const S* recurrent_mask,
                    float* c_prev, S* fed) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H, K = s.I + s.P;
-  std::memcpy(h_n, h0, s.B * P * sizeof(S));
+  copy_elements(h_n, h0, s.B * P);
   to_float(c0, c_state, s.B * H);
   // After a step's products are in gates_t (rows [b0, b0 + n) of step t, at `row`): the gate
   // pass, c_t kept, y_t = h_t (projected with w_hr), and h_t as the next step reads it.
   // c_{t-1}'s rows [b0, b0 + n), kept for zoneout's mix before the gate pass overwrites them.
   auto keep_c_prev = [&](int64_t n, int64_t b0) {
     if (zoneout.on_c()) {
-      std::memcpy(c_prev + b0 * H, c_state + b0 * H, n * H * sizeof(float));
+      copy_elements(c_prev + b0 * H, c_state + b0 * H, n * H);
     }
   };
   auto finish_step = [&](int64_t n, int64_t row, int64_t b0, float* gates_t) {
@@ -193,7 +193,7 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
                   c_state + b0 * H);
     }
     if (cells) {
-      std::memcpy(cells + row * H, c_state + b0 * H, n * H * sizeof(float));
+      copy_elements(cells + row * H, c_state + b0 * H, n * H);
     }
     if (w_hr) {  // y_t = r W_hr^T
       S* r_rows = r_lowp + b0 * H;
@@ -212,7 +212,7 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
     if (zoneout.on_h()) {
       zoneout_mix(zoneout.h_rows(row, P), zoneout.p_h, n * P, h_n + b0 * P, y_t);
     }
-    std::memcpy(h_n + b0 * P, y_t, n * P * sizeof(S));  // the next step reads it rounded
+    copy_elements(h_n + b0 * P, y_t, n * P);  // the next step reads it rounded
   };
   if (w_packed) {  // per step [x_t | h] @ [W_ih | W_hh]^T on the micro-kernel, one call per block
     for_each_batch_slice(s, [&](int64_t b0, int64_t b1) {
@@ -229,11 +229,11 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
         }
         S* a = xh + b0 * K;
         for (int64_t i = 0; i < n; ++i) {
-          std::memcpy(a + i * K, x + (row + i) * s.I, s.I * sizeof(S));
+          copy_elements(a + i * K, x + (row + i) * s.I, s.I);
           if (recurrent_mask) {
             mask_rows(1, P, h_n + (b0 + i) * P, recurrent_mask + (b0 + i) * P, a + i * K + s.I);
           } else {
-            std::memcpy(a + i * K + s.I, h_n + (b0 + i) * P, P * sizeof(S));
+            copy_elements(a + i * K + s.I, h_n + (b0 + i) * P, P);
           }
         }
         float* gates_t = gates_all_rows ? gates + row * G : gates + b0 * G;
