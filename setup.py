@@ -8,6 +8,9 @@ Environment variables:
   FORCE_CUDA=1         build the CUDA kernels even when no GPU is visible (needs nvcc and a CUDA torch)
   LSTM_EXT_NO_CUDA=1   never build the CUDA kernels
   DEBUG=1              -O0 -g instead of -O3
+  LSTM_EXT_SANITIZE=address,undefined
+                       build the C++ with AddressSanitizer and/or UndefinedBehaviorSanitizer
+                       (-O1 -g); run with gcc's runtimes preloaded: tools/sanitize.sh does both
   MAX_JOBS=N           parallel compile jobs (read by torch.utils.cpp_extension)
   TORCH_CUDA_ARCH_LIST the CUDA architectures to build for (read by torch.utils.cpp_extension)
 """
@@ -77,6 +80,20 @@ def pip_cuda_include_dirs():
     return []
 
 
+SANITIZERS = ("address", "undefined")
+
+
+def sanitizers():
+    """The sanitizers LSTM_EXT_SANITIZE asks for (comma-separated), checked."""
+    wanted = [name.strip() for name in os.environ.get("LSTM_EXT_SANITIZE", "").split(",")
+              if name.strip()]
+    unknown = [name for name in wanted if name not in SANITIZERS]
+    if unknown:
+        sys.exit(f"lstm_ext setup: LSTM_EXT_SANITIZE={os.environ['LSTM_EXT_SANITIZE']!r}: "
+                 f"unknown sanitizer {', '.join(unknown)}; choose from {', '.join(SANITIZERS)}")
+    return wanted
+
+
 class BuildWithInfo(BuildExtension):
     """torch's BuildExtension that always rebuilds and records what it built against.
 
@@ -86,6 +103,7 @@ class BuildWithInfo(BuildExtension):
     headers and version, so a change of torch rebuilds everything."""
 
     build_cuda = False
+    sanitize = ""
 
     def finalize_options(self):
         super().finalize_options()
@@ -101,6 +119,7 @@ class BuildWithInfo(BuildExtension):
             f.write("# Written by setup.py; do not edit.\n")
             f.write(f"torch_version = {TORCH_VERSION!r}\n")
             f.write(f"cuda = {self.build_cuda!r}\n")
+            f.write(f"sanitize = {self.sanitize!r}\n")
 
 
 def extensions():
@@ -108,14 +127,17 @@ def extensions():
     build_cuda, reason = cuda_decision()
     BuildWithInfo.build_cuda = build_cuda
     debug = env_flag("DEBUG")
+    sanitize = ",".join(sanitizers())
+    BuildWithInfo.sanitize = sanitize
     print(f"lstm_ext setup: torch {TORCH_VERSION} ({os.path.dirname(torch.__file__)}), "
           f"CUDA kernels: {'yes' if build_cuda else 'no'} ({reason}), DEBUG={int(debug)}, "
+          f"LSTM_EXT_SANITIZE={sanitize or 'none'}, "
           f"MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')}")
 
     sources = ["csrc/lstm.cpp", "csrc/autograd.cpp", "csrc/autocast.cpp"] + sorted(
         glob.glob("csrc/cpu/*.cpp"))
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    opt = ["-O0", "-g"] if debug else ["-O1", "-g"] if sanitize else ["-O3"]
     define = [f'-DLSTM_EXT_TORCH_VERSION="{TORCH_VERSION}"']
     # -fopenmp: at::parallel_for is inline in ATen's headers and runs serially unless the extension
     # itself is compiled with OpenMP. At run time the libgomp that torch already loaded is used.
@@ -123,6 +145,11 @@ def extensions():
     # the gate loops' selects and divisions.
     cxx = opt + ["-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + define
     link = ["-fopenmp"]
+    if sanitize:
+        # Reports stop the process (halt_on_error in tools/sanitize.sh's options); frame pointers
+        # give whole stacks.
+        cxx += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
+        link += [f"-fsanitize={sanitize}"]
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         return [CUDAExtension("lstm_ext._C", sources, include_dirs=pip_cuda_include_dirs(),

@@ -43,13 +43,14 @@ from .modules import LSTM, LSTMCell
 __version__ = "0.1.0"
 
 #: What this installation was built with: the torch version, whether CUDA kernels were compiled,
-#: and whether the CPU kernels call MKL's BLAS and vector math (VML) directly (else through
-#: at::mm and scalar libm, slower per step).
+#: whether the CPU kernels call MKL's BLAS and vector math (VML) directly (else through
+#: at::mm and scalar libm, slower per step), and the sanitizers it was built with (none: "").
 build_info = {
     "torch_version": _build_info.torch_version,
     "cuda": _build_info.cuda,
     "direct_blas": bool(_C.has_direct_blas),
     "vector_math": bool(_C.has_vml),
+    "sanitize": getattr(_build_info, "sanitize", ""),
 }
 
 __all__ = ["LSTM", "LSTMCell", "lstm_layer", "lstm_cell", "build_info", "__version__"]
