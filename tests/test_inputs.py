@@ -9,7 +9,7 @@ from torch import nn
 
 import lstm_ext
 
-from lstm_testing import assert_float32_close, assert_float64_equal, forward_backward
+from lstm_testing import assert_as_accurate_over_draws, assert_float64_equal, forward_backward
 
 F64 = torch.float64
 
@@ -113,9 +113,9 @@ def test_nan_propagates_like_nn_lstm(where):
         assert torch.allclose(a[~a.isnan()], e[~e.isnan()], rtol=1e-10, atol=1e-12)
 
 
-def float32_pair(I, H, weight_scale=1.0):
+def float32_pair(I, H, weight_scale=1.0, seed=0):
     """nn.LSTM float32 and float64 and lstm_ext float32 with the same (float32) weights."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     ref32 = nn.LSTM(I, H)
     with torch.no_grad():
         for p in ref32.parameters():
@@ -144,13 +144,19 @@ def test_nan_and_inf_propagate_like_nn_lstm_float32():
 
 def test_saturated_gates_float32():
     """Pre-activations far out on both sides (|z| up to a few hundred): sigmoid and tanh at
-    their limits, outputs and gradients as close to float64 as nn.LSTM's own float32."""
-    ref32, ext32, ref64 = float32_pair(6, 37, weight_scale=30.0)
-    x = 4 * torch.randn(7, 3, 6)
-    names, r64 = forward_backward(ref64, x.double(), None)
-    _, t32 = forward_backward(ref32, x, None)
-    _, e32 = forward_backward(ext32, x, None)
-    assert_float32_close(names, e32, t32, r64)
+    their limits, outputs and gradients as close to float64 as nn.LSTM's own float32. The
+    pre-activations' rounding (|z| ~ 300, 1 ulp ~ 3e-5) dominates each draw's error: one draw's
+    ratio to nn.LSTM's reached 4.6x on an AVX2 CPU and 8x over 30 draws, its mean over draws 1.3x,
+    so the mean over draws is compared (lstm_testing.ACCURACY_DRAWS)."""
+    def draw(seed):
+        ref32, ext32, ref64 = float32_pair(6, 37, weight_scale=30.0, seed=seed)
+        x = 4 * torch.randn(7, 3, 6)
+        _, r64 = forward_backward(ref64, x.double(), None)
+        _, t32 = forward_backward(ref32, x, None)
+        _, e32 = forward_backward(ext32, x, None)
+        return e32, t32, r64
+
+    assert_as_accurate_over_draws(draw, torch.float32)
 
 
 def test_inference_path_equals_training_path():

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import lstm_ext
-from lstm_testing import (LOW_PRECISION_CONFIGS, SEED, assert_as_accurate, make, ours, rel_err,
+from lstm_testing import (LOW_PRECISION_CONFIGS, SEED, assert_as_accurate,
+                          assert_as_accurate_over_draws, make, ours, rel_err,
                           round_through, theirs, outputs_and_grads as results)
 
 CONFIGS = [
@@ -43,8 +44,9 @@ VARIANTS = {
 }
 
 
-def ln_model(sizes, T, B, options, dtype=torch.float64):
-    model, x, h0, c0, reset = make(sizes, T, B, dict(options, layer_norm=True), dtype=dtype)
+def ln_model(sizes, T, B, options, dtype=torch.float64, seed=0):
+    model, x, h0, c0, reset = make(sizes, T, B, dict(options, layer_norm=True), dtype=dtype,
+                                   seed=seed)
     return model, x, h0, c0, reset
 
 
@@ -117,16 +119,19 @@ def test_batch_first_and_no_grad():
 @pytest.mark.parametrize("sizes,T,B,options,lengths", [CONFIGS[2], CONFIGS[4], CONFIGS[5],
                                                        CONFIGS[7]], ids=str)
 def test_float32_as_accurate_as_the_reference(sizes, T, B, options, lengths, variant):
-    model, x, h0, c0, reset = ln_model(sizes, T, B, dict(options, **VARIANTS[variant]))
-    exact = results(theirs, model, x, h0, c0, reset, lengths)
-    model.float()
-    x, h0, c0 = x.float(), h0.float(), c0.float()
-    reference32 = results(theirs, model, x, h0, c0, reset, lengths)
-    # Measured over seeds, the kernel's float32 error is 0.7-1.6x the reference's (median over
-    # the outputs and gradients) but up to 5x on single quantities whose reference error is a
-    # few ulps (the normalisations sum in another order than ATen's layer_norm): hence 6, not 3.
-    assert_as_accurate(results(ours, model, x, h0, c0, reset, lengths), reference32, exact,
-                       torch.float32, float32_factor=6.0)
+    def draw(seed):
+        model, x, h0, c0, reset = ln_model(sizes, T, B, dict(options, **VARIANTS[variant]),
+                                           seed=seed)
+        exact = results(theirs, model, x, h0, c0, reset, lengths)
+        model.float()
+        x, h0, c0 = x.float(), h0.float(), c0.float()
+        return (results(ours, model, x, h0, c0, reset, lengths),
+                results(theirs, model, x, h0, c0, reset, lengths), exact)
+
+    # One draw's error ratio on one quantity reached 10x on an AVX2 CPU and 14x on Zen 4 (the
+    # normalisations sum in another order than ATen's layer_norm, and the yardstick landed within
+    # 2 ulps); the mean over draws is within 2.1x (lstm_testing.ACCURACY_DRAWS).
+    assert_as_accurate_over_draws(draw, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
