@@ -64,14 +64,20 @@ def compare(sizes, dtype, x, hx=None, cell=False, autocast=None, scale=1.0, **op
     reference = run(exact, as_dtype(x_low, torch.float64),
                     tuple(t.double() for t in hx_low) if hx_low else None)
     ext = run(ours, x_low, hx_low, autocast)
-    if autocast == torch.float16:  # nn.LSTM under float16 autocast fails on the CPU (oneDNN):
-        theirs.to(torch.float16)  # its error in float16 itself is the yardstick
-        nn_result = run(theirs, as_dtype(x_low, torch.float16),
-                        tuple(t.half() for t in hx_low) if hx_low else None)
-    else:
+    try:
         nn_result = run(theirs, x_low, hx_low, autocast)
+    except RuntimeError as error:
+        # nn.LSTM under autocast runs oneDNN's RNN primitive in the low dtype, which fails where
+        # the CPU lacks it: float16 everywhere, bfloat16 without AVX512-BF16 (an AVX2 CPU: "could
+        # not create a primitive descriptor"). lstm_ext runs there; the yardstick is then nn.LSTM
+        # in that dtype itself.
+        if not autocast or "could not create a primitive" not in str(error):
+            raise
+        theirs.to(autocast)
+        nn_result = run(theirs, as_dtype(x_low, autocast),
+                        tuple(t.to(autocast) for t in hx_low) if hx_low else None)
     for k, (e, n, r) in enumerate(zip(ext, nn_result, reference)):
-        assert e.dtype == n.dtype or autocast == torch.float16, (k, e.dtype, n.dtype)
+        assert e.dtype == n.dtype or autocast and k >= 3, (k, e.dtype, n.dtype)
         ours_err, nn_err = relative_error(e, r), relative_error(n, r)
         assert ours_err <= 2 * nn_err + EPS[low], (k, ours_err, nn_err)
 
