@@ -9,8 +9,9 @@ machine hit both alike; each figure is the median over rounds. Two modes per sha
     python benchmarks/bench_lstm.py --quick         # a few seconds, smoke test
     python benchmarks/bench_lstm.py --shapes 20,5,1,16 100,32,64,128 --csv out.csv --plot out.png
     python benchmarks/bench_lstm.py --shapes 50,16,64,128,2,bi     # 2 layers, bidirectional
+    python benchmarks/bench_lstm.py --isa avx2      # as on an AVX2-only CPU (both sides capped)
 
-A shape is T,B,I,H[,layers[,bi]].
+A shape is T,B,I,H[,layers[,bi]]. Every table and CSV names the CPU and the instruction-set cap.
 """
 
 import argparse
@@ -19,6 +20,7 @@ import csv
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -75,6 +77,27 @@ def flops(T, B, I, H, layers, bidirectional, backward):
                   for layer in range(layers))
     # backward: dx, dW_ih, dW_hh and the recurrent dh = 2x the forward GEMM work
     return forward * (3 if backward else 1)
+
+
+# The switches PyTorch's libraries honour to stay below an instruction set (ATen's kernels,
+# oneDNN: nn.LSTM's RNN primitive and brgemm, MKL): a CPU class emulated on a newer CPU, for
+# nn.LSTM and lstm_ext alike. They only lower: avx512 on an AVX2 CPU runs AVX2. Read when the
+# libraries load, so they are set in a child process. (lstm_ext's own vector code, chosen by the
+# loader from the CPU's features, does not follow them yet.)
+ISA_CAPS = {
+    "native": {},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+ISA_ENV = "LSTM_EXT_BENCH_ISA"  # set in the child that runs under the caps
+
+
+def run_under_isa(isa, argv):
+    """Runs this script again with isa's caps in its environment; returns its exit code."""
+    env = dict(os.environ, **ISA_CAPS[isa], **{ISA_ENV: isa})
+    return subprocess.call([sys.executable, os.path.abspath(__file__), *argv], env=env)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -181,7 +204,12 @@ def main(argv=None):
     parser.add_argument("--memory", action="store_true", help="also report peak memory (CPU)")
     parser.add_argument("--csv", help="write the table as CSV")
     parser.add_argument("--plot", help="plot speedup per shape to this PNG (from the table)")
+    parser.add_argument("--isa", choices=sorted(ISA_CAPS), default="native",
+                        help="cap the instruction set of both sides (a child process with the "
+                             "caps of ISA_CAPS set; default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.isa != "native" and os.environ.get(ISA_ENV) != args.isa:
+        sys.exit(run_under_isa(args.isa, sys.argv[1:] if argv is None else argv))
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -200,9 +228,13 @@ def main(argv=None):
     device_name = (torch.cuda.get_device_name() if args.device == "cuda" else machine_name())
     precision = f"autocast {args.autocast}" if args.autocast else args.dtype
     tf32 = f"; TF32 {'on' if args.tf32 else 'off'}" if args.device == "cuda" else ""
-    print(f"# {device_name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"{precision}{tf32}; lstm_ext {lstm_ext.__version__} {lstm_ext.build_info}")
-    header = ["T", "B", "I", "H", "layers", "bidirectional", "mode", "precision", "tf32",
+    isa = (f"; isa {args.isa} (torch CPU capability {torch.backends.cpu.get_cpu_capability()})"
+           if args.device == "cpu" else "")
+    print(f"# {device_name}{isa}; torch {torch.__version__}; threads "
+          f"{torch.get_num_threads()}; {precision}{tf32}; lstm_ext {lstm_ext.__version__} "
+          f"{lstm_ext.build_info}")
+    header = ["device", "isa", "T", "B", "I", "H", "layers", "bidirectional", "mode", "precision",
+              "tf32",
               "nn_lstm_ms", "lstm_ext_ms", "speedup", "lstm_ext_gflops", "rounds"]
     if args.memory:
         header += ["nn_lstm_peak_mb", "lstm_ext_peak_mb"]
@@ -215,7 +247,8 @@ def main(argv=None):
                         autocast=args.autocast)
             theirs, ours, rounds = measure(case, timed, seconds, max_rounds, warmup)
             gflops = flops(*shape, case.backward) / ours / 1e9
-            row = dict(zip(header, [*shape, mode, precision, args.device == "cuda" and args.tf32,
+            row = dict(zip(header, [device_name, args.isa if args.device == "cpu" else "", *shape,
+                                    mode, precision, args.device == "cuda" and args.tf32,
                                     theirs * 1e3, ours * 1e3, theirs / ours, gflops, rounds]))
             line = (f"{shape_label(shape):<26} {mode:<8} {theirs * 1e3:>11.3f} {ours * 1e3:>12.3f} "
                     f"{theirs / ours:>7.2f}x {gflops:>8.1f}")
@@ -233,7 +266,7 @@ def main(argv=None):
             writer.writeheader()
             writer.writerows(rows)
     if args.plot:
-        plot(rows, args.plot, f"lstm_ext vs nn.LSTM, {device_name}, "
+        plot(rows, args.plot, f"lstm_ext vs nn.LSTM, {device_name}, isa {args.isa}, "
                               f"{torch.get_num_threads()} threads, {precision}")
     return rows
 

@@ -21,6 +21,8 @@ namespace lstm_ext {
 namespace cpu {
 bool has_direct_blas_impl();
 bool has_vml_impl();
+std::vector<std::pair<std::string, std::string>> gemm_backends_impl();
+std::string vector_code_impl();
 }
 }  // namespace lstm_ext
 
@@ -225,4 +227,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = LSTM_EXT_TORCH_VERSION;
   m.attr("has_direct_blas") = lstm_ext::cpu::has_direct_blas_impl();
   m.attr("has_vml") = lstm_ext::cpu::has_vml_impl();
+  m.def("gemm_backends", &lstm_ext::cpu::gemm_backends_impl,
+        "(dtype, what a CPU layer's per-step products run on) for each dtype, on this CPU");
+  m.def("vector_code", &lstm_ext::cpu::vector_code_impl,
+        "the instruction set of the gate passes and small GEMMs the loader picked on this CPU");
 }

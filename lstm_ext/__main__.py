@@ -1,18 +1,36 @@
-"""`python -m lstm_ext`: show what this installation was built with, and check it against nn.LSTM.
+"""`python -m lstm_ext`: show what this installation was built with and what it runs on this CPU,
+and check it against nn.LSTM.
 
 Runs a 2-layer lstm_ext.LSTM and a torch.nn.LSTM with the same weights on the same random batch,
 forward and backward, and prints the largest relative difference of outputs and gradients.
 """
 
+import platform
 import sys
 
 import torch
 
 import lstm_ext
+from lstm_ext._ops import _C
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> int:
     print(f"lstm_ext {lstm_ext.__version__}: {lstm_ext.build_info}")
+    print(f"CPU: {cpu_name()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads; lstm_ext's vector code: {_C.vector_code()}")
+    for dtype, backend in _C.gemm_backends():
+        print(f"  {dtype} step products: {backend}")
     torch.manual_seed(0)
     T, B, I, H = 20, 5, 1, 16
     reference = torch.nn.LSTM(I, H, num_layers=2, dtype=torch.float64)

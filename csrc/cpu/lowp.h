@@ -12,6 +12,8 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+
 #include <tuple>
 
 #include "../lstm_checks.h"
@@ -50,6 +52,8 @@ layer_backward_lowp(const LayerSizes& s, const Steps& steps, const Restarts& res
                     const c10::optional<at::Tensor>& recurrent_mask = c10::nullopt);
 
 bool has_lowp_blas();
+// What a bfloat16 / float16 layer's per-step products run on, on this CPU.
+std::string lowp_step_gemm_backend(at::ScalarType type);
 
 }  // namespace cpu
 }  // namespace lstm_ext

@@ -18,8 +18,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../lstm_checks.h"
@@ -848,6 +850,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
 
 bool has_direct_blas_impl() { return has_direct_blas(); }
 bool has_vml_impl() { return has_vml(); }
+
+std::vector<std::pair<std::string, std::string>> gemm_backends_impl() {
+  const std::string small = "register-tiled small GEMM up to " +
+                            std::to_string(kSmallGemmWork) + " multiply-adds, ";
+  const std::string fp = small + (has_direct_blas() ? "MKL sgemm_/dgemm_ above"
+                                                    : "at::mm above (LSTM_EXT_NO_MKL)");
+  return {{"float32", fp},
+          {"float64", fp},
+          {"bfloat16", lowp_step_gemm_backend(at::kBFloat16)},
+          {"float16", lowp_step_gemm_backend(at::kHalf)}};
+}
+
+// The clone of the LSTM_EXT_TARGET_CLONES functions (gate passes, small GEMMs) the loader picked
+// by the CPU's features (not by ATEN_CPU_CAPABILITY).
+std::string vector_code_impl() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return "x86-64-v4 (AVX-512)";
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return "x86-64-v3 (AVX2, FMA)";
+  }
+  return "x86-64 baseline (SSE2)";
+}
 
 }  // namespace cpu
 }  // namespace lstm_ext

@@ -14,6 +14,7 @@
 
 #include <cstring>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -368,6 +369,19 @@ void layer_recurrence_backward(const LayerSizes& s, const Steps& steps, bool rev
 }
 
 }  // namespace
+
+std::string lowp_step_gemm_backend(at::ScalarType type) {
+  const char* mkl =
+      type == at::kBFloat16 ? "MKL cblas_gemm_bf16bf16f32" : "MKL cblas_gemm_f16f16f32";
+  if (lowp_gemm(c10::BFloat16()) == nullptr) {
+    return "at::mm in float32 (LSTM_EXT_NO_MKL)";
+  }
+  if (type == at::kBFloat16 && PackedWeight<c10::BFloat16>::usable(2, 16)) {
+    return std::string("oneDNN brgemm on W_hh packed per call (T >= ") +
+           std::to_string(kMinStepsToPack) + ", K even, 4H a multiple of 16), else " + mkl;
+  }
+  return mkl;
+}
 
 bool has_lowp_blas() {
   return lowp_gemm(c10::BFloat16()) != nullptr && lowp_gemm(c10::Half()) != nullptr;
