@@ -143,7 +143,10 @@ def extensions():
     # itself is compiled with OpenMP. At run time the libgomp that torch already loaded is used.
     # -fno-trapping-math -fno-math-errno (as torch itself is built): lets the compiler vectorise
     # the gate loops' selects and divisions.
-    cxx = opt + ["-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + define
+    # -Wno-psabi (as torch is built): the vector helpers of csrc/cpu/blas.h return AVX vectors,
+    # always inlined into the variant of their instruction set, so no call's ABI changes.
+    cxx = opt + ["-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
+                 "-Wno-psabi"] + define
     link = ["-fopenmp"]
     if sanitize:
         # Reports stop the process (halt_on_error in tools/sanitize.sh's options); frame pointers

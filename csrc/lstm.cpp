@@ -230,5 +230,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_backends", &lstm_ext::cpu::gemm_backends_impl,
         "(dtype, what a CPU layer's per-step products run on) for each dtype, on this CPU");
   m.def("vector_code", &lstm_ext::cpu::vector_code_impl,
-        "the instruction set of the gate passes and small GEMMs the loader picked on this CPU");
+        "the instruction set lstm_ext's vector code runs (ATen's CPU capability)");
 }

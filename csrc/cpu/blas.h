@@ -13,7 +13,7 @@
 #include <climits>
 #include <cstdlib>
 
-#include "vec_math.h"  // LSTM_EXT_TARGET_CLONES
+#include "vec_math.h"  // LSTM_EXT_ISA_VARIANTS
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -67,14 +67,17 @@ class MklThreadsOnThisThread {
 // of a microsecond checking arguments and choosing a kernel, 20 steps forward and 20 backward.
 // gemm() uses it below kSmallGemmWork multiply-adds, where it measured faster than MKL.
 
-// One 64-byte vector of T in GCC/Clang's generic vector extension: compiled into one AVX-512
-// register, two AVX2 ones or four SSE ones, whichever target clone is running, with explicit
-// vector arithmetic rather than hoping the auto-vectoriser finds it.
-template <typename T>
-struct Vec64 {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 64 / sizeof(T);
+// One vector of T of Bytes bytes in GCC/Clang's generic vector extension, explicit vector
+// arithmetic rather than hoping the auto-vectoriser finds it. small_gemm_nn uses the running
+// variant's register width (LSTM_EXT_ISA_VARIANTS); small_gemm_nt 64 bytes on every level (it
+// broadcasts no scalar: two AVX2 registers per vector compile well).
+template <typename T, int Bytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(Bytes)));
+  static constexpr int64_t lanes = Bytes / sizeof(T);
 };
+template <typename T>
+using Vec64 = Vec<T, 64>;
 
 template <typename V, typename T>
 __attribute__((always_inline)) inline V load_vec(const T* p) {
@@ -90,13 +93,13 @@ __attribute__((always_inline)) inline void store_vec(T* p, const V& v) {
 
 // C[R rows, NV vectors] (+)= A[R rows, K] @ B[K, NV vectors]: the R x NV partial sums stay in
 // registers for the whole K loop, and each vector of B loaded serves all R rows.
-// always_inline: compiled into each target clone of small_gemm_nn (a call would run baseline code).
-template <typename T, int R, int NV>
+// always_inline: compiled into each variant of small_gemm_nn (a call would run baseline code).
+template <typename T, int Bytes, int R, int NV>
 __attribute__((always_inline)) inline void small_gemm_tile(int64_t K, const T* A, int64_t lda,
                                                            const T* B, int64_t ldb,
                                                            bool accumulate, T* C, int64_t ldc) {
-  using V = typename Vec64<T>::type;
-  constexpr int64_t L = Vec64<T>::lanes;
+  using V = typename Vec<T, Bytes>::type;
+  constexpr int64_t L = Vec<T, Bytes>::lanes;
   V acc[R][NV];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < NV; ++v) {
@@ -122,51 +125,52 @@ __attribute__((always_inline)) inline void small_gemm_tile(int64_t K, const T* A
   }
 }
 
-// Callers guarantee that N is a multiple of Vec64<T>::lanes.
-template <typename T, int NV>
+// Callers guarantee that N is a multiple of kSmallGemmColumns<T> (64 bytes of T), which every
+// width's tiles divide.
+template <typename T, int Bytes, int NV>
 __attribute__((always_inline)) inline void small_gemm_columns(int64_t M, int64_t K, const T* A,
                                                               int64_t lda, const T* B,
                                                               int64_t ldb, bool accumulate, T* C,
                                                               int64_t ldc) {
   int64_t m = 0;
   for (; m + 2 <= M; m += 2) {
-    small_gemm_tile<T, 2, NV>(K, A + m * lda, lda, B, ldb, accumulate, C + m * ldc, ldc);
+    small_gemm_tile<T, Bytes, 2, NV>(K, A + m * lda, lda, B, ldb, accumulate, C + m * ldc, ldc);
   }
   if (m < M) {
-    small_gemm_tile<T, 1, NV>(K, A + m * lda, lda, B, ldb, accumulate, C + m * ldc, ldc);
+    small_gemm_tile<T, Bytes, 1, NV>(K, A + m * lda, lda, B, ldb, accumulate, C + m * ldc, ldc);
   }
 }
 
-template <typename T>
+// The same bytes of columns per tile at every width (4 x 64 bytes: 4 vectors of AVX-512, 8 of
+// AVX2, 16 of SSE, within each level's 32 / 16 / 16 registers for two rows).
+template <int Bytes, typename T>
 __attribute__((always_inline)) inline void small_gemm_nn_body(int64_t M, int64_t N, int64_t K,
                                                               const T* A, int64_t lda, const T* B,
                                                               int64_t ldb, bool accumulate, T* C,
                                                               int64_t ldc) {
-  constexpr int64_t L = Vec64<T>::lanes;
+  constexpr int64_t L = Vec<T, Bytes>::lanes;
+  constexpr int W = 64 / Bytes;  // vectors per 64 bytes
   int64_t n0 = 0;
-  for (; n0 + 4 * L <= N; n0 += 4 * L) {
-    small_gemm_columns<T, 4>(M, K, A, lda, B + n0, ldb, accumulate, C + n0, ldc);
+  for (; n0 + 4 * W * L <= N; n0 += 4 * W * L) {
+    small_gemm_columns<T, Bytes, 4 * W>(M, K, A, lda, B + n0, ldb, accumulate, C + n0, ldc);
   }
-  if (n0 + 2 * L <= N) {
-    small_gemm_columns<T, 2>(M, K, A, lda, B + n0, ldb, accumulate, C + n0, ldc);
-    n0 += 2 * L;
+  if (n0 + 2 * W * L <= N) {
+    small_gemm_columns<T, Bytes, 2 * W>(M, K, A, lda, B + n0, ldb, accumulate, C + n0, ldc);
+    n0 += 2 * W * L;
   }
   if (n0 < N) {
-    small_gemm_columns<T, 1>(M, K, A, lda, B + n0, ldb, accumulate, C + n0, ldc);
+    small_gemm_columns<T, Bytes, W>(M, K, A, lda, B + n0, ldb, accumulate, C + n0, ldc);
   }
 }
 
-LSTM_EXT_TARGET_CLONES
-inline void small_gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                          const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
-  small_gemm_nn_body(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
-}
-
-LSTM_EXT_TARGET_CLONES
-inline void small_gemm_nn(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
-                          const double* B, int64_t ldb, bool accumulate, double* C, int64_t ldc) {
-  small_gemm_nn_body(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
-}
+LSTM_EXT_ISA_VARIANTS(small_gemm_nn,
+                      (int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                       const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc),
+                      (M, N, K, A, lda, B, ldb, accumulate, C, ldc), small_gemm_nn_body)
+LSTM_EXT_ISA_VARIANTS(small_gemm_nn,
+                      (int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                       const double* B, int64_t ldb, bool accumulate, double* C, int64_t ldc),
+                      (M, N, K, A, lda, B, ldb, accumulate, C, ldc), small_gemm_nn_body)
 
 // ---- small_gemm_nt: C[M, N] = A[M, K] @ B[N, K]^T (+ C where accumulate), row-major ----------
 //
@@ -307,35 +311,43 @@ __attribute__((always_inline)) inline void small_gemm_nt_body(const NtTerm<T>* t
   }
 }
 
-// C[M, N] (+)= A[M, K] @ B[N, K]^T.
-LSTM_EXT_TARGET_CLONES
-inline void small_gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                          const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
-  const NtTerm<float> term{A, lda, B, ldb, K};
-  small_gemm_nt_body<float, 1>(&term, M, N, accumulate, C, ldc);
+// The variants' bodies (64-byte vectors at every level, see Vec).
+template <int Bytes, typename T>
+__attribute__((always_inline)) inline void small_gemm_nt_one(int64_t M, int64_t N, int64_t K,
+                                                             const T* A, int64_t lda, const T* B,
+                                                             int64_t ldb, bool accumulate, T* C,
+                                                             int64_t ldc) {
+  const NtTerm<T> term{A, lda, B, ldb, K};
+  small_gemm_nt_body<T, 1>(&term, M, N, accumulate, C, ldc);
 }
 
-LSTM_EXT_TARGET_CLONES
-inline void small_gemm_nt(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
-                          const double* B, int64_t ldb, bool accumulate, double* C, int64_t ldc) {
-  const NtTerm<double> term{A, lda, B, ldb, K};
-  small_gemm_nt_body<double, 1>(&term, M, N, accumulate, C, ldc);
+template <int Bytes, typename T>
+__attribute__((always_inline)) inline void small_gemm_nt_two(int64_t M, int64_t N,
+                                                             NtTerm<T> first, NtTerm<T> second,
+                                                             T* C, int64_t ldc) {
+  const NtTerm<T> terms[2] = {first, second};
+  small_gemm_nt_body<T, 2>(terms, M, N, false, C, ldc);
 }
+
+// C[M, N] (+)= A[M, K] @ B[N, K]^T.
+LSTM_EXT_ISA_VARIANTS(small_gemm_nt,
+                      (int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                       const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc),
+                      (M, N, K, A, lda, B, ldb, accumulate, C, ldc), small_gemm_nt_one)
+LSTM_EXT_ISA_VARIANTS(small_gemm_nt,
+                      (int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                       const double* B, int64_t ldb, bool accumulate, double* C, int64_t ldc),
+                      (M, N, K, A, lda, B, ldb, accumulate, C, ldc), small_gemm_nt_one)
 
 // C[M, N] = A1[M, K1] @ B1[N, K1]^T + A2[M, K2] @ B2[N, K2]^T (a step's x W_ih^T + h W_hh^T).
-LSTM_EXT_TARGET_CLONES
-inline void small_gemm_nt_sum(int64_t M, int64_t N, NtTerm<float> first, NtTerm<float> second,
-                              float* C, int64_t ldc) {
-  const NtTerm<float> terms[2] = {first, second};
-  small_gemm_nt_body<float, 2>(terms, M, N, false, C, ldc);
-}
-
-LSTM_EXT_TARGET_CLONES
-inline void small_gemm_nt_sum(int64_t M, int64_t N, NtTerm<double> first, NtTerm<double> second,
-                              double* C, int64_t ldc) {
-  const NtTerm<double> terms[2] = {first, second};
-  small_gemm_nt_body<double, 2>(terms, M, N, false, C, ldc);
-}
+LSTM_EXT_ISA_VARIANTS(small_gemm_nt_sum,
+                      (int64_t M, int64_t N, NtTerm<float> first, NtTerm<float> second, float* C,
+                       int64_t ldc),
+                      (M, N, first, second, C, ldc), small_gemm_nt_two)
+LSTM_EXT_ISA_VARIANTS(small_gemm_nt_sum,
+                      (int64_t M, int64_t N, NtTerm<double> first, NtTerm<double> second,
+                       double* C, int64_t ldc),
+                      (M, N, first, second, C, ldc), small_gemm_nt_two)
 
 // Up to this many multiply-adds (four times as many for a single row) small_gemm_nn measured
 // faster than MKL here (Sapphire Rapids; e.g. the trainer's forward step -6%, a B = 1, H = 128

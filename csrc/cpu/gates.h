@@ -82,9 +82,13 @@ void gates_forward(int64_t B, int64_t H, int64_t j0, int64_t j1, T* z, const T* 
 }
 
 // float32: the same pass fused into one loop, with inline vectorisable exp and tanh.
-LSTM_EXT_TARGET_CLONES
-inline void gates_forward_fused(int64_t B, int64_t H, int64_t j0, int64_t j1, float* z,
-                                const float* bias, float* c, float* r) {
+// Bytes: the variant's vector width (LSTM_EXT_ISA_VARIANTS), unused: the loop is vectorised by
+// the compiler for the variant's instruction set.
+template <int Bytes>
+__attribute__((always_inline)) inline void gates_forward_fused_body(int64_t B, int64_t H,
+                                                                    int64_t j0, int64_t j1,
+                                                                    float* z, const float* bias,
+                                                                    float* c, float* r) {
   const int64_t G = 4 * H;
   for (int64_t b = 0; b < B; ++b) {
     float* __restrict__ a = z + b * G;
@@ -109,6 +113,11 @@ inline void gates_forward_fused(int64_t B, int64_t H, int64_t j0, int64_t j1, fl
     }
   }
 }
+
+LSTM_EXT_ISA_VARIANTS(gates_forward_fused,
+                      (int64_t B, int64_t H, int64_t j0, int64_t j1, float* z, const float* bias,
+                       float* c, float* r),
+                      (B, H, j0, j1, z, bias, c, r), gates_forward_fused_body)
 
 // Overload resolution picks this for float32 (an exact match beats the template).
 inline void gates_forward(int64_t B, int64_t H, int64_t j0, int64_t j1, float* z,
@@ -156,11 +165,11 @@ void gates_backward(int64_t B, int64_t H, const T* gates, const T* cells, const 
 }
 
 // float32: the same pass fused into one loop, tanh(c_t) inline.
-LSTM_EXT_TARGET_CLONES
-inline void gates_backward_fused(int64_t B, int64_t H, const float* gates, const float* cells,
-                                 const float* c_prev_rows, const float* c0_rows, int64_t n_prev,
-                                 const uint8_t* restarts, const float* dr, float* dc,
-                                 float* dgates, float* db, float* r) {
+template <int Bytes>
+__attribute__((always_inline)) inline void gates_backward_fused_body(
+    int64_t B, int64_t H, const float* gates, const float* cells, const float* c_prev_rows,
+    const float* c0_rows, int64_t n_prev, const uint8_t* restarts, const float* dr, float* dc,
+    float* dgates, float* db, float* r) {
   const int64_t G = 4 * H;
   for (int64_t b = 0; b < B; ++b) {
     const float* __restrict__ a = gates + b * G;
@@ -193,6 +202,15 @@ inline void gates_backward_fused(int64_t B, int64_t H, const float* gates, const
     }
   }
 }
+
+LSTM_EXT_ISA_VARIANTS(gates_backward_fused,
+                      (int64_t B, int64_t H, const float* gates, const float* cells,
+                       const float* c_prev_rows, const float* c0_rows, int64_t n_prev,
+                       const uint8_t* restarts, const float* dr, float* dc, float* dgates,
+                       float* db, float* r),
+                      (B, H, gates, cells, c_prev_rows, c0_rows, n_prev, restarts, dr, dc, dgates,
+                       db, r),
+                      gates_backward_fused_body)
 
 inline void gates_backward(int64_t B, int64_t H, const float* gates, const float* cells,
                            const float* c_prev_rows, const float* c0_rows, int64_t n_prev,

@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -862,18 +863,29 @@ std::vector<std::pair<std::string, std::string>> gemm_backends_impl() {
           {"float16", lowp_step_gemm_backend(at::kHalf)}};
 }
 
-// The clone of the LSTM_EXT_TARGET_CLONES functions (gate passes, small GEMMs) the loader picked
-// by the CPU's features (not by ATEN_CPU_CAPABILITY).
+VectorIsa vector_isa() {
+  static const VectorIsa isa = [] {
+    // ATen's capability, and the whole x86-64 level the variant is compiled for (ATen's AVX2
+    // asks for AVX2 and FMA only; x86-64-v3 also for BMI2, MOVBE, ..., which a VM may hide).
+    const std::string capability = at::get_cpu_capability();
+    __builtin_cpu_init();
+    if (capability == "AVX512" && __builtin_cpu_supports("x86-64-v4")) {
+      return VectorIsa::kAvx512;
+    }
+    if ((capability == "AVX512" || capability == "AVX2") && __builtin_cpu_supports("x86-64-v3")) {
+      return VectorIsa::kAvx2;
+    }
+    return VectorIsa::kBaseline;
+  }();
+  return isa;
+}
+
 std::string vector_code_impl() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    return "x86-64-v4 (AVX-512)";
+  switch (vector_isa()) {
+    case VectorIsa::kAvx512: return "x86-64-v4 (AVX-512)";
+    case VectorIsa::kAvx2: return "x86-64-v3 (AVX2, FMA)";
+    default: return "x86-64 baseline (SSE2)";
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return "x86-64-v3 (AVX2, FMA)";
-  }
-  return "x86-64 baseline (SSE2)";
 }
 
 }  // namespace cpu

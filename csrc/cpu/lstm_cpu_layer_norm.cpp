@@ -266,32 +266,39 @@ LSTM_EXT_ALWAYS_INLINE void ln_gates_backward_body(int64_t n, int64_t H, const T
   }
 }
 
-// The passes as the loops call them: float32 through target clones (AVX-512, AVX2, baseline;
-// csrc/cpu/vec_math.h), float64 as compiled.
-void ln_gates_forward_f32(int64_t n, int64_t H, float* norms, const LayerNormParams<float>& ln,
-                          const float* bias, float* gates, float* c, float* r);
-void ln_gates_backward_f32(int64_t n, int64_t H, const float* gates, const float* c_new,
-                           const float* norms, const float* c_prev_rows, const float* c0_rows,
-                           int64_t n_prev, const uint8_t* restarts,
-                           const LayerNormParams<float>& ln, const float* dr, float* dc,
-                           float* d_ih, float* d_hh, float* sums, float* r);
-
-inline void ln_gates_forward(int64_t n, int64_t H, float* norms, const LayerNormParams<float>& ln,
-                             const float* bias, float* gates, float* c, float* r) {
-  ln_gates_forward_f32(n, H, norms, ln, bias, gates, c, r);
+// The passes as the loops call them: float32 in the variant of the running instruction set
+// (LSTM_EXT_ISA_VARIANTS, csrc/cpu/vec_math.h), float64 as compiled.
+template <int Bytes, typename T>
+LSTM_EXT_ALWAYS_INLINE void ln_gates_forward_variant(int64_t n, int64_t H, T* norms,
+                                                     const LayerNormParams<T>& ln, const T* bias,
+                                                     T* gates, T* c, T* r) {
+  ln_gates_forward_body(n, H, norms, ln, bias, gates, c, r);
 }
+template <int Bytes, typename T>
+LSTM_EXT_ALWAYS_INLINE void ln_gates_backward_variant(
+    int64_t n, int64_t H, const T* gates, const T* c_new, const T* norms, const T* c_prev_rows,
+    const T* c0_rows, int64_t n_prev, const uint8_t* restarts, const LayerNormParams<T>& ln,
+    const T* dr, T* dc, T* d_ih, T* d_hh, T* sums, T* r) {
+  ln_gates_backward_body(n, H, gates, c_new, norms, c_prev_rows, c0_rows, n_prev, restarts, ln,
+                         dr, dc, d_ih, d_hh, sums, r);
+}
+LSTM_EXT_ISA_VARIANTS(ln_gates_forward,
+                      (int64_t n, int64_t H, float* norms, const LayerNormParams<float>& ln,
+                       const float* bias, float* gates, float* c, float* r),
+                      (n, H, norms, ln, bias, gates, c, r), ln_gates_forward_variant)
+LSTM_EXT_ISA_VARIANTS(ln_gates_backward,
+                      (int64_t n, int64_t H, const float* gates, const float* c_new,
+                       const float* norms, const float* c_prev_rows, const float* c0_rows,
+                       int64_t n_prev, const uint8_t* restarts, const LayerNormParams<float>& ln,
+                       const float* dr, float* dc, float* d_ih, float* d_hh, float* sums,
+                       float* r),
+                      (n, H, gates, c_new, norms, c_prev_rows, c0_rows, n_prev, restarts, ln, dr,
+                       dc, d_ih, d_hh, sums, r),
+                      ln_gates_backward_variant)
 inline void ln_gates_forward(int64_t n, int64_t H, double* norms,
                              const LayerNormParams<double>& ln, const double* bias,
                              double* gates, double* c, double* r) {
   ln_gates_forward_body(n, H, norms, ln, bias, gates, c, r);
-}
-inline void ln_gates_backward(int64_t n, int64_t H, const float* gates, const float* c_new,
-                              const float* norms, const float* c_prev_rows, const float* c0_rows,
-                              int64_t n_prev, const uint8_t* restarts,
-                              const LayerNormParams<float>& ln, const float* dr, float* dc,
-                              float* d_ih, float* d_hh, float* sums, float* r) {
-  ln_gates_backward_f32(n, H, gates, c_new, norms, c_prev_rows, c0_rows, n_prev, restarts, ln,
-                        dr, dc, d_ih, d_hh, sums, r);
 }
 inline void ln_gates_backward(int64_t n, int64_t H, const double* gates, const double* c_new,
                               const double* norms, const double* c_prev_rows,
@@ -719,23 +726,6 @@ ln_lstm_layer_backward_cpu(
           grad_ln_c.to(dtype),  grad_ln_bias_c.to(dtype)};
 }
 
-
-// The float32 passes' target clones.
-LSTM_EXT_TARGET_CLONES
-void ln_gates_forward_f32(int64_t n, int64_t H, float* norms, const LayerNormParams<float>& ln,
-                          const float* bias, float* gates, float* c, float* r) {
-  ln_gates_forward_body(n, H, norms, ln, bias, gates, c, r);
-}
-
-LSTM_EXT_TARGET_CLONES
-void ln_gates_backward_f32(int64_t n, int64_t H, const float* gates, const float* c_new,
-                           const float* norms, const float* c_prev_rows, const float* c0_rows,
-                           int64_t n_prev, const uint8_t* restarts,
-                           const LayerNormParams<float>& ln, const float* dr, float* dc,
-                           float* d_ih, float* d_hh, float* sums, float* r) {
-  ln_gates_backward_body(n, H, gates, c_new, norms, c_prev_rows, c0_rows, n_prev, restarts, ln,
-                         dr, dc, d_ih, d_hh, sums, r);
-}
 
 
 }  // namespace layer_norm

@@ -17,17 +17,44 @@
 #include <cstdint>
 #include <cstring>
 
-// Compile a function for AVX-512, AVX2+FMA and baseline x86-64; the loader picks the best the CPU
-// has (GCC/Clang function multiversioning). Elsewhere: one plain version.
+// lstm_ext's vector code (gate passes, small GEMMs) is compiled three times: for x86-64-v4
+// (AVX-512), x86-64-v3 (AVX2, FMA) and baseline x86-64. Which one runs follows ATen's CPU
+// capability, the CPU's own unless ATEN_CPU_CAPABILITY lowers it, so that the caps emulate an
+// older CPU class for lstm_ext as they do for ATen's kernels (and ONEDNN_MAX_CPU_ISA /
+// MKL_ENABLE_INSTRUCTIONS for oneDNN and MKL).
+//
+// LSTM_EXT_ISA_VARIANTS(name, (params), (args), body) defines name(params), which calls
+// body<VectorBytes>(args) compiled for the running level, VectorBytes its register width (64,
+// 32, 16): code written with GCC's generic vectors of that width compiles to whole registers.
+// (A 64-byte generic vector on AVX2 is lowered to two halves, and a scalar broadcast into it
+// goes through the stack: the small GEMM ran at ~3 GFLOP/s on an AVX2 CPU that way.) body must
+// be always_inline, so that its code is compiled into each variant.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define LSTM_EXT_TARGET_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define LSTM_EXT_ISA_VARIANTS(name, params, args, body)                                        \
+  __attribute__((target("arch=x86-64-v4"))) inline void name##_avx512 params {             \
+    body<64> args;                                                                           \
+  }                                                                                          \
+  __attribute__((target("arch=x86-64-v3"))) inline void name##_avx2 params { body<32> args; } \
+  inline void name##_baseline params { body<16> args; }                                      \
+  inline void name params {                                                                  \
+    switch (::lstm_ext::cpu::vector_isa()) {                                                 \
+      case ::lstm_ext::cpu::VectorIsa::kAvx512: return name##_avx512 args;                   \
+      case ::lstm_ext::cpu::VectorIsa::kAvx2: return name##_avx2 args;                       \
+      default: return name##_baseline args;                                                  \
+    }                                                                                        \
+  }
 #else
-#define LSTM_EXT_TARGET_CLONES
+#define LSTM_EXT_ISA_VARIANTS(name, params, args, body) \
+  inline void name params { body<16> args; }
 #endif
 
 namespace lstm_ext {
 namespace cpu {
+
+// The vector width, in bytes, of the variant LSTM_EXT_ISA_VARIANTS runs: from ATen's CPU
+// capability (at::get_cpu_capability()), read once (lstm_cpu.cpp).
+enum class VectorIsa : int { kBaseline = 16, kAvx2 = 32, kAvx512 = 64 };
+VectorIsa vector_isa();
 
 namespace detail {
 
