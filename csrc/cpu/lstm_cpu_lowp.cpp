@@ -130,6 +130,14 @@ class PackedWeight {
 // pass over the weights; a call of a few steps runs its products through gemm_lowp instead).
 constexpr int64_t kMinStepsToPack = 8;
 
+// Layers of at most this many batch rows, without the micro-kernel, multiply each step's h by a
+// float32 copy of W_hh^T made once per call, through gemm<float> (the small GEMM or MKL's
+// sgemm). MKL's 16-bit GEMM converts its weight operand on every call, a cost of 4H x P whatever
+// the rows: where the CPU has no native bfloat16 dot product (AMD EPYC, AVX2) a B = 1 step took
+// 114 us at H = 128 (8.4 ms for 100 steps, nn.LSTM 7.9) and 436 us at H = 256; through the copy
+// 1.3 ms for the 100 steps at H = 128. Measured at B = 1 to 4 only: larger batches keep MKL's.
+constexpr int64_t kFloatStepRows = 4;
+
 // [W_ih | W_hh]^T [I + P, 4H], row-major, for the forward's per-step product [x_t | h] @ it.
 template <typename S>
 at::Tensor stacked_transpose(const at::Tensor& weight_ih, const at::Tensor& weight_hh) {
@@ -166,6 +174,8 @@ void to_float(const S* src, float* dst, int64_t n) {
 //   xh [B, I + P]: a step's [x_t | h] (with w_packed)
 //   zoneout, recurrent_mask [B, P] or null (csrc/lstm_regularize.h), with their scratch:
 //   c_prev [B, H] float32 (zoneout of c), fed [B, P] (the masked h; recurrent_mask, no w_packed)
+//   w_hh_t_float [P, 4H] float32 (W_hh^T) or null, with h_float [B, P]: the steps' products in
+//   float32 (kFloatStepRows)
 template <typename S>
 void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const Restarts& restarts,
                    const S* x, const S* h0, const S* c0, const S* w_ih, const S* w_hh,
@@ -173,7 +183,7 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
                    const float* bias, const S* w_hr, S* y, S* h_n, float* c_state, float* gates,
                    bool gates_all_rows, int64_t chunk_steps, float* cells, float* r, S* r_lowp,
                    float* y_float, S* xh, const Zoneout& zoneout, const S* recurrent_mask,
-                   float* c_prev, S* fed) {
+                   float* c_prev, S* fed, const float* w_hh_t_float, float* h_float) {
   const int64_t H = s.H, P = s.P, G = 4 * s.H, K = s.I + s.P;
   copy_elements(h_n, h0, s.B * P);
   to_float(c0, c_state, s.B * H);
@@ -270,7 +280,13 @@ void layer_forward(const LayerSizes& s, const Steps& steps, bool reverse, const 
           mask_rows(n, P, h_fed, recurrent_mask + b0 * P, fed + b0 * P);
           h_fed = fed + b0 * P;
         }
-        gemm_lowp<S>(false, true, n, G, P, h_fed, P, w_hh, P, 1.f, gates_t, G);
+        if (w_hh_t_float) {  // h (exact in float32) @ W_hh^T, summed in float32 as MKL's GEMM
+          to_float(h_fed, h_float + b0 * P, n * P);
+          gemm<float>(false, false, n, G, P, 1.f, h_float + b0 * P, P, w_hh_t_float, G, 1.f,
+                      gates_t, G);
+        } else {
+          gemm_lowp<S>(false, true, n, G, P, h_fed, P, w_hh, P, 1.f, gates_t, G);
+        }
         keep_c_prev(n, b0);
         finish_step(n, row, b0, gates_t);
       }
@@ -441,6 +457,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
       w_packed.emplace(stacked.data_ptr<scalar_t>(), s.I + s.P, G, opts);
       xh = at::empty({s.B, s.I + s.P}, opts);
     }
+    at::Tensor w_hh_t_float, h_float;
+    if (!w_packed && s.T >= kMinStepsToPack && s.B <= kFloatStepRows) {
+      w_hh_t_float = w_hh->to(at::kFloat).t().contiguous();  // [P, 4H]
+      h_float = at::empty({s.B, s.P}, float_opts);
+    }
     layer_forward<scalar_t>(
         s, steps, reverse, restarts, x->data_ptr<scalar_t>(), h0c->data_ptr<scalar_t>(),
         c0c->data_ptr<scalar_t>(), w_ih->data_ptr<scalar_t>(), w_hh->data_ptr<scalar_t>(),
@@ -450,7 +471,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
         proj ? r_lowp.data_ptr<scalar_t>() : nullptr, y_float,
         xh.defined() ? xh.data_ptr<scalar_t>() : nullptr, zoneout,
         recurrent ? recurrent_mask->data_ptr<scalar_t>() : nullptr, c_prev,
-        recurrent ? fed.data_ptr<scalar_t>() : nullptr);
+        recurrent ? fed.data_ptr<scalar_t>() : nullptr,
+        w_hh_t_float.defined() ? w_hh_t_float.data_ptr<float>() : nullptr,
+        h_float.defined() ? h_float.data_ptr<float>() : nullptr);
     to_lowp(c_state, c_n.data_ptr<scalar_t>(), s.B * s.H);
   });
   return {output, h_n, c_n, gates, cells};
