@@ -117,10 +117,11 @@ inline LayerSizes check_weights(const char* op, const at::Tensor& weight_ih,
   check_shape(op, weight_ih, "weight_ih", "[4*H, I]", {4 * H, I});
   if (weight_hr.has_value()) {
     // A projection to no features: nn.LSTM has no such thing (its proj_size = 0 means none), and
-    // the kernels would read an empty weight_hr's null data pointer. nn.LSTM's words and type.
-    TORCH_CHECK_VALUE(P > 0, "proj_size should be a positive integer or zero to disable "
-                      "projections (", op, ": weight_hr has shape ", shape_str(weight_hr->sizes()),
-                      ", a projection to 0 features; pass weight_hr=None for no projection)");
+    // the kernels would read an empty weight_hr's null data pointer. nn.LSTM's words for
+    // proj_size; RuntimeError, as nn.LSTM raises for such weights through functional_call.
+    TORCH_CHECK(P > 0, "proj_size should be a positive integer or zero to disable projections (",
+                op, ": weight_hr has shape ", shape_str(weight_hr->sizes()),
+                ", a projection to 0 features; pass weight_hr=None for no projection)");
     check_shape(op, weight_hh, "weight_hh", "[4*H, P]", {4 * H, P});
     check_shape(op, *weight_hr, "weight_hr", "[P, H]", {P, H});
     check_same_dtype_device(op, weight_ih, "weight_ih", *weight_hr, "weight_hr");

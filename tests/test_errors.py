@@ -276,6 +276,29 @@ def test_op_projection_checks():
         _ops.lstm_layer_forward(*args, x(2, 4, dtype=F64), None, False, True)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
+def test_zero_row_projection_is_an_error_not_a_crash(dtype):
+    """weight_hr with no rows (P = 0) crashed the kernels, which took its null data pointer for
+    'no projection' (issue 24): the ops raise, and so does the module through functional_call,
+    where nn.LSTM raises a RuntimeError too."""
+    from torch.func import functional_call
+    words = r"proj_size should be a positive integer or zero to disable projections \("
+    with pytest.raises(RuntimeError, match=words + r"lstm_ext::lstm_layer_forward: weight_hr "
+                                               r"has shape \[0, 4\]"):
+        _ops.lstm_layer_forward(x(2, 2, 3, dtype=dtype), x(2, 0, dtype=dtype),
+                                x(2, 4, dtype=dtype), x(16, 3, dtype=dtype),
+                                x(16, 0, dtype=dtype), x(16, dtype=dtype), x(16, dtype=dtype),
+                                x(0, 4, dtype=dtype), None, False, True)
+    model = lstm_ext.LSTM(3, 4, proj_size=2, dtype=dtype)
+    params = dict(model.named_parameters(), weight_hh_l0=x(16, 0, dtype=dtype),
+                  weight_hr_l0=x(0, 4, dtype=dtype))
+    reference = torch.nn.LSTM(3, 4, proj_size=2)
+    with pytest.raises(RuntimeError):
+        functional_call(reference, {k: v.float() for k, v in params.items()}, (x(2, 2, 3),))
+    with pytest.raises(RuntimeError, match=words):
+        functional_call(model, params, (x(2, 2, 3, dtype=dtype),))
+
+
 def test_op_layer_backward_checks():
     args = layer_args()
     output, h_n, c_n, gates, cells = _ops.lstm_layer_forward(*args, None, None, False, True)
