@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import csv
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 import torch
 
 import lstm_ext
+from lstm_ext.__main__ import cpu_name
 
 # (T, B, I, H, layers, bidirectional): the sin->cos trainer's shape first, then growing work per
 # step, then a stacked bidirectional LSTM.
@@ -59,15 +59,7 @@ def shape_label(shape):
 
 
 def machine_name():
-    if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-    return platform.processor() or platform.machine()
+    return cpu_name()  # the CPU's model name, as python -m lstm_ext prints it
 
 
 def flops(T, B, I, H, layers, bidirectional, backward):
