@@ -125,8 +125,8 @@ __attribute__((always_inline)) inline void small_gemm_tile(int64_t K, const T* A
   }
 }
 
-// Callers guarantee that N is a multiple of kSmallGemmColumns<T> (64 bytes of T), which every
-// width's tiles divide.
+// Callers guarantee that N is a multiple of Vec64<T>::lanes (64 bytes of T), which every
+// variant's vector width divides.
 template <typename T, int Bytes, int NV>
 __attribute__((always_inline)) inline void small_gemm_columns(int64_t M, int64_t K, const T* A,
                                                               int64_t lda, const T* B,
@@ -141,25 +141,24 @@ __attribute__((always_inline)) inline void small_gemm_columns(int64_t M, int64_t
   }
 }
 
-// The same bytes of columns per tile at every width (4 x 64 bytes: 4 vectors of AVX-512, 8 of
-// AVX2, 16 of SSE, within each level's 32 / 16 / 16 registers for two rows).
+// Tiles of 4, 2, 1 vectors of the variant's width: two rows of 4 take 8 accumulators and 4
+// vectors of B, within AVX2's and SSE's 16 registers (AVX-512 has 32).
 template <int Bytes, typename T>
 __attribute__((always_inline)) inline void small_gemm_nn_body(int64_t M, int64_t N, int64_t K,
                                                               const T* A, int64_t lda, const T* B,
                                                               int64_t ldb, bool accumulate, T* C,
                                                               int64_t ldc) {
   constexpr int64_t L = Vec<T, Bytes>::lanes;
-  constexpr int W = 64 / Bytes;  // vectors per 64 bytes
   int64_t n0 = 0;
-  for (; n0 + 4 * W * L <= N; n0 += 4 * W * L) {
-    small_gemm_columns<T, Bytes, 4 * W>(M, K, A, lda, B + n0, ldb, accumulate, C + n0, ldc);
+  for (; n0 + 4 * L <= N; n0 += 4 * L) {
+    small_gemm_columns<T, Bytes, 4>(M, K, A, lda, B + n0, ldb, accumulate, C + n0, ldc);
   }
-  if (n0 + 2 * W * L <= N) {
-    small_gemm_columns<T, Bytes, 2 * W>(M, K, A, lda, B + n0, ldb, accumulate, C + n0, ldc);
-    n0 += 2 * W * L;
+  if (n0 + 2 * L <= N) {
+    small_gemm_columns<T, Bytes, 2>(M, K, A, lda, B + n0, ldb, accumulate, C + n0, ldc);
+    n0 += 2 * L;
   }
   if (n0 < N) {
-    small_gemm_columns<T, Bytes, W>(M, K, A, lda, B + n0, ldb, accumulate, C + n0, ldc);
+    small_gemm_columns<T, Bytes, 1>(M, K, A, lda, B + n0, ldb, accumulate, C + n0, ldc);
   }
 }
 
