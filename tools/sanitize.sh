@@ -9,7 +9,7 @@
 #                                       (default: $TMPDIR/lstm_ext-sanitize, made anew)
 #   TORCH=torch==2.13.0                 the torch to build against (default: CI's)
 #
-# Takes about 10 minutes on 2 cores: 3-4 to build, the rest the tests (ASan slows them ~3x).
+# Took 21 minutes on 2 cores (with other work running): ~4 to install and build, 13 the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repository root
 venv="${1:-${TMPDIR:-/tmp}/lstm_ext-sanitize}"

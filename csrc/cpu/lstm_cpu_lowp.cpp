@@ -134,8 +134,8 @@ constexpr int64_t kMinStepsToPack = 8;
 // float32 copy of W_hh^T made once per call, through gemm<float> (the small GEMM or MKL's
 // sgemm). MKL's 16-bit GEMM converts its weight operand on every call, a cost of 4H x P whatever
 // the rows: where the CPU has no native bfloat16 dot product (AMD EPYC, AVX2) a B = 1 step took
-// 114 us at H = 128 (8.4 ms for 100 steps, nn.LSTM 7.9) and 436 us at H = 256; through the copy
-// 1.3 ms for the 100 steps at H = 128. Measured at B = 1 to 4 only: larger batches keep MKL's.
+// 114 us at H = 128 (11.4 ms for 100 steps, nn.LSTM in bfloat16 8.4) and 436 us at H = 256;
+// through the copy 1.3 ms for the 100 steps at H = 128. Measured at B = 1 to 4 only: larger batches keep MKL's.
 constexpr int64_t kFloatStepRows = 4;
 
 // [W_ih | W_hh]^T [I + P, 4H], row-major, for the forward's per-step product [x_t | h] @ it.
@@ -392,11 +392,15 @@ std::string lowp_step_gemm_backend(at::ScalarType type) {
   if (lowp_gemm(c10::BFloat16()) == nullptr) {
     return "at::mm in float32 (LSTM_EXT_NO_MKL)";
   }
+  const std::string float_copy = std::string("; at most ") + std::to_string(kFloatStepRows) +
+                                 " rows a step and T >= " + std::to_string(kMinStepsToPack) +
+                                 ": a float32 copy of W_hh through the float32 GEMM";
   if (type == at::kBFloat16 && PackedWeight<c10::BFloat16>::usable(2, 16)) {
     return std::string("oneDNN brgemm on W_hh packed per call (T >= ") +
-           std::to_string(kMinStepsToPack) + ", K even, 4H a multiple of 16), else " + mkl;
+           std::to_string(kMinStepsToPack) + ", K even, 4H a multiple of 16), else " + mkl +
+           float_copy;
   }
-  return mkl;
+  return mkl + float_copy;
 }
 
 bool has_lowp_blas() {
