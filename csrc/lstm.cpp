@@ -23,6 +23,9 @@ bool has_direct_blas_impl();
 bool has_vml_impl();
 std::vector<std::pair<std::string, std::string>> gemm_backends_impl();
 std::string vector_code_impl();
+std::vector<std::tuple<std::string, std::string, std::string>> gemm_choices_impl();
+void set_gemm_backend_impl(const std::string& name);
+std::vector<std::pair<std::string, int64_t>> count_gemm_backends_impl(bool on);
 }
 }  // namespace lstm_ext
 
@@ -229,6 +232,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("has_vml") = lstm_ext::cpu::has_vml_impl();
   m.def("gemm_backends", &lstm_ext::cpu::gemm_backends_impl,
         "(dtype, what a CPU layer's per-step products run on) for each dtype, on this CPU");
+  m.def("gemm_choices", &lstm_ext::cpu::gemm_choices_impl,
+        "(size class, backend, how it was chosen) for each GEMM size class this process has run");
+  m.def("set_gemm_backend", &lstm_ext::cpu::set_gemm_backend_impl,
+        "LSTM_EXT_GEMM at run time, for tests: auto, rule, small, brgemm, mkl or aten",
+        py::arg("name"));
+  m.def("count_gemm_backends", &lstm_ext::cpu::count_gemm_backends_impl,
+        "tests: the products each GEMM backend ran since the last call (then reset); on: whether "
+        "to go on counting",
+        py::arg("on"));
   m.def("vector_code", &lstm_ext::cpu::vector_code_impl,
         "the instruction set lstm_ext's vector code runs (ATen's CPU capability)");
 }

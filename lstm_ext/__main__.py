@@ -49,6 +49,9 @@ def main() -> int:
     ok = worst < 1e-10
     print(f"LSTM(1, 16, num_layers=2), T={T}, B={B}, float64: outputs and all gradients match "
           f"nn.LSTM to {worst:.1e} relative: {'OK' if ok else 'MISMATCH'}")
+    print("GEMM backends this run chose (size class: backend, how):")
+    for size_class, backend, how in _C.gemm_choices():
+        print(f"  {size_class}: {backend} ({how})")
     return 0 if ok else 1
 
 

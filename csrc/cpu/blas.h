@@ -9,9 +9,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #include "vec_math.h"  // LSTM_EXT_ISA_VARIANTS
 
@@ -43,14 +48,25 @@ inline bool has_direct_blas() {
   return fortran_gemm(float()) != nullptr && fortran_gemm(double()) != nullptr;
 }
 
-// Sets MKL's thread count for this thread within a scope; 0 means "leave it as it is".
+// Whether this thread's GEMMs must run on this thread alone (MklThreadsOnThisThread(1) holds).
+inline bool& gemms_on_this_thread_only() {
+  static thread_local bool only = false;
+  return only;
+}
+
+// Sets MKL's thread count for this thread within a scope; 0 means "leave it as it is". With 1,
+// the other GEMM backends also keep to this thread (gemms_on_this_thread_only).
 class MklThreadsOnThisThread {
  public:
   explicit MklThreadsOnThisThread(int threads)
       : active_(threads > 0 && MKL_Set_Num_Threads_Local != nullptr),
-        previous_(active_ ? MKL_Set_Num_Threads_Local(threads) : 0) {}
+        previous_(active_ ? MKL_Set_Num_Threads_Local(threads) : 0),
+        previous_only_(gemms_on_this_thread_only()) {
+    if (threads == 1) gemms_on_this_thread_only() = true;
+  }
   ~MklThreadsOnThisThread() {
     if (active_) MKL_Set_Num_Threads_Local(previous_);
+    gemms_on_this_thread_only() = previous_only_;
   }
   MklThreadsOnThisThread(const MklThreadsOnThisThread&) = delete;
   MklThreadsOnThisThread& operator=(const MklThreadsOnThisThread&) = delete;
@@ -58,6 +74,7 @@ class MklThreadsOnThisThread {
  private:
   bool active_;
   int previous_;
+  bool previous_only_;
 };
 
 // ---- small_gemm_nn: C[M, N] = A[M, K] @ B[K, N] (+ C where accumulate), row-major ----------
@@ -348,10 +365,128 @@ LSTM_EXT_ISA_VARIANTS(small_gemm_nt_sum,
                        double* C, int64_t ldc),
                       (M, N, first, second, C, ldc), small_gemm_nt_two)
 
-// Up to this many multiply-adds (four times as many for a single row) small_gemm_nn measured
-// faster than MKL here (Sapphire Rapids; e.g. the trainer's forward step -6%, a B = 1, H = 128
-// step -6%); above it MKL's blocking wins (B = 4 rows, 4H = 256, H = 64: small_gemm_nn +14%).
+// ---- The GEMM seam: every float32 / float64 product of the CPU loops goes through gemm() ------
+//
+// Backends (GemmBackend):
+//   small   small_gemm_nn above: no transposes, alpha 1, beta 0 or 1, N a multiple of 64 bytes,
+//           at most kMaxSmallGemmRows rows and kMaxSmallGemmMacs multiply-adds
+//   brgemm  oneDNN's f32 brgemm micro-kernel (at::native::cpublas::brgemm) on blocks of
+//           kBrgemmBlockColumns columns of B, the blocks split over the threads where the call
+//           may use them; float32, no transposes, alpha 1, beta 0 or 1
+//   mkl     MKL's sgemm_ / dgemm_ (every call; absent under LSTM_EXT_NO_MKL)
+//   aten    at::mm_out on tensors wrapping the same memory (every call)
+// Which backend runs a call is decided per size class (dtype, transposes, which backends may run
+// it, threads, and M, N, K rounded up to powers of two) by gemm_choice.cpp: by timing the
+// eligible backends on this CPU the first time a class is seen, the decision kept in a file per
+// CPU model and software so that every later run there makes the same one; or by a fixed rule
+// where no such file can be kept; or forced with LSTM_EXT_GEMM. gemm_choice.cpp says how.
+enum class GemmBackend : uint8_t { kSmall = 0, kBrgemm = 1, kMkl = 2, kAten = 3 };
+
+// One product, as gemm() is called (row-major; see gemm()).
+struct GemmCall {
+  bool trans_a, trans_b;
+  int64_t M, N, K;
+  bool unit_scaling;  // alpha == 1 and beta is 0 or 1
+  bool may_thread;    // the backend may use the other threads (not in a parallel region, ...)
+};
+
+// The backend for a call of dtype T (float or double): gemm_choice.cpp.
+template <typename T>
+GemmBackend gemm_backend_for(const GemmCall& call);
+
+// The rule the measured choice replaced (Sapphire Rapids: small_gemm_nn up to kSmallGemmWork
+// multiply-adds, four times as many for a single row; MKL above), also what runs where no
+// choice can be kept from one run to the next.
 constexpr int64_t kSmallGemmWork = int64_t(1) << 15;
+constexpr int64_t kMaxSmallGemmRows = 32;
+constexpr int64_t kMaxSmallGemmMacs = int64_t(1) << 22;
+constexpr int64_t kBrgemmBlockColumns = 64;
+// Below this many multiply-adds a brgemm call stays on one thread (a fork/join costs more).
+constexpr int64_t kMinThreadedGemmMacs = int64_t(1) << 18;
+
+// Whether oneDNN's f32 brgemm runs on this CPU and this torch (checked once, on a tiny product).
+bool brgemm_f32_usable();
+
+template <typename T>
+bool gemm_backend_can_run(GemmBackend backend, const GemmCall& c) {
+  const bool plain = !c.trans_a && !c.trans_b && c.unit_scaling;
+  switch (backend) {
+    case GemmBackend::kSmall:
+      return plain && c.N % Vec64<T>::lanes == 0 && c.M <= kMaxSmallGemmRows &&
+             c.M * c.N * c.K <= kMaxSmallGemmMacs;
+    case GemmBackend::kBrgemm:
+      return std::is_same<T, float>::value && plain && brgemm_f32_usable();
+    case GemmBackend::kMkl:
+      return fortran_gemm(T()) != nullptr;
+    case GemmBackend::kAten:
+      return true;
+  }
+  return false;
+}
+
+// C[M, N] = A[M, K] @ B[K, N] (+ C where accumulate) on oneDNN's brgemm, column block by block.
+inline void brgemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                       const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc,
+                       bool may_thread) {
+  const int64_t blocks = (N + kBrgemmBlockColumns - 1) / kBrgemmBlockColumns;
+  auto run = [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t n0 = block * kBrgemmBlockColumns;
+      const int64_t width = std::min(kBrgemmBlockColumns, N - n0);
+      at::native::cpublas::brgemm(M, width, K, lda, ldb, ldc, accumulate, A, B + n0, C + n0,
+                                  /*is_vnni=*/false);
+    }
+  };
+  if (may_thread && blocks > 1 && M * N * K >= kMinThreadedGemmMacs) {
+    at::parallel_for(0, blocks, 1, run);
+  } else {
+    run(0, blocks);
+  }
+}
+
+// Runs the product on the given backend, which must be able to (gemm_backend_can_run).
+template <typename T>
+void run_gemm(GemmBackend backend, const GemmCall& c, T alpha, const T* A, int64_t lda,
+              const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  const int64_t M = c.M, N = c.N, K = c.K;
+  switch (backend) {
+    case GemmBackend::kSmall:
+      small_gemm_nn(M, N, K, A, lda, B, ldb, beta == T(1), C, ldc);
+      return;
+    case GemmBackend::kBrgemm:
+      if constexpr (std::is_same<T, float>::value) {
+        brgemm_f32(M, N, K, A, lda, B, ldb, beta == T(1), C, ldc, c.may_thread);
+        return;
+      }
+      break;
+    case GemmBackend::kMkl: {
+      // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+      const char ta = c.trans_b ? 'T' : 'N';
+      const char tb = c.trans_a ? 'T' : 'N';
+      const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+      const int ld_b = static_cast<int>(ldb), ld_a = static_cast<int>(lda);
+      const int ld_c = static_cast<int>(ldc);
+      fortran_gemm(T())(&ta, &tb, &m, &n, &k, &alpha, B, &ld_b, A, &ld_a, &beta, C, &ld_c);
+      return;
+    }
+    case GemmBackend::kAten:
+      break;
+  }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto a = c.trans_a ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, options).t()
+                     : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, options);
+  auto b = c.trans_b ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, options).t()
+                     : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, options);
+  auto out = at::from_blob(C, {M, N}, {ldc, 1}, options);
+  if (beta == T(0)) {
+    at::mm_out(out, a, b);
+    if (alpha != T(1)) {
+      out.mul_(alpha);
+    }
+  } else {
+    out.mul_(beta).addmm_(a, b, 1, alpha);
+  }
+}
 
 // C[M, N] = alpha * op(A) @ op(B) + beta * C, all row-major.
 //   op(A) is [M, K]: A is [M, K] (lda >= K) or, with trans_a, [K, M] (lda >= M).
@@ -371,37 +506,15 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
     }
     return;
   }
-  if (!trans_a && !trans_b && alpha == T(1) && (beta == T(0) || beta == T(1)) &&
-      N % Vec64<T>::lanes == 0 &&
-      (M * N * K <= kSmallGemmWork || (M == 1 && N * K <= 4 * kSmallGemmWork))) {
-    small_gemm_nn(M, N, K, A, lda, B, ldb, beta == T(1), C, ldc);
-    return;
-  }
-  const auto gemm_fn = fortran_gemm(T());
-  if (gemm_fn != nullptr) {
-    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
-    const char ta = trans_b ? 'T' : 'N';
-    const char tb = trans_a ? 'T' : 'N';
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int ld_b = static_cast<int>(ldb), ld_a = static_cast<int>(lda);
-    const int ld_c = static_cast<int>(ldc);
-    gemm_fn(&ta, &tb, &m, &n, &k, &alpha, B, &ld_b, A, &ld_a, &beta, C, &ld_c);
-    return;
-  }
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto a = trans_a ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, options).t()
-                   : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, options);
-  auto b = trans_b ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, options).t()
-                   : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, options);
-  auto c = at::from_blob(C, {M, N}, {ldc, 1}, options);
-  if (beta == T(0)) {
-    at::mm_out(c, a, b);
-    if (alpha != T(1)) {
-      c.mul_(alpha);
-    }
-  } else {
-    c.mul_(beta).addmm_(a, b, 1, alpha);
-  }
+  const GemmCall call{trans_a,
+                      trans_b,
+                      M,
+                      N,
+                      K,
+                      alpha == T(1) && (beta == T(0) || beta == T(1)),
+                      !gemms_on_this_thread_only() && !at::in_parallel_region() &&
+                          at::get_num_threads() > 1};
+  run_gemm<T>(gemm_backend_for<T>(call), call, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 }  // namespace cpu

@@ -852,11 +852,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
 bool has_direct_blas_impl() { return has_direct_blas(); }
 bool has_vml_impl() { return has_vml(); }
 
+std::string gemm_settings_impl();
+
 std::vector<std::pair<std::string, std::string>> gemm_backends_impl() {
-  const std::string small = "register-tiled small GEMM up to " +
-                            std::to_string(kSmallGemmWork) + " multiply-adds, ";
-  const std::string fp = small + (has_direct_blas() ? "MKL sgemm_/dgemm_ above"
-                                                    : "at::mm above (LSTM_EXT_NO_MKL)");
+  const std::string fp = "the GEMM seam: " + gemm_settings_impl();
   return {{"float32", fp},
           {"float64", fp},
           {"bfloat16", lowp_step_gemm_backend(at::kBFloat16)},
