@@ -15,6 +15,7 @@ import torch
 from torch.utils.cpp_extension import load
 
 import lstm_ext  # noqa: F401  (registers the ops compared against)
+from lstm_testing import FLOAT32_ERROR_FACTOR, FLOAT32_ULPS, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F64 = torch.float64
@@ -259,15 +260,32 @@ def test_layer_norm_matches_the_cpu_kernels(host, variant, training, packed, rev
     y, h_n, c_n, gates, cells, norms = theirs
     g = torch.Generator().manual_seed(2)
     r = lambda t: torch.randn(t.shape, generator=g, dtype=F64).to(t.dtype)  # noqa: E731
+    draws = []
     for which in ("yhc", "y", "c"):
         grads = (r(y) if "y" in which else None, r(h_n) if "h" in which else None,
                  r(c_n) if "c" in which else None)
         for need_grad_input in (True, False):
             args = (*grads, x, h0, c0, w[0], w[1], w[4], *ln, batch_sizes, reverse, y, gates,
                     cells, norms, need_grad_input, *extra)
-            # ulps: the two kernels normalise and sum in different orders, at every step
-            assert_same(host.ln_layer_backward(*args), ops.ln_lstm_layer_backward(*args), dtype,
-                        summed_rows=x.numel() // I, ulps=16)
+            ours, theirs = host.ln_layer_backward(*args), ops.ln_lstm_layer_backward(*args)
+            if dtype == torch.float32:
+                # The two kernels normalise and sum in different orders at every step, the CPU
+                # kernel's GEMMs in the order of the backend the seam picked for each product
+                # (csrc/cpu/blas.h): each is held to the float64 result of the same saved state
+                # instead, the host loop as accurate as the CPU kernel on average over the six
+                # draws of gradients (single draws of float32 error vary 0.2-10x: lstm_testing).
+                exact = ops.ln_lstm_layer_backward(*(
+                    a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                    for a in args))
+                draws.append([(rel_err(a, e), rel_err(b, e)) for a, b, e in
+                              zip(ours, theirs, exact)])
+            else:
+                assert_same(ours, theirs, dtype, summed_rows=x.numel() // I, ulps=16)
+    for k, errors in enumerate(zip(*draws)):  # float32: per output, (host, CPU kernel) per draw
+        host_mean = sum(e[0] for e in errors) / len(errors)
+        cpu_mean = sum(e[1] for e in errors) / len(errors)
+        assert host_mean <= FLOAT32_ERROR_FACTOR * cpu_mean + FLOAT32_ULPS * 2.0 ** -23, (
+            k, host_mean, cpu_mean)
 
 
 @pytest.mark.parametrize("packed,reverse", [(False, False), (True, True)])
