@@ -7,6 +7,7 @@
 
 #include <climits>
 #include <sstream>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -312,6 +313,19 @@ inline LayerSizes check_cell_inputs(const char* op, const at::Tensor& input, con
   s.T = 1;
   s.B = input.size(0);
   s.N = s.B;
+  // nn.LSTMCell's checks and words first (at::lstm_cell's, which a scripted model meets as ours).
+  TORCH_CHECK(input.size(1) == s.I, "input has inconsistent input_size: got ", input.size(1),
+              " expected ", s.I, " (", op, ": input of shape ", shape_str(input.sizes()), ")");
+  for (const auto& [index, state] : {std::pair<int, const at::Tensor*>{0, &hx}, {1, &cx}}) {
+    if (state->dim() != 2) continue;  // check_shape below says what is expected
+    const char* name = index == 0 ? "hx" : "cx";
+    TORCH_CHECK(state->size(0) == s.B, "Input batch size ", s.B, " doesn't match hidden", index,
+                " batch size ", state->size(0), " (", op, ": ", name, " of shape ",
+                shape_str(state->sizes()), ", expected [B, H] = [", s.B, ", ", s.H, "])");
+    TORCH_CHECK(state->size(1) == s.H, "hidden", index, " has inconsistent hidden_size: got ",
+                state->size(1), ", expected ", s.H, " (", op, ": ", name, " of shape ",
+                shape_str(state->sizes()), ", expected [B, H] = [", s.B, ", ", s.H, "])");
+  }
   check_shape(op, input, "input", "[B, I]", {s.B, s.I});
   check_shape(op, hx, "hx", "[B, H]", {s.B, s.H});
   check_shape(op, cx, "cx", "[B, H]", {s.B, s.H});

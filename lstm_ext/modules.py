@@ -473,6 +473,11 @@ class LSTM(_WeightsAtTheCall):
             output = output.transpose(0, 1)
         return output, (h_n_t, c_n_t)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What torch.jit.script compiles in this module's place (lstm_ext/_script.py)."""
+        from ._script import ScriptableLSTM
+        return ScriptableLSTM(self)
+
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
         if self.proj_size != 0:
@@ -550,7 +555,8 @@ class LSTMCell(_WeightsAtTheCall):
                                      f"{_shape(state)})")
         compiling = torch.compiler.is_compiling()
         weights = self._weights_for_call(compiling)
-        _check_input_dtype(owner, input, weights[0])
+        # nn.LSTMCell's order: the sizes (input, then each state's batch and hidden size), then
+        # the dtypes.
         if input.shape[-1] != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.shape[-1]} expected "
                                f"{self.input_size} ({owner}: input of shape {_shape(input)})")
@@ -570,8 +576,7 @@ class LSTMCell(_WeightsAtTheCall):
                 hx_t, cx_t = hx_t.unsqueeze(0), cx_t.unsqueeze(0)
             expected = (input.shape[0], self.hidden_size)
             for index, (state, what) in enumerate(((hx_t, "h_0"), (cx_t, "c_0")) if (
-                    hx_t.shape != expected or cx_t.shape != expected or hx_t.dtype != input.dtype
-                    or cx_t.dtype != input.dtype) else ()):  # the details only when wrong
+                    hx_t.shape != expected or cx_t.shape != expected) else ()):  # only when wrong
                 if state.shape[0] != input.shape[0]:
                     raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match "
                                        f"hidden{index} batch size {state.shape[0]} ({owner}: "
@@ -580,7 +585,10 @@ class LSTMCell(_WeightsAtTheCall):
                     raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got "
                                        f"{state.shape[1]}, expected {self.hidden_size} ({owner}: "
                                        f"hx[{index}] ({what}) of shape {_shape(state)})")
-                _check_state_dtype(owner, f"hx[{index}] ({what})", state, input)
+            if hx_t.dtype != input.dtype or cx_t.dtype != input.dtype:
+                for index, (state, what) in enumerate(((hx_t, "h_0"), (cx_t, "c_0"))):
+                    _check_state_dtype(owner, f"hx[{index}] ({what})", state, input)
+        _check_input_dtype(owner, input, weights[0])
         # As LSTM.forward: the typed binding in eager, torch.ops under torch.compile and tracing
         # (ONNX's ops in an ONNX export), the Python Function under torch.func transforms.
         if compiling or torch._C._get_tracing_state() is not None:
@@ -591,6 +599,11 @@ class LSTMCell(_WeightsAtTheCall):
         if not batched:
             return hy.squeeze(0), cy.squeeze(0)
         return hy, cy
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What torch.jit.script compiles in this module's place (lstm_ext/_script.py)."""
+        from ._script import ScriptableLSTMCell
+        return ScriptableLSTMCell(self)
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"

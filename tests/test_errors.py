@@ -328,8 +328,18 @@ def test_op_cell_checks():
         _ops.lstm_cell_forward(*bad)
     bad = list(args)
     bad[2] = x(2, 4)
-    with pytest.raises(RuntimeError, match=r"lstm_cell_forward: cx must have shape \[B, H\] = "
-                                           r"\[3, 4\], got \[2, 4\]"):
+    with pytest.raises(RuntimeError, match=r"^Input batch size 3 doesn't match hidden1 batch size 2 "
+                                           r"\(lstm_ext::lstm_cell_forward: cx of shape \[2, 4\], "
+                                           r"expected \[B, H\] = \[3, 4\]\)"):
+        _ops.lstm_cell_forward(*bad)
+    bad = list(args)
+    bad[0] = x(3, 5)
+    with pytest.raises(RuntimeError, match=r"^input has inconsistent input_size: got 5 expected 2 "
+                                           r"\(lstm_ext::lstm_cell_forward: input of shape \[3, 5\]\)"):
+        _ops.lstm_cell_forward(*bad)
+    bad = list(args)
+    bad[1] = x(3, 6)
+    with pytest.raises(RuntimeError, match=r"^hidden0 has inconsistent hidden_size: got 6, expected 4 "):
         _ops.lstm_cell_forward(*bad)
     hy, cy, gates = _ops.lstm_cell_forward(*args)
     with pytest.raises(RuntimeError, match=r"lstm_cell_backward: gates must have shape \[B, 4\*H\]"):

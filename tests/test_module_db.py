@@ -16,17 +16,19 @@ OURS = {nn.LSTM: lstm_ext.LSTM, nn.LSTMCell: lstm_ext.LSTMCell}
 INFOS = {info.module_cls: info for info in common_modules.module_db if info.module_cls in OURS}
 
 
-def samples(cls, training, errors=False):
-    """The samples test_modules.py makes: float64 for outputs and gradients, float32 (modules at
-    their default dtype) for the errors."""
+def samples(cls, training, errors=False, dtype=None):
+    """The samples test_modules.py makes: float64 for outputs and gradients; for the errors, each
+    dtype its test_errors runs (float32 and float64 inputs, the module at its default dtype, so
+    a float64 sample also has the wrong dtype: nn reports the sizes first)."""
     info = INFOS[cls]
     make = info.module_error_inputs_func if errors else info.module_inputs_func
-    return make(info, device="cpu", dtype=torch.float32 if errors else torch.float64,
-                requires_grad=not errors, training=training)
+    return make(info, device="cpu", dtype=dtype or torch.float64, requires_grad=not errors,
+                training=training)
 
 
 CASES = [(cls, i) for cls in OURS for i in range(len(samples(cls, True)))]
-ERROR_CASES = [(cls, i) for cls in OURS for i in range(len(samples(cls, True, errors=True)))]
+ERROR_CASES = [(cls, i, dtype) for cls in OURS for dtype in (torch.float32, torch.float64)
+               for i in range(len(samples(cls, True, errors=True, dtype=dtype)))]
 
 
 def tensors_of(tree):
@@ -62,9 +64,10 @@ def test_module_db_sample_matches_nn(cls, index, training):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("cls,index", ERROR_CASES, ids=[f"{c.__name__}-{i}" for c, i in ERROR_CASES])
-def test_module_db_error_sample_raises_nns_error(cls, index):
-    error = samples(cls, True, errors=True)[index]
+@pytest.mark.parametrize("cls,index,dtype", ERROR_CASES,
+                         ids=[f"{c.__name__}-{i}-{d}" for c, i, d in ERROR_CASES])
+def test_module_db_error_sample_raises_nns_error(cls, index, dtype):
+    error = samples(cls, True, errors=True, dtype=dtype)[index]
     construct = error.module_error_input.constructor_input
     forward = error.module_error_input.forward_input
     with pytest.raises(error.error_type) as raised:
