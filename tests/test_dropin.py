@@ -288,3 +288,29 @@ def test_threads_calling_one_module(cls):
     for i, outputs in enumerate(results):
         for output in outputs:
             torch.testing.assert_close(output, expected[i], rtol=0, atol=0)
+
+
+class _WholeModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = lstm_ext.LSTM(3, 8, num_layers=2)
+        self.cell = lstm_ext.LSTMCell(8, 4)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.cell(self.lstm(x)[0][-1])[0])
+
+
+def test_a_whole_model_loads_with_the_readmes_safe_globals(tmp_path):
+    """torch.save(model) / torch.load as the word-language-model example does: with
+    weights_only (torch.load's default) lstm_ext's classes go in safe_globals beside the model's,
+    as the README says; without them the load is refused, not silently wrong."""
+    model = _WholeModel()
+    torch.save(model, tmp_path / "model.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "model.pt")
+    with torch.serialization.safe_globals([_WholeModel, lstm_ext.LSTM, lstm_ext.LSTMCell,
+                                           torch.nn.Linear]):
+        loaded = torch.load(tmp_path / "model.pt")
+    x = torch.randn(5, 2, 3)
+    assert torch.equal(loaded(x), model(x))
