@@ -433,8 +433,12 @@ inline void brgemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t n0 = block * kBrgemmBlockColumns;
       const int64_t width = std::min(kBrgemmBlockColumns, N - n0);
+#ifdef CPUBLAS_BRGEMM_F32F32F32  // torch's CPUBlas.h says which brgemm overloads it has
       at::native::cpublas::brgemm(M, width, K, lda, ldb, ldc, accumulate, A, B + n0, C + n0,
                                   /*is_vnni=*/false);
+#else
+      TORCH_CHECK(false, "lstm_ext: this torch has no f32 brgemm (brgemm_f32_usable is false)");
+#endif
     }
   };
   if (may_thread && blocks > 1 && M * N * K >= kMinThreadedGemmMacs) {

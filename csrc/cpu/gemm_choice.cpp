@@ -483,6 +483,7 @@ GemmBackend choose_backend(State& s, const GemmCall& call) {
 
 bool brgemm_f32_usable() {
   static const bool usable = [] {
+#ifdef CPUBLAS_BRGEMM_F32F32F32  // torch's CPUBlas.h says which brgemm overloads it has
     try {
       float a[2] = {1.f, 2.f}, b[2 * 16], c[16];
       for (int i = 0; i < 32; ++i) b[i] = static_cast<float>(i);
@@ -494,6 +495,9 @@ bool brgemm_f32_usable() {
     } catch (...) {
       return false;
     }
+#else
+    return false;
+#endif
   }();
   return usable;
 }
