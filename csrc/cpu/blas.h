@@ -82,7 +82,7 @@ class MklThreadsOnThisThread {
 // Why: the per-step products of a small LSTM (B = 5, P = 16, 4H = 64 at the sin->cos trainer's
 // size) take a few hundred cycles of arithmetic, while a call of MKL's sgemm_ spends a good part
 // of a microsecond checking arguments and choosing a kernel, 20 steps forward and 20 backward.
-// gemm() uses it below kSmallGemmWork multiply-adds, where it measured faster than MKL.
+// gemm() uses it where the seam (below) measured it fastest for the size class.
 
 // One vector of T of Bytes bytes in GCC/Clang's generic vector extension, explicit vector
 // arithmetic rather than hoping the auto-vectoriser finds it. small_gemm_nn uses the running
