@@ -104,10 +104,15 @@ class BuildWithInfo(BuildExtension):
 
     build_cuda = False
     sanitize = ""
+    configuration = ""  # torch version, CUDA or not, sanitizers, debug: see extensions()
 
     def finalize_options(self):
         super().finalize_options()
         self.force = True
+        # Objects kept apart per configuration (build/temp...-torch2.13.0-cpu): going back to a
+        # torch (or a sanitizer setting) built before recompiles nothing with ninja, only what
+        # changed since; a build for another configuration never overwrites them.
+        self.build_temp = f"{self.build_temp}-{self.configuration}"
 
     def run(self):
         super().run()
@@ -129,6 +134,9 @@ def extensions():
     debug = env_flag("DEBUG")
     sanitize = ",".join(sanitizers())
     BuildWithInfo.sanitize = sanitize
+    BuildWithInfo.configuration = re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(
+        [f"torch{TORCH_VERSION}", "cuda" if build_cuda else "cpu"]
+        + (["debug"] if debug else []) + ([sanitize] if sanitize else [])))
     print(f"lstm_ext setup: torch {TORCH_VERSION} ({os.path.dirname(torch.__file__)}), "
           f"CUDA kernels: {'yes' if build_cuda else 'no'} ({reason}), DEBUG={int(debug)}, "
           f"LSTM_EXT_SANITIZE={sanitize or 'none'}, "
