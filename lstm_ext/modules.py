@@ -86,6 +86,138 @@ def _unpack_hx(owner: str, op: str, hx) -> Tuple[Tensor, Tensor]:
     return hx[0], hx[1]
 
 
+def _time_major_inputs(module: nn.Module, owner: str, input, hx, weight: Tensor):
+    """nn.LSTM's forward up to its computation, for `module` (its input_size, hidden_size,
+    proj_size, num_layers, bidirectional, batch_first): the checks in nn's words, then the layout
+    the ops take. `weight`: a tensor of the dtype the input must have.
+    -> input ([T, B, I], or a packed batch's [N, I]), h0 and c0 ([L*D, B, *], sorted as a packed
+    batch; None without hx), batch_sizes, sorted_indices, unsorted_indices, batched, packed."""
+    packed = isinstance(input, PackedSequence)
+    batch_sizes = sorted_indices = unsorted_indices = None
+    if packed:
+        input, batch_sizes, sorted_indices, unsorted_indices = input
+        batched = True
+    elif not isinstance(input, Tensor):
+        raise TypeError(f"{owner}: input must be a Tensor or a PackedSequence, got "
+                        f"{type(input).__name__}")
+    elif input.dim() not in (2, 3):
+        raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead "
+                         f"({owner}: input of shape {_shape(input)}; batched [T, B, "
+                         f"input_size] ([B, T, input_size] with batch_first), or unbatched "
+                         f"[T, input_size])")
+    else:
+        batched = input.dim() == 3
+    _check_input_dtype(owner, input, weight)
+    if input.shape[-1] != module.input_size:
+        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
+                           f"{module.input_size}, got {input.shape[-1]} ({owner}: input of "
+                           f"shape {_shape(input)})")
+    if not packed:
+        if not batched:
+            input = input.unsqueeze(1)  # [T, 1, I]
+        elif module.batch_first:
+            input = input.transpose(0, 1)  # [T, B, I]; the op makes it contiguous
+        if input.shape[0] == 0:
+            raise RuntimeError(f"Expected sequence length to be larger than 0 in RNN ({owner}: "
+                               f"input of shape {_shape(input if batched else input[:, 0])})")
+
+    if hx is None:
+        h0 = c0 = None  # the op starts every layer from zeros
+    else:
+        h0, c0 = _unpack_hx(owner, "lstm", hx)
+        rank = 3 if batched else 2
+        if h0.dim() != rank or c0.dim() != rank:
+            kind = "batched 3-D" if batched else "unbatched 2-D"
+            raise RuntimeError(f"For {kind} input, hx and cx should also be {rank}-D but got "
+                               f"({h0.dim()}-D, {c0.dim()}-D) tensors")
+        if not batched:
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        real_hidden = module.proj_size if module.proj_size > 0 else module.hidden_size
+        states = module.num_layers * (2 if module.bidirectional else 1)
+        batch = int(batch_sizes[0]) if packed else input.shape[1]
+        for index, (state, width, what) in enumerate(((h0, real_hidden, "h_0"),
+                                                      (c0, module.hidden_size, "c_0"))):
+            expected = (states, batch, width)  # nn.LSTM's words, also when unbatched
+            if tuple(state.shape) != expected:
+                raise RuntimeError(
+                    f"Expected hidden[{index}] size {expected}, got {_shape(state)} ({owner}: "
+                    f"hx[{index}] is {what}: [num_layers * num_directions, batch, "
+                    f"{'proj_size' if index == 0 and module.proj_size else 'hidden_size'}])")
+            _check_state_dtype(owner, f"hx[{index}] ({what})", state, input)
+        if sorted_indices is not None:  # the packed batch is sorted by length
+            h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
+    return input, h0, c0, batch_sizes, sorted_indices, unsorted_indices, batched, packed
+
+
+def _module_outputs(module: nn.Module, output: Tensor, h_n: Tensor, c_n: Tensor, batch_sizes,
+                    sorted_indices, unsorted_indices, batched: bool, packed: bool):
+    """The ops' time-major results in the form nn.LSTM returns for the input it was given."""
+    if packed:
+        if unsorted_indices is not None:
+            h_n = h_n.index_select(1, unsorted_indices)
+            c_n = c_n.index_select(1, unsorted_indices)
+        return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
+    if not batched:
+        return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+    if module.batch_first:
+        output = output.transpose(0, 1)
+    return output, (h_n, c_n)
+
+
+def _cell_inputs(module: nn.Module, owner: str, input, hx, weight: Tensor):
+    """nn.LSTMCell's forward up to its computation, for `module` (its input_size, hidden_size):
+    the checks in nn's words and order, then the layout the ops take. `weight`: a tensor of the
+    dtype the input must have. -> input [B, I], hx [B, H], cx [B, H] (zeros without hx), batched."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() not in (1, 2):
+        raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead "
+                         f"({owner}: input of shape {_shape(input)}; batched [B, input_size] "
+                         f"or unbatched [input_size])")
+    if hx is not None:
+        hx_t, cx_t = _unpack_hx(owner, "lstm_cell", hx)
+        for index, state in enumerate((hx_t, cx_t)):
+            if state.dim() not in (1, 2):
+                raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got "
+                                 f"{state.dim()}D instead ({owner}: hx[{index}] of shape "
+                                 f"{_shape(state)})")
+    # nn.LSTMCell's order: the sizes (input, then each state's batch and hidden size), then
+    # the dtypes.
+    if input.shape[-1] != module.input_size:
+        raise RuntimeError(f"input has inconsistent input_size: got {input.shape[-1]} expected "
+                           f"{module.input_size} ({owner}: input of shape {_shape(input)})")
+    batched = input.dim() == 2
+    if not batched:
+        input = input.unsqueeze(0)
+    if hx is None:
+        hx_t = cx_t = torch.zeros((input.shape[0], module.hidden_size), dtype=input.dtype,
+                                  device=input.device)
+    else:
+        rank = 2 if batched else 1
+        if hx_t.dim() != rank or cx_t.dim() != rank:
+            raise RuntimeError(f"{owner}: Expected hx[0] and hx[1] to be {rank}-D like the "
+                               f"{'batched' if batched else 'unbatched'} input, got "
+                               f"({hx_t.dim()}-D, {cx_t.dim()}-D) tensors")
+        if not batched:
+            hx_t, cx_t = hx_t.unsqueeze(0), cx_t.unsqueeze(0)
+        expected = (input.shape[0], module.hidden_size)
+        for index, (state, what) in enumerate(((hx_t, "h_0"), (cx_t, "c_0")) if (
+                hx_t.shape != expected or cx_t.shape != expected) else ()):  # only when wrong
+            if state.shape[0] != input.shape[0]:
+                raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match "
+                                   f"hidden{index} batch size {state.shape[0]} ({owner}: "
+                                   f"hx[{index}] ({what}) of shape {_shape(state)})")
+            if state.shape[1] != module.hidden_size:
+                raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got "
+                                   f"{state.shape[1]}, expected {module.hidden_size} ({owner}: "
+                                   f"hx[{index}] ({what}) of shape {_shape(state)})")
+        if hx_t.dtype != input.dtype or cx_t.dtype != input.dtype:
+            for index, (state, what) in enumerate(((hx_t, "h_0"), (cx_t, "c_0"))):
+                _check_state_dtype(owner, f"hx[{index}] ({what})", state, input)
+    _check_input_dtype(owner, input, weight)
+    return input, hx_t, cx_t, batched
+
+
 class _WeightsAtTheCall(nn.Module):
     """What LSTM and LSTMCell share: a call computes with the weights getattr(self, name) gives
     at that call (nn.RNNBase's rule), for the names in self._flat_weights_names (nn's order).
@@ -373,60 +505,8 @@ class LSTM(_WeightsAtTheCall):
         owner = self._owner
         compiling = torch.compiler.is_compiling()
         weights = self._weights_for_call(compiling)
-        packed = isinstance(input, PackedSequence)
-        batch_sizes = sorted_indices = unsorted_indices = None
-        if packed:
-            input, batch_sizes, sorted_indices, unsorted_indices = input
-            batched = True
-        elif not isinstance(input, Tensor):
-            raise TypeError(f"{owner}: input must be a Tensor or a PackedSequence, got "
-                            f"{type(input).__name__}")
-        elif input.dim() not in (2, 3):
-            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead "
-                             f"({owner}: input of shape {_shape(input)}; batched [T, B, "
-                             f"input_size] ([B, T, input_size] with batch_first), or unbatched "
-                             f"[T, input_size])")
-        else:
-            batched = input.dim() == 3
-        _check_input_dtype(owner, input, weights[0])
-        if input.shape[-1] != self.input_size:
-            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
-                               f"{self.input_size}, got {input.shape[-1]} ({owner}: input of "
-                               f"shape {_shape(input)})")
-        if not packed:
-            if not batched:
-                input = input.unsqueeze(1)  # [T, 1, I]
-            elif self.batch_first:
-                input = input.transpose(0, 1)  # [T, B, I]; the op makes it contiguous
-            if input.shape[0] == 0:
-                raise RuntimeError(f"Expected sequence length to be larger than 0 in RNN ({owner}: "
-                                   f"input of shape {_shape(input if batched else input[:, 0])})")
-
-        if hx is None:
-            h0 = c0 = None  # the op starts every layer from zeros
-        else:
-            h0, c0 = _unpack_hx(owner, "lstm", hx)
-            rank = 3 if batched else 2
-            if h0.dim() != rank or c0.dim() != rank:
-                kind = "batched 3-D" if batched else "unbatched 2-D"
-                raise RuntimeError(f"For {kind} input, hx and cx should also be {rank}-D but got "
-                                   f"({h0.dim()}-D, {c0.dim()}-D) tensors")
-            if not batched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
-            states = self.num_layers * (2 if self.bidirectional else 1)
-            batch = int(batch_sizes[0]) if packed else input.shape[1]
-            for index, (state, width, what) in enumerate(((h0, real_hidden, "h_0"),
-                                                          (c0, self.hidden_size, "c_0"))):
-                expected = (states, batch, width)  # nn.LSTM's words, also when unbatched
-                if tuple(state.shape) != expected:
-                    raise RuntimeError(
-                        f"Expected hidden[{index}] size {expected}, got {_shape(state)} ({owner}: "
-                        f"hx[{index}] is {what}: [num_layers * num_directions, batch, "
-                        f"{'proj_size' if index == 0 and self.proj_size else 'hidden_size'}])")
-                _check_state_dtype(owner, f"hx[{index}] ({what})", state, input)
-            if sorted_indices is not None:  # the packed batch is sorted by length
-                h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
+        input, h0, c0, batch_sizes, sorted_indices, unsorted_indices, batched, packed = \
+            _time_major_inputs(self, owner, input, hx, weights[0])
         if reset is not None:
             reset = self._time_major_reset(reset, input, batched, packed, batch_sizes,
                                            sorted_indices)
@@ -461,17 +541,8 @@ class LSTM(_WeightsAtTheCall):
                 input, h0, c0, weights, self.bias, self.proj_size > 0, self.num_layers,
                 self.dropout, self.training, self.bidirectional, batch_sizes, reset, zoneout_c,
                 zoneout_h, recurrent_dropout, self.layer_norm)
-        if packed:
-            if unsorted_indices is not None:
-                h_n_t = h_n_t.index_select(1, unsorted_indices)
-                c_n_t = c_n_t.index_select(1, unsorted_indices)
-            return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
-                    (h_n_t, c_n_t))
-        if not batched:
-            return output.squeeze(1), (h_n_t.squeeze(1), c_n_t.squeeze(1))
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        return output, (h_n_t, c_n_t)
+        return _module_outputs(self, output, h_n_t, c_n_t, batch_sizes, sorted_indices,
+                               unsorted_indices, batched, packed)
 
     def __prepare_scriptable__(self) -> nn.Module:
         """What torch.jit.script compiles in this module's place (lstm_ext/_script.py)."""
@@ -540,55 +611,9 @@ class LSTMCell(_WeightsAtTheCall):
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
         owner = self._owner
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
-        if input.dim() not in (1, 2):
-            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead "
-                             f"({owner}: input of shape {_shape(input)}; batched [B, input_size] "
-                             f"or unbatched [input_size])")
-        if hx is not None:
-            hx_t, cx_t = _unpack_hx(owner, "lstm_cell", hx)
-            for index, state in enumerate((hx_t, cx_t)):
-                if state.dim() not in (1, 2):
-                    raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got "
-                                     f"{state.dim()}D instead ({owner}: hx[{index}] of shape "
-                                     f"{_shape(state)})")
         compiling = torch.compiler.is_compiling()
         weights = self._weights_for_call(compiling)
-        # nn.LSTMCell's order: the sizes (input, then each state's batch and hidden size), then
-        # the dtypes.
-        if input.shape[-1] != self.input_size:
-            raise RuntimeError(f"input has inconsistent input_size: got {input.shape[-1]} expected "
-                               f"{self.input_size} ({owner}: input of shape {_shape(input)})")
-        batched = input.dim() == 2
-        if not batched:
-            input = input.unsqueeze(0)
-        if hx is None:
-            hx_t = cx_t = torch.zeros((input.shape[0], self.hidden_size), dtype=input.dtype,
-                                      device=input.device)
-        else:
-            rank = 2 if batched else 1
-            if hx_t.dim() != rank or cx_t.dim() != rank:
-                raise RuntimeError(f"{owner}: Expected hx[0] and hx[1] to be {rank}-D like the "
-                                   f"{'batched' if batched else 'unbatched'} input, got "
-                                   f"({hx_t.dim()}-D, {cx_t.dim()}-D) tensors")
-            if not batched:
-                hx_t, cx_t = hx_t.unsqueeze(0), cx_t.unsqueeze(0)
-            expected = (input.shape[0], self.hidden_size)
-            for index, (state, what) in enumerate(((hx_t, "h_0"), (cx_t, "c_0")) if (
-                    hx_t.shape != expected or cx_t.shape != expected) else ()):  # only when wrong
-                if state.shape[0] != input.shape[0]:
-                    raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match "
-                                       f"hidden{index} batch size {state.shape[0]} ({owner}: "
-                                       f"hx[{index}] ({what}) of shape {_shape(state)})")
-                if state.shape[1] != self.hidden_size:
-                    raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got "
-                                       f"{state.shape[1]}, expected {self.hidden_size} ({owner}: "
-                                       f"hx[{index}] ({what}) of shape {_shape(state)})")
-            if hx_t.dtype != input.dtype or cx_t.dtype != input.dtype:
-                for index, (state, what) in enumerate(((hx_t, "h_0"), (cx_t, "c_0"))):
-                    _check_state_dtype(owner, f"hx[{index}] ({what})", state, input)
-        _check_input_dtype(owner, input, weights[0])
+        input, hx_t, cx_t, batched = _cell_inputs(self, owner, input, hx, weights[0])
         # As LSTM.forward: the typed binding in eager, torch.ops under torch.compile and tracing
         # (ONNX's ops in an ONNX export), the Python Function under torch.func transforms.
         if compiling or torch._C._get_tracing_state() is not None:
