@@ -123,6 +123,16 @@ TORCH_LIBRARY(lstm_ext, m) {
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, "
       "Tensor grad_weight_hh, Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
+  // One layer-direction of lstm_ext.quantized.LSTM (csrc/cpu/lstm_cpu_int8.cpp), inference
+  // only: input float32 [T, B, I] or packed [N, I]; weight_ih int8 [4H, I], weight_hh int8
+  // [4H, P], weight_hr int8 [P, H] (or None), each with float32 scales per row (scale_*: [rows]:
+  // W ~ scale[n] * weight[n, k]); bias float32 [4H] (b_ih + b_hh, or None) -> as lstm_layer.
+  m.def(
+      "quantized_lstm_layer(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, "
+      "Tensor scale_ih, Tensor weight_hh, Tensor scale_hh, Tensor? bias, Tensor? weight_hr, "
+      "Tensor? scale_hr, Tensor? batch_sizes, bool reverse) -> (Tensor output, Tensor h_n, "
+      "Tensor c_n)",
+      {at::Tag::pt2_compliant_tag});
   // The whole module's kernels (the layer kernels in order, CompositeExplicitAutograd in
   // csrc/autograd.cpp): what torch.func transforms run (lstm_ext/_functorch.py), since functorch
   // refuses a C++ autograd node. saved: what the backward needs besides input and output, as

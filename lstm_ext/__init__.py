@@ -39,6 +39,8 @@ __path__ = _built_package_path(__path__)
 from ._ops import _build_info, _C
 from .functional import lstm_cell, lstm_layer
 from .modules import LSTM, LSTMCell
+from . import quantized
+from .quantized import quantize_dynamic
 
 __version__ = "0.1.0"
 
@@ -53,4 +55,5 @@ build_info = {
     "sanitize": getattr(_build_info, "sanitize", ""),
 }
 
-__all__ = ["LSTM", "LSTMCell", "lstm_layer", "lstm_cell", "build_info", "__version__"]
+__all__ = ["LSTM", "LSTMCell", "lstm_layer", "lstm_cell", "quantize_dynamic", "quantized",
+           "build_info", "__version__"]

@@ -125,6 +125,14 @@ def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_si
         c0.new_empty(c0.shape)
 
 
+@torch.library.register_fake("lstm_ext::quantized_lstm_layer")
+def _(input, h0, c0, weight_ih, scale_ih, weight_hh, scale_hh, bias, weight_hr, scale_hr,
+      batch_sizes, reverse):
+    P = weight_hh.shape[1]
+    return input.new_empty(tuple(input.shape[:-1]) + (P,)), h0.new_empty(h0.shape), \
+        c0.new_empty(c0.shape)
+
+
 @torch.library.register_fake("lstm_ext::lstm_cell")
 def _(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh):
     return hx.new_empty(hx.shape), cx.new_empty(cx.shape)

@@ -1,0 +1,349 @@
+// The int8 inference layer of lstm_ext.quantized.LSTM (op lstm_ext::quantized_lstm_layer; schema
+// in csrc/lstm.cpp). Dynamic quantization, as torch's own int8 LSTM does it, finer grained and
+// with a fused step:
+// - weights: int8, symmetric, one scale per output row (torch's LSTM: one per tensor);
+// - activations: each row of each product's left operand (x_t, h_{t-1}, and o * tanh(c_t) before
+//   a projection) quantized on the fly to unsigned 7-bit (0..127; scale and zero point from that
+//   row's min and max; torch: one scale per step's whole operand). 7 bits as torch's
+//   reduce_range: the AVX2 kernels add pairs of u8 * s8 products in int16, which 8-bit
+//   activations could saturate; with 7 bits every x86-64 CPU, VNNI or not, gives the same int32;
+// - products: FBGEMM (part of libtorch_cpu, the library behind torch's quantized linear layers),
+//   u8 x s8 with int32 accumulation, dequantized here:
+//   out[m, n] = row_scale[m] * weight_scale[n] * (C[m, n] - row_zero_point[m] * sum_k W[n, k]);
+// - gate math and cell state in float32 (the float32 kernels' gate pass, csrc/cpu/gates.h).
+// Per-row scales let the input projection of every step run as one product before the time loop
+// (as the float kernels do); a step is then h W_hh^T, the gate pass and, with a projection,
+// r W_hr^T.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <tuple>
+#include <vector>
+
+#include "gates.h"
+
+#if defined(__x86_64__) && __has_include(<fbgemm/Fbgemm.h>)
+#define LSTM_EXT_HAS_FBGEMM 1
+#include <fbgemm/Fbgemm.h>
+#include <fbgemm/QuantUtils.h>
+#else
+#define LSTM_EXT_HAS_FBGEMM 0
+#endif
+
+namespace lstm_ext {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+constexpr const char* kOp = "lstm_ext::quantized_lstm_layer";
+
+// The left operands' range: unsigned 7-bit (see the top of the file).
+constexpr int32_t kActivationMax = 127;
+
+// Below this many multiply-adds a product runs on one thread (a fork and join costs more).
+constexpr int64_t kMinThreadedMacs = 1 << 20;
+
+void check_weight(const Tensor& weight, const Tensor& scale, const char* name, int64_t rows,
+                  int64_t cols) {
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.size(0) == rows &&
+                  weight.size(1) == cols,
+              kOp, ": ", name, " must be int8 [", rows, ", ", cols, "], got ",
+              weight.scalar_type(), " ", weight.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == rows,
+              kOp, ": the scales of ", name, " must be float32 [", rows, "], got ",
+              scale.scalar_type(), " ", scale.sizes());
+  TORCH_CHECK(weight.device().is_cpu() && scale.device().is_cpu(), kOp, ": ", name,
+              " must be on the CPU");
+}
+
+#if LSTM_EXT_HAS_FBGEMM
+
+// Rows of a product's left operand, quantized row by row (see the top of the file).
+struct QuantizedRows {
+  std::vector<uint8_t> values;     // [M, K]
+  std::vector<float> scales;       // [M]
+  std::vector<int32_t> zero_points;  // [M]
+  std::vector<uint8_t> finite;     // [M]: 0 where the row holds a NaN or an infinity
+
+  // A [M, K], row stride lda. A row with a NaN or an infinity cannot be quantized: it is
+  // quantized as zeros and its outputs become NaN (see dequantize).
+  void quantize(const float* A, int64_t M, int64_t K, int64_t lda) {
+    values.resize(M * K);
+    scales.resize(M);
+    zero_points.resize(M);
+    finite.resize(M);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* row = A + m * lda;
+      float lo = 0.f, hi = 0.f, check = 0.f;  // the range holds 0, so zeros stay exact
+      for (int64_t k = 0; k < K; ++k) {
+        lo = std::min(lo, row[k]);
+        hi = std::max(hi, row[k]);
+        check += row[k] * 0.f;  // NaN after any NaN or infinity
+      }
+      finite[m] = check == 0.f;
+      uint8_t* q = values.data() + m * K;
+      if (!finite[m] || hi - lo == 0.f) {
+        scales[m] = 1.f;
+        zero_points[m] = 0;
+        std::fill_n(q, K, uint8_t{0});
+        continue;
+      }
+      const float scale = (hi - lo) / kActivationMax, inverse = 1.f / scale;
+      const int32_t zero_point =
+          std::clamp(static_cast<int32_t>(std::nearbyint(-lo * inverse)), 0, kActivationMax);
+      scales[m] = scale;
+      zero_points[m] = zero_point;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = std::nearbyint(row[k] * inverse) + static_cast<float>(zero_point);
+        q[k] = static_cast<uint8_t>(std::clamp(v, 0.f, static_cast<float>(kActivationMax)));
+      }
+    }
+  }
+};
+
+// One weight W [N, K] (int8, row scales) packed for FBGEMM as its B = W^T, once per call.
+class Int8Weight {
+ public:
+  Int8Weight(const Tensor& weight, const Tensor& scale)
+      : weight_(weight.contiguous()), scale_(scale.contiguous()), N_(weight.size(0)),
+        K_(weight.size(1)) {
+    if (N_ == 0 || K_ == 0) {
+      return;  // the product is zeros (or empty): see products()
+    }
+    const int8_t* w = weight_.data_ptr<int8_t>();
+    packed_ = std::make_unique<fbgemm::PackBMatrix<int8_t>>(
+        fbgemm::matrix_op_t::Transpose, static_cast<int>(K_), static_cast<int>(N_), w,
+        static_cast<int>(K_), nullptr, 1);
+    row_sums_.resize(N_);  // sum_k W[n, k]: what a zero point adds to column n
+    for (int64_t n = 0; n < N_; ++n) {
+      int32_t sum = 0;
+      for (int64_t k = 0; k < K_; ++k) {
+        sum += w[n * K_ + k];
+      }
+      row_sums_[n] = sum;
+    }
+  }
+
+  int64_t rows() const { return N_; }
+
+  // C [M, N] (row stride N) = the rows' values [M, K] W^T, in int32.
+  void products(const QuantizedRows& a, int64_t M, int32_t* C) const {
+    if (M == 0 || N_ == 0 || K_ == 0) {
+      std::fill_n(C, M * N_, 0);
+      return;
+    }
+    const int tasks = M * N_ * K_ >= kMinThreadedMacs ? at::get_num_threads() : 1;
+    auto run = [&](int task) {
+      fbgemm::PackAMatrix<uint8_t> packed_a(fbgemm::matrix_op_t::NoTranspose,
+                                            static_cast<int>(M), static_cast<int>(K_),
+                                            a.values.data(), static_cast<int>(K_));
+      fbgemm::DoNothing<int32_t, int32_t> done;
+      fbgemm::memCopy<> copy(done);
+      fbgemm::fbgemmPacked(packed_a, *packed_, C, C, static_cast<int>(N_), copy, task, tasks);
+    };
+    if (tasks == 1) {
+      run(0);
+    } else {
+      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          run(static_cast<int>(task));
+        }
+      });
+    }
+  }
+
+  // out[m, :] (row stride ld_out) = (accumulate ? out[m, :] : 0) + the dequantized C[m, :];
+  // NaN for rows that were not finite.
+  void dequantize(const QuantizedRows& a, int64_t M, const int32_t* C, float* out,
+                  int64_t ld_out, bool accumulate) const {
+    const float* w_scale = scale_.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      float* __restrict__ o = out + m * ld_out;
+      const int32_t* __restrict__ c = C + m * N_;
+      if (!a.finite[m]) {
+        std::fill_n(o, N_, std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      const float row_scale = a.scales[m];
+      const int32_t zero_point = a.zero_points[m];
+      const int32_t* __restrict__ sums = row_sums_.data();
+      for (int64_t n = 0; n < N_; ++n) {
+        const float v = row_scale * w_scale[n] * static_cast<float>(c[n] - zero_point * sums[n]);
+        o[n] = accumulate ? o[n] + v : v;
+      }
+    }
+  }
+
+  // out [M, N] (row stride ld_out) (+)= A [M, K] W^T, A float (row stride lda).
+  void product(const float* A, int64_t M, int64_t lda, float* out, int64_t ld_out,
+               bool accumulate, QuantizedRows& rows_scratch,
+               std::vector<int32_t>& int_scratch) const {
+    if (M == 0 || N_ == 0) {
+      return;
+    }
+    rows_scratch.quantize(A, M, K_, lda);
+    int_scratch.resize(M * N_);
+    products(rows_scratch, M, int_scratch.data());
+    dequantize(rows_scratch, M, int_scratch.data(), out, ld_out, accumulate);
+  }
+
+ private:
+  Tensor weight_, scale_;
+  int64_t N_, K_;
+  std::unique_ptr<fbgemm::PackBMatrix<int8_t>> packed_;
+  std::vector<int32_t> row_sums_;
+};
+
+#endif  // LSTM_EXT_HAS_FBGEMM
+
+std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
+    const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
+    const Tensor& scale_ih, const Tensor& weight_hh, const Tensor& scale_hh,
+    const optional<Tensor>& bias, const optional<Tensor>& weight_hr,
+    const optional<Tensor>& scale_hr, const optional<Tensor>& batch_sizes, bool reverse) {
+  const bool packed = batch_sizes.has_value();
+  TORCH_CHECK(input.scalar_type() == at::kFloat && input.dim() == (packed ? 2 : 3), kOp,
+              ": input must be float32 ", packed ? "[N, I] (packed)" : "[T, B, I]", ", got ",
+              input.scalar_type(), " ", input.sizes());
+  TORCH_CHECK(weight_ih.dim() == 2 && weight_ih.size(0) % 4 == 0 && weight_hh.dim() == 2, kOp,
+              ": weight_ih must be [4 * hidden_size, input_size] and weight_hh 2-D, got ",
+              weight_ih.sizes(), " and ", weight_hh.sizes());
+  const int64_t G = weight_ih.size(0), H = G / 4, I = input.size(-1);
+  const int64_t P = weight_hh.size(1);
+  check_weight(weight_ih, scale_ih, "weight_ih", G, I);
+  check_weight(weight_hh, scale_hh, "weight_hh", G, P);
+  TORCH_CHECK(weight_hr.has_value() == scale_hr.has_value(), kOp,
+              ": weight_hr and scale_hr come together");
+  if (weight_hr) {
+    check_weight(*weight_hr, *scale_hr, "weight_hr", P, H);
+  } else {
+    TORCH_CHECK(P == H, kOp, ": without weight_hr, weight_hh must have hidden_size (", H,
+                ") columns, got ", P);
+  }
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == G, kOp,
+                ": bias must be float32 [", G, "], got ", bias->scalar_type(), " ",
+                bias->sizes());
+  }
+
+  // Rows and first row of each step.
+  int64_t T = 0, B = 0;
+  std::vector<int64_t> rows, first;
+  if (packed) {
+    const Tensor sizes = batch_sizes->to(at::kLong).contiguous();
+    TORCH_CHECK(sizes.dim() == 1 && sizes.device().is_cpu(), kOp,
+                ": batch_sizes must be a 1-D CPU tensor, got ", sizes.sizes());
+    T = sizes.numel();
+    const int64_t* s = sizes.data_ptr<int64_t>();
+    int64_t total = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(s[t] > 0 && (t == 0 || s[t] <= s[t - 1]), kOp,
+                  ": batch_sizes must be positive and non-increasing (PackedSequence's), got ",
+                  sizes);
+      rows.push_back(s[t]);
+      first.push_back(total);
+      total += s[t];
+    }
+    TORCH_CHECK(total == input.size(0), kOp, ": batch_sizes sum to ", total, " but input has ",
+                input.size(0), " rows");
+    B = T > 0 ? s[0] : 0;
+  } else {
+    T = input.size(0);
+    B = input.size(1);
+    for (int64_t t = 0; t < T; ++t) {
+      rows.push_back(B);
+      first.push_back(t * B);
+    }
+  }
+  for (const auto& [state, width, name] :
+       {std::tuple<const Tensor&, int64_t, const char*>{h0, P, "h0"}, {c0, H, "c0"}}) {
+    TORCH_CHECK(state.scalar_type() == at::kFloat && state.dim() == 2 && state.size(0) == B &&
+                    state.size(1) == width,
+                kOp, ": ", name, " must be float32 [", B, ", ", width, "], got ",
+                state.scalar_type(), " ", state.sizes());
+  }
+  TORCH_CHECK(input.device().is_cpu() && h0.device().is_cpu() && c0.device().is_cpu(), kOp,
+              ": every tensor must be on the CPU");
+
+  std::vector<int64_t> out_shape = input.sizes().vec();
+  out_shape.back() = P;
+  Tensor output = at::empty(out_shape, input.options());
+  Tensor h = h0.contiguous().clone(), c = c0.contiguous().clone();
+  if (T == 0 || B == 0) {
+    return {output, h, c};
+  }
+#if LSTM_EXT_HAS_FBGEMM
+  TORCH_CHECK(fbgemm::fbgemmSupportedCPU(), kOp,
+              ": int8 needs a CPU with AVX2 or AVX-512 (FBGEMM's kernels); this one has neither");
+  const Tensor x = input.contiguous();
+  const Int8Weight w_ih(weight_ih, scale_ih), w_hh(weight_hh, scale_hh);
+  std::unique_ptr<Int8Weight> w_hr;
+  if (weight_hr) {
+    w_hr = std::make_unique<Int8Weight>(*weight_hr, *scale_hr);
+  }
+  // The input projection of every step at once: gates_x [rows, 4H] = x W_ih^T + bias.
+  const int64_t total_rows = x.size(0) * (packed ? 1 : x.size(1));
+  QuantizedRows rows_q;
+  std::vector<int32_t> ints;
+  std::vector<float> gates_x(total_rows * G);
+  w_ih.product(x.data_ptr<float>(), total_rows, I, gates_x.data(), G, false, rows_q, ints);
+  if (bias) {
+    const Tensor bias_contiguous = bias->contiguous();
+    const float* b = bias_contiguous.data_ptr<float>();
+    for (int64_t row = 0; row < total_rows; ++row) {
+      for (int64_t k = 0; k < G; ++k) {
+        gates_x[row * G + k] += b[k];
+      }
+    }
+  }
+  const std::vector<float> no_bias(G, 0.f);
+  std::vector<float> r(B * H);  // o * tanh(c_t): h_t before a projection
+  float* out = output.data_ptr<float>();
+  float* h_data = h.data_ptr<float>();
+  float* c_data = c.data_ptr<float>();
+  // Rows that a packed batch no longer has keep their last state (forward), and rows a reverse
+  // pass has not reached yet still hold h0, c0: each step reads and writes only its first n rows.
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s, n = rows[t];
+    float* z = gates_x.data() + first[t] * G;  // [n, 4H]: this step's gates, computed in place
+    w_hh.product(h_data, n, P, z, G, true, rows_q, ints);
+    gates_forward(n, H, 0, H, z, no_bias.data(), c_data, r.data(), nullptr);
+    if (w_hr) {
+      w_hr->product(r.data(), n, H, h_data, P, false, rows_q, ints);
+    } else {
+      std::memcpy(h_data, r.data(), sizeof(float) * n * H);
+    }
+    std::memcpy(out + first[t] * P, h_data, sizeof(float) * n * P);
+  }
+  return {output, h, c};
+#else
+  TORCH_CHECK(false, kOp,
+              ": this build of lstm_ext has no int8 kernels (it was compiled without FBGEMM's "
+              "headers, which x86-64 builds of torch ship)");
+#endif
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace lstm_ext
+
+TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
+  m.impl("quantized_lstm_layer", &lstm_ext::cpu::quantized_lstm_layer_cpu);
+}
+
+// Inference only: differentiating through it is an error at backward (lstm_ext.quantized's
+// modules refuse inputs that need a gradient before that).
+TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
+  m.impl("quantized_lstm_layer", torch::autograd::autogradNotImplementedFallback());
+}
