@@ -10,6 +10,8 @@ machine hit both alike; each figure is the median over rounds. Two modes per sha
     python benchmarks/bench_lstm.py --shapes 20,5,1,16 100,32,64,128 --csv out.csv --plot out.png
     python benchmarks/bench_lstm.py --shapes 50,16,64,128,2,bi     # 2 layers, bidirectional
     python benchmarks/bench_lstm.py --isa avx2      # as on an AVX2-only CPU (both sides capped)
+    python benchmarks/bench_lstm.py --dtype int8    # lstm_ext.quantize_dynamic vs float32 nn.LSTM,
+                                                    # and torch's int8 LSTM (forward only)
 
 A shape is T,B,I,H[,layers[,bi]]. Every table and CSV names the CPU and the instruction-set cap.
 """
@@ -22,6 +24,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import warnings
 
 import torch
 
@@ -105,10 +109,16 @@ class Case:
         torch.manual_seed(0)
         options = dict(num_layers=layers, bidirectional=bidirectional, device=device)
         self.reference = torch.nn.LSTM(I, H, **options)
-        self.ours = lstm_ext.LSTM(I, H, **options)
-        self.ours.load_state_dict(self.reference.state_dict())
+        self.others = {}  # more models timed alongside: name -> model
+        if dtype == "int8":  # int8 against float32 nn.LSTM, and torch's own int8 LSTM
+            self.ours = lstm_ext.quantize_dynamic(self.reference.eval())
+            self.others["torch_int8"] = torch_int8_lstm(self.reference)
+            dtype = "float32"
+        else:
+            self.ours = lstm_ext.LSTM(I, H, **options)
+            self.ours.load_state_dict(self.reference.state_dict())
+            self.ours.to(DTYPES[dtype])
         self.reference.to(DTYPES[dtype])
-        self.ours.to(DTYPES[dtype])
         self.x = torch.randn(T, B, I, device=device, dtype=DTYPES[dtype])
         d = 2 if bidirectional else 1
         grad_dtype = DTYPES[autocast] if autocast else DTYPES[dtype]  # the outputs' dtype
@@ -127,6 +137,15 @@ class Case:
             else:
                 with torch.no_grad():
                     model(self.x)
+
+
+def torch_int8_lstm(model):
+    """torch.ao.quantization.quantize_dynamic's int8 LSTM of `model` (it swaps submodules only)."""
+    holder = torch.nn.Sequential(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated
+        return torch.ao.quantization.quantize_dynamic(holder, {torch.nn.LSTM},
+                                                      dtype=torch.qint8)[0]
 
 
 def make_timer(device):
@@ -151,12 +170,17 @@ def measure(case, timed, min_seconds, max_rounds, warmup):
     for _ in range(warmup):
         case.run(case.reference)
         case.run(case.ours)
-    theirs, ours = [], []
+        for model in case.others.values():
+            case.run(model)
+    theirs, ours, others = [], [], {name: [] for name in case.others}
     deadline = time.perf_counter() + min_seconds
     while len(ours) < max_rounds and (len(ours) < 5 or time.perf_counter() < deadline):
         theirs.append(timed(lambda: case.run(case.reference)))
         ours.append(timed(lambda: case.run(case.ours)))
-    return statistics.median(theirs), statistics.median(ours), len(ours)
+        for name, model in case.others.items():
+            others[name].append(timed(lambda: case.run(model)))
+    return (statistics.median(theirs), statistics.median(ours), len(ours),
+            {name: statistics.median(times) for name, times in others.items()})
 
 
 def peak_memory_mb(case, model):
@@ -185,9 +209,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small shapes, few rounds (smoke test)")
     parser.add_argument("--seconds", type=float, default=2.0, help="time per shape and mode")
     parser.add_argument("--modes", nargs="+", choices=["forward", "fwd+bwd"],
-                        default=["forward", "fwd+bwd"])
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="the models' and inputs' dtype (default: %(default)s)")
+                        help="default: both (int8: forward)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES) + ["int8"], default="float32",
+                        help="the models' and inputs' dtype (default: %(default)s); int8: "
+                             "lstm_ext.quantize_dynamic's model against float32 nn.LSTM and "
+                             "torch's int8 LSTM, forward only")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"],
                         help="float32 models and inputs under torch.autocast to this dtype")
     parser.add_argument("--tf32", action="store_true",
@@ -207,6 +233,12 @@ def main(argv=None):
         parser.error("--device cuda: no CUDA device is available")
     if args.autocast and args.dtype != "float32":
         parser.error("--autocast runs float32 models: use it without --dtype")
+    if args.dtype == "int8":
+        if args.device != "cpu":
+            parser.error("--dtype int8: the int8 kernels are the CPU's")
+        if args.modes and "fwd+bwd" in args.modes:
+            parser.error("--dtype int8 is inference only: --modes forward")
+    args.modes = args.modes or (["forward"] if args.dtype == "int8" else ["forward", "fwd+bwd"])
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda":  # cuDNN allows TF32 by default, cuBLAS does not: the same for both
@@ -228,16 +260,19 @@ def main(argv=None):
     header = ["device", "isa", "T", "B", "I", "H", "layers", "bidirectional", "mode", "precision",
               "tf32",
               "nn_lstm_ms", "lstm_ext_ms", "speedup", "lstm_ext_gflops", "rounds"]
+    if args.dtype == "int8":
+        header += ["torch_int8_ms", "speedup_vs_torch_int8"]
     if args.memory:
         header += ["nn_lstm_peak_mb", "lstm_ext_peak_mb"]
     print(f"{'shape (T,B,I,H)':<26} {'mode':<8} {'nn.LSTM ms':>11} {'lstm_ext ms':>12} "
-          f"{'speedup':>8} {'GFLOP/s':>8}" + ("   peak MB nn / ext" if args.memory else ""))
+          f"{'speedup':>8} {'GFLOP/s':>8}" + ("   peak MB nn / ext" if args.memory else "")
+          + ("   torch int8 ms, speedup" if args.dtype == "int8" else ""))
     rows = []
     for shape in shapes:
         for mode in args.modes:
             case = Case(*shape, args.device, backward=(mode == "fwd+bwd"), dtype=args.dtype,
                         autocast=args.autocast)
-            theirs, ours, rounds = measure(case, timed, seconds, max_rounds, warmup)
+            theirs, ours, rounds, others = measure(case, timed, seconds, max_rounds, warmup)
             gflops = flops(*shape, case.backward) / ours / 1e9
             row = dict(zip(header, [device_name, args.isa if args.device == "cpu" else "", *shape,
                                     mode, precision, args.device == "cuda" and args.tf32,
@@ -248,6 +283,10 @@ def main(argv=None):
                 row["nn_lstm_peak_mb"] = peak_memory_mb(case, case.reference)
                 row["lstm_ext_peak_mb"] = peak_memory_mb(case, case.ours)
                 line += f"   {row['nn_lstm_peak_mb']:.1f} / {row['lstm_ext_peak_mb']:.1f}"
+            if "torch_int8" in others:
+                row["torch_int8_ms"] = others["torch_int8"] * 1e3
+                row["speedup_vs_torch_int8"] = others["torch_int8"] / ours
+                line += f"   {row['torch_int8_ms']:>9.3f} {row['speedup_vs_torch_int8']:>6.2f}x"
             print(line, flush=True)
             rows.append(row)
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .modules import LSTM
+from .quantized import quantize_dynamic
 
 DATA_LEN = 200
 TRAIN_RATIO = 0.5
@@ -78,6 +79,7 @@ class Result:
     final_loss: float
     test_mse: float
     seconds: float
+    int8_test_mse: Optional[float] = None  # with --quantize: the trained model in int8
 
 
 class Progress:
@@ -329,6 +331,9 @@ def parse_args(argv):
     parser.add_argument("--load", metavar="PATH",
                         help="start from this state_dict (saved with --save by either backend)")
     parser.add_argument("--json", metavar="PATH", help="write the summary as JSON to this file")
+    parser.add_argument("--quantize", action="store_true",
+                        help="also evaluate the trained model in int8 "
+                             "(lstm_ext.quantize_dynamic; CPU, float32)")
     parser.add_argument("--quiet", action="store_true", help="print no progress")
     args = parser.parse_args(argv)
     if args.device == "cuda":
@@ -344,6 +349,11 @@ def parse_args(argv):
         parser.error("--zoneout, --recurrent-dropout and --layer-norm are lstm_ext.LSTM options "
                      "that torch.nn.LSTM does not have: use them with --backend ext, without "
                      "--compare")
+    if args.quantize and (args.device != "cpu" or args.dtype != "float32" or args.autocast
+                          or args.zoneout or args.layer_norm):
+        parser.error("--quantize evaluates a float32 model on the CPU in int8: use it with "
+                     "--device cpu and --dtype float32, without --autocast, --zoneout or "
+                     "--layer-norm (int8 has neither)")
     if args.compare and args.save:
         parser.error("--save takes one model: use it without --compare")
     if args.autocast and args.dtype != "float32":
@@ -442,6 +452,10 @@ def main(argv=None) -> int:
               f"({1e3 * r.seconds / r.epochs:.3f} ms/epoch)"
               + ("" if r.final_loss < args.target_loss else
                  f"; did not reach loss {args.target_loss:g}"))
+        if args.quantize:
+            r.int8_test_mse = evaluate(quantize_dynamic(model), data, args)
+            print(f"{BACKEND_NAMES[backend]} in int8 (lstm_ext.quantize_dynamic): test MSE "
+                  f"{r.int8_test_mse:.3e} (float32: {r.test_mse:.3e})")
         if args.save:
             torch.save(model.state_dict(), args.save)
     if args.compare:
