@@ -168,3 +168,33 @@ def test_ddp_two_processes_equals_single_process():
     for name, value in single.state_dict().items():
         assert not torch.equal(value, before[name]), f"{name} did not train"
         assert torch.allclose(ddp_state[name], value, rtol=1e-10, atol=1e-12), name
+
+
+class Deployed(torch.nn.Module):
+    """A float lstm_ext.LSTM feeding an int8 one (lstm_ext.quantized.LSTM) and a Linear head: both
+    ops in one exported program."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = lstm_ext.LSTM(4, 8, num_layers=2)
+        self.decoder = lstm_ext.quantize_dynamic(lstm_ext.LSTM(8, 6, bidirectional=True))
+        self.head = torch.nn.Linear(12, 1)
+
+    def forward(self, x):
+        y, _ = self.encoder(x)
+        y, _ = self.decoder(y)
+        return self.head(y)
+
+
+def test_aot_inductor_package_runs_as_eager(tmp_path):
+    # torch.export, then AOTInductor: a .pt2 package that runs without the Python model (the
+    # README's "Deploying on CPU"; about 30 s of C++ compilation).
+    torch.manual_seed(0)
+    model = Deployed().eval()
+    x = torch.randn(10, 3, 4)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        path = torch._inductor.aoti_compile_and_package(
+            program, package_path=str(tmp_path / "model.pt2"))
+        loaded = torch._inductor.aoti_load_package(path)
+        assert torch.equal(loaded(x), model(x))
