@@ -276,11 +276,39 @@ class Fuzz:
         hy, cy = cell(x, hx)
         (hy.float().sum() + cy.float().sum()).backward()
 
+    def quantized_op(self):
+        """The int8 layer (lstm_ext.quantized): the layer's float arguments with int8 weights
+        (a float one at times: a wrong dtype) and row scales."""
+        args, _ = self.layer_args(torch.float32)
+
+        def int8(weight):
+            if weight is None or self.rng.random() < 0.05:
+                return weight
+            return self.odd(torch.randint(-127, 128, tuple(weight.shape), dtype=torch.int8))
+
+        def scales(weight):
+            return None if weight is None else self.tensor(weight.shape[0], dtype=torch.float32)
+
+        weights = [args[name] for name in ("weight_ih", "weight_hh", "weight_hr")]
+        quantized = [part for w in weights for part in (int8(w), scales(w))]
+        OPS.quantized_lstm_layer(args["input"], args["h0"], args["c0"], *quantized[:4],
+                                 args["bias_ih"], *quantized[4:], args["batch_sizes"],
+                                 args["reverse"])
+
+    def quantized_module(self):
+        I, H = self.size() or 1, self.size() or 1
+        options = dict(num_layers=self.rng.choice([1, 2]), bidirectional=self.rng.random() < 0.5,
+                       bias=self.rng.random() < 0.8, proj_size=self.rng.choice([0, 0, 1]) % H)
+        model = lstm_ext.quantize_dynamic(torch.nn.LSTM(I, H, **options))
+        with torch.no_grad():
+            model(self.tensor(self.size(), self.size(), I, dtype=torch.float32))
+
     def call(self):
         # Half the calls have every shape right (odd sizes, layouts and values only).
         self.wrong_shapes = self.rng.choice([0.0, 0.1])
         kind = self.rng.choice([self.layer_op, self.layer_op, self.cell_op, self.module,
-                                self.module, self.module_op, self.cell_module])
+                                self.module, self.module_op, self.cell_module, self.quantized_op,
+                                self.quantized_module])
         kind()
 
 

@@ -258,3 +258,20 @@ def test_recurrent_dropout_is_nothing_in_int8_as_in_eval():
     x = torch.randn(8, 2, 5)
     with torch.no_grad():
         assert errors(q(x)[0], model(x)[0])[0] < 1e-2
+
+
+@pytest.mark.parametrize("T,B,I,H,P", [(3, 2, 0, 4, 4), (3, 0, 5, 4, 4), (3, 2, 5, 4, 0),
+                                       (3, 2, 5, 0, 0)])
+def test_empty_dimensions_at_the_op(T, B, I, H, P):
+    # A projection with no rows (P = 0) made the first version read past an empty buffer (found
+    # by tests/fuzz_calls.py); every empty size must give empty or well-defined results.
+    weight = quantized.quantize_weight  # (rows, cols) float -> int8 and row scales
+    w_ih, s_ih = weight(torch.randn(4 * H, I))
+    w_hh, s_hh = weight(torch.randn(4 * H, P))
+    w_hr, s_hr = weight(torch.randn(P, H)) if P != H else (None, None)
+    x, h0, c0 = torch.randn(T, B, I), torch.randn(B, P), torch.randn(B, H)
+    out, h, c = torch.ops.lstm_ext.quantized_lstm_layer(x, h0, c0, w_ih, s_ih, w_hh, s_hh,
+                                                        torch.randn(4 * H), w_hr, s_hr, None,
+                                                        False)
+    assert out.shape == (T, B, P) and h.shape == (B, P) and c.shape == (B, H)
+    assert torch.isfinite(c).all() and torch.isfinite(out).all()

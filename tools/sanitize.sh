@@ -36,4 +36,5 @@ sys.exit(lstm_ext.build_info["sanitize"] != "address,undefined")'
 # that descriptor would swallow it when the process halts.
 "$venv/bin/python" -m pytest -q -p no:cacheprovider --capture=sys \
   tests/test_fuzz.py tests/test_parity.py tests/test_inputs.py tests/test_errors.py \
-  tests/test_reset.py tests/test_regularize.py tests/test_layer_norm.py tests/test_lowp.py
+  tests/test_reset.py tests/test_regularize.py tests/test_layer_norm.py tests/test_lowp.py \
+  tests/test_quantized.py

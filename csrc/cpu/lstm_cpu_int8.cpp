@@ -23,7 +23,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <tuple>
@@ -118,6 +117,7 @@ class Int8Weight {
   Int8Weight(const Tensor& weight, const Tensor& scale)
       : weight_(weight.contiguous()), scale_(scale.contiguous()), N_(weight.size(0)),
         K_(weight.size(1)) {
+    row_sums_.assign(N_, 0);  // sum_k W[n, k]: what a zero point adds to column n
     if (N_ == 0 || K_ == 0) {
       return;  // the product is zeros (or empty): see products()
     }
@@ -125,7 +125,6 @@ class Int8Weight {
     packed_ = std::make_unique<fbgemm::PackBMatrix<int8_t>>(
         fbgemm::matrix_op_t::Transpose, static_cast<int>(K_), static_cast<int>(N_), w,
         static_cast<int>(K_), nullptr, 1);
-    row_sums_.resize(N_);  // sum_k W[n, k]: what a zero point adds to column n
     for (int64_t n = 0; n < N_; ++n) {
       int32_t sum = 0;
       for (int64_t k = 0; k < K_; ++k) {
@@ -322,9 +321,9 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
     if (w_hr) {
       w_hr->product(r.data(), n, H, h_data, P, false, rows_q, ints);
     } else {
-      std::memcpy(h_data, r.data(), sizeof(float) * n * H);
+      std::copy_n(r.data(), n * H, h_data);
     }
-    std::memcpy(out + first[t] * P, h_data, sizeof(float) * n * P);
+    std::copy_n(h_data, n * P, out + first[t] * P);
   }
   return {output, h, c};
 #else
