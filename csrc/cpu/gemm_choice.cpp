@@ -421,12 +421,18 @@ GemmBackend measured_backend(State& s, uint64_t key, const GemmCall& call) {
     how = "fixed rule (" + s.why_no_file + ")";
   } else {
     FileLock lock(s.file, LOCK_EX);
-    bool has_header;
+    bool has_header = false;
     std::unordered_map<uint64_t, GemmBackend> on_file;
-    read_choices(lock.fd(), &on_file, &has_header);
+    if (lock.fd() >= 0) {
+      read_choices(lock.fd(), &on_file, &has_header);
+    }
     if (auto found = on_file.find(key); found != on_file.end()) {
       chosen = found->second;
       how = "kept in " + s.file;
+    } else if (lock.fd() < 0) {
+      // A choice that cannot be kept could differ in the next run: the rule decides instead.
+      chosen = rule_backend<T>(call);
+      how = "fixed rule (cannot open " + s.file + ": " + std::strerror(errno) + ")";
     } else {
       const Measurement m = measure<T>(call, candidates);
       chosen = m.chosen;
@@ -437,7 +443,10 @@ GemmBackend measured_backend(State& s, uint64_t key, const GemmCall& call) {
       text += std::string(key_hex) + " " + backend_name(chosen) + " " + describe_key(key) +
               "; " + how + "\n";
       if (::write(lock.fd(), text.data(), text.size()) != static_cast<ssize_t>(text.size())) {
-        how += " (not saved: " + std::string(std::strerror(errno)) + ")";
+        // Not kept, so the next run might measure otherwise: the rule, the same every run.
+        how = "fixed rule (measured " + std::string(backend_name(chosen)) + " but could not " +
+              "keep it in " + s.file + ": " + std::strerror(errno) + ")";
+        chosen = rule_backend<T>(call);
       }
     }
   }
