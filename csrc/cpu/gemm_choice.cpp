@@ -87,34 +87,65 @@ int ceil_log2(int64_t x) {
 // M exactly up to 4 (where the small GEMM and the others cross), then powers of two.
 int rows_class(int64_t M) { return M <= 4 ? static_cast<int>(M) : 3 + ceil_log2(M); }
 
+// A size class and the key it is kept under in the choice file: its fields, most significant
+// first, with their widths, listed once for packing and unpacking.
+struct SizeClass {
+  uint64_t is_double = 0, trans_a = 0, trans_b = 0, eligible = 0, threads = 0, rows = 0,
+           log_n = 0, log_k = 0;
+
+  template <typename F>
+  void fields(F&& field) {
+    field(is_double, 1);
+    field(trans_a, 1);
+    field(trans_b, 1);
+    field(eligible, 4);  // a bit per backend that can run the call
+    field(threads, 8);
+    field(rows, 8);  // rows_class(M)
+    field(log_n, 8);
+    field(log_k, 8);
+  }
+  uint64_t key() {
+    uint64_t key = 0;
+    fields([&](uint64_t value, int bits) { key = key << bits | value; });
+    return key;
+  }
+  static SizeClass from_key(uint64_t key) {
+    SizeClass c;
+    int shift = 0;
+    c.fields([&](uint64_t, int bits) { shift += bits; });
+    c.fields([&](uint64_t& value, int bits) {
+      shift -= bits;
+      value = (key >> shift) & ((uint64_t(1) << bits) - 1);
+    });
+    return c;
+  }
+};
+
 template <typename T>
 uint64_t class_key(const GemmCall& c) {
-  uint64_t eligible = 0;
+  SizeClass size;
   for (GemmBackend b : kAllBackends) {
-    eligible |= uint64_t(gemm_backend_can_run<T>(b, c)) << static_cast<int>(b);
+    size.eligible |= uint64_t(gemm_backend_can_run<T>(b, c)) << static_cast<int>(b);
   }
-  const uint64_t threads = c.may_thread ? std::min(at::get_num_threads(), 255) : 1;
-  uint64_t key = std::is_same<T, double>::value ? 1 : 0;
-  key = key << 1 | c.trans_a;
-  key = key << 1 | c.trans_b;
-  key = key << 4 | eligible;
-  key = key << 8 | threads;
-  key = key << 8 | rows_class(c.M);
-  key = key << 8 | ceil_log2(c.N);
-  key = key << 8 | ceil_log2(c.K);
-  return key;
+  size.is_double = std::is_same<T, double>::value;
+  size.trans_a = c.trans_a;
+  size.trans_b = c.trans_b;
+  size.threads = c.may_thread ? std::min(at::get_num_threads(), 255) : 1;
+  size.rows = rows_class(c.M);
+  size.log_n = ceil_log2(c.N);
+  size.log_k = ceil_log2(c.K);
+  return size.key();
 }
 
 std::string describe_key(uint64_t key) {
-  const int k = key & 255, n = (key >> 8) & 255, m = (key >> 16) & 255;
-  const int threads = (key >> 24) & 255;
-  const bool tb = (key >> 36) & 1, ta = (key >> 37) & 1;
-  const bool is_double = (key >> 38) & 1;
+  const SizeClass c = SizeClass::from_key(key);
+  const int m = static_cast<int>(c.rows);
   std::ostringstream out;
-  out << (is_double ? "float64" : "float32") << (ta ? " A^T" : " A") << (tb ? " B^T" : " B")
+  out << (c.is_double ? "float64" : "float32") << (c.trans_a ? " A^T" : " A")
+      << (c.trans_b ? " B^T" : " B")
       << ", M " << (m <= 4 ? "= " + std::to_string(m) : "<= " + std::to_string(1 << (m - 3)))
-      << ", N <= " << (int64_t(1) << n) << ", K <= " << (int64_t(1) << k) << ", " << threads
-      << (threads == 1 ? " thread" : " threads");
+      << ", N <= " << (int64_t(1) << c.log_n) << ", K <= " << (int64_t(1) << c.log_k) << ", "
+      << c.threads << (c.threads == 1 ? " thread" : " threads");
   return out.str();
 }
 

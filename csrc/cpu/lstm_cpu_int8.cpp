@@ -231,9 +231,10 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
                 ") columns, got ", P);
   }
   if (bias) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == G, kOp,
-                ": bias must be float32 [", G, "], got ", bias->scalar_type(), " ",
-                bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == G &&
+                    bias->device().is_cpu(),
+                kOp, ": bias must be float32 [", G, "] on the CPU, got ", bias->scalar_type(), " ",
+                bias->sizes(), " on ", bias->device());
   }
 
   // Rows and first row of each step.
