@@ -275,3 +275,20 @@ def test_empty_dimensions_at_the_op(T, B, I, H, P):
                                                         False)
     assert out.shape == (T, B, P) and h.shape == (B, P) and c.shape == (B, H)
     assert torch.isfinite(c).all() and torch.isfinite(out).all()
+
+
+def test_the_same_numbers_on_one_thread_and_on_several():
+    # Rows are quantized alone, so splitting the batch over threads (64 rows: 2 slices of 32 on
+    # 2 threads) or splitting each product (one thread's slice) changes nothing, bitwise.
+    _, q = int8_pair(num_layers=2, bidirectional=True)
+    x = torch.randn(12, 64, 5)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            alone = q(x)
+            torch.set_num_threads(max(threads, 2))
+            split = q(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone[0], split[0]) and torch.equal(alone[1][1], split[1][1])

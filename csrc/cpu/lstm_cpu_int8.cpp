@@ -53,6 +53,9 @@ constexpr int32_t kActivationMax = 127;
 // Below this many multiply-adds a product runs on one thread (a fork and join costs more).
 constexpr int64_t kMinThreadedMacs = 1 << 20;
 
+// The batch is split over the threads only where each gets at least this many rows.
+constexpr int64_t kMinRowsPerThread = 8;
+
 void check_weight(const Tensor& weight, const Tensor& scale, const char* name, int64_t rows,
                   int64_t cols) {
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.size(0) == rows &&
@@ -68,6 +71,102 @@ void check_weight(const Tensor& weight, const Tensor& scale, const char* name, i
 
 #if LSTM_EXT_HAS_FBGEMM
 
+// Quantizes rows A [M, K] (row stride lda) into values [M, K], with scales, zero points and
+// finite [M] (see QuantizedRows). Lanes: the variant's vector width in floats; the range is kept
+// per lane (lo[j], hi[j] over k = j mod lanes) so that the compiler vectorises it, then reduced.
+template <int Bytes>
+__attribute__((always_inline)) inline void quantize_rows_body(const float* A, int64_t M,
+                                                              int64_t K, int64_t lda,
+                                                              uint8_t* values, float* scales,
+                                                              int32_t* zero_points,
+                                                              uint8_t* finite) {
+  constexpr int kLanes = Bytes / 4;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* __restrict__ row = A + m * lda;
+    float lo[kLanes] = {}, hi[kLanes] = {}, check[kLanes] = {};  // the range holds 0
+    int64_t k = 0;
+    for (; k + kLanes <= K; k += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        lo[j] = std::min(lo[j], row[k + j]);
+        hi[j] = std::max(hi[j], row[k + j]);
+        check[j] += row[k + j] * 0.f;  // NaN after any NaN or infinity
+      }
+    }
+    for (; k < K; ++k) {
+      lo[0] = std::min(lo[0], row[k]);
+      hi[0] = std::max(hi[0], row[k]);
+      check[0] += row[k] * 0.f;
+    }
+    float low = 0.f, high = 0.f, probe = 0.f;
+    for (int j = 0; j < kLanes; ++j) {
+      low = std::min(low, lo[j]);
+      high = std::max(high, hi[j]);
+      probe += check[j];
+    }
+    finite[m] = probe == 0.f;
+    uint8_t* __restrict__ q = values + m * K;
+    if (!finite[m] || high - low == 0.f) {
+      scales[m] = 1.f;
+      zero_points[m] = 0;
+      std::fill_n(q, K, uint8_t{0});
+      continue;
+    }
+    const float scale = (high - low) / kActivationMax, inverse = 1.f / scale;
+    const float zero_point = std::min(std::max(std::nearbyint(-low * inverse), 0.f),
+                                      static_cast<float>(kActivationMax));
+    scales[m] = scale;
+    zero_points[m] = static_cast<int32_t>(zero_point);
+    for (k = 0; k < K; ++k) {
+      const float v = std::nearbyint(row[k] * inverse) + zero_point;
+      q[k] = static_cast<uint8_t>(
+          static_cast<int32_t>(std::min(std::max(v, 0.f), static_cast<float>(kActivationMax))));
+    }
+  }
+}
+
+LSTM_EXT_ISA_VARIANTS(quantize_rows,
+                      (const float* A, int64_t M, int64_t K, int64_t lda, uint8_t* values,
+                       float* scales, int32_t* zero_points, uint8_t* finite),
+                      (A, M, K, lda, values, scales, zero_points, finite), quantize_rows_body)
+
+// out [M, N] (row stride ld_out) = (accumulate ? out : 0) + the dequantized C [M, N]:
+// row_scale[m] * weight_scale[n] * (C[m, n] - zero_point[m] * row_sums[n]); NaN where a row
+// was not finite.
+template <int Bytes>
+__attribute__((always_inline)) inline void dequantize_rows_body(
+    const int32_t* C, int64_t M, int64_t N, const float* row_scales, const int32_t* zero_points,
+    const uint8_t* finite, const float* weight_scales, const int32_t* row_sums, float* out,
+    int64_t ld_out, bool accumulate) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* __restrict__ o = out + m * ld_out;
+    const int32_t* __restrict__ c = C + m * N;
+    if (!finite[m]) {
+      std::fill_n(o, N, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    const float row_scale = row_scales[m];
+    const int32_t zero_point = zero_points[m];
+    if (accumulate) {
+      for (int64_t n = 0; n < N; ++n) {
+        o[n] += row_scale * weight_scales[n] * static_cast<float>(c[n] - zero_point * row_sums[n]);
+      }
+    } else {
+      for (int64_t n = 0; n < N; ++n) {
+        o[n] = row_scale * weight_scales[n] * static_cast<float>(c[n] - zero_point * row_sums[n]);
+      }
+    }
+  }
+}
+
+LSTM_EXT_ISA_VARIANTS(dequantize_rows,
+                      (const int32_t* C, int64_t M, int64_t N, const float* row_scales,
+                       const int32_t* zero_points, const uint8_t* finite,
+                       const float* weight_scales, const int32_t* row_sums, float* out,
+                       int64_t ld_out, bool accumulate),
+                      (C, M, N, row_scales, zero_points, finite, weight_scales, row_sums, out,
+                       ld_out, accumulate),
+                      dequantize_rows_body)
+
 // Rows of a product's left operand, quantized row by row (see the top of the file).
 struct QuantizedRows {
   std::vector<uint8_t> values;     // [M, K]
@@ -82,32 +181,7 @@ struct QuantizedRows {
     scales.resize(M);
     zero_points.resize(M);
     finite.resize(M);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* row = A + m * lda;
-      float lo = 0.f, hi = 0.f, check = 0.f;  // the range holds 0, so zeros stay exact
-      for (int64_t k = 0; k < K; ++k) {
-        lo = std::min(lo, row[k]);
-        hi = std::max(hi, row[k]);
-        check += row[k] * 0.f;  // NaN after any NaN or infinity
-      }
-      finite[m] = check == 0.f;
-      uint8_t* q = values.data() + m * K;
-      if (!finite[m] || hi - lo == 0.f) {
-        scales[m] = 1.f;
-        zero_points[m] = 0;
-        std::fill_n(q, K, uint8_t{0});
-        continue;
-      }
-      const float scale = (hi - lo) / kActivationMax, inverse = 1.f / scale;
-      const int32_t zero_point =
-          std::clamp(static_cast<int32_t>(std::nearbyint(-lo * inverse)), 0, kActivationMax);
-      scales[m] = scale;
-      zero_points[m] = zero_point;
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = std::nearbyint(row[k] * inverse) + static_cast<float>(zero_point);
-        q[k] = static_cast<uint8_t>(std::clamp(v, 0.f, static_cast<float>(kActivationMax)));
-      }
-    }
+    quantize_rows(A, M, K, lda, values.data(), scales.data(), zero_points.data(), finite.data());
   }
 };
 
@@ -136,13 +210,14 @@ class Int8Weight {
 
   int64_t rows() const { return N_; }
 
-  // C [M, N] (row stride N) = the rows' values [M, K] W^T, in int32.
-  void products(const QuantizedRows& a, int64_t M, int32_t* C) const {
+  // C [M, N] (row stride N) = the rows' values [M, K] W^T, in int32; over the threads where
+  // may_thread and the product is large enough.
+  void products(const QuantizedRows& a, int64_t M, int32_t* C, bool may_thread) const {
     if (M == 0 || N_ == 0 || K_ == 0) {
       std::fill_n(C, M * N_, 0);
       return;
     }
-    const int tasks = M * N_ * K_ >= kMinThreadedMacs ? at::get_num_threads() : 1;
+    const int tasks = may_thread && M * N_ * K_ >= kMinThreadedMacs ? at::get_num_threads() : 1;
     auto run = [&](int task) {
       fbgemm::PackAMatrix<uint8_t> packed_a(fbgemm::matrix_op_t::NoTranspose,
                                             static_cast<int>(M), static_cast<int>(K_),
@@ -166,34 +241,20 @@ class Int8Weight {
   // NaN for rows that were not finite.
   void dequantize(const QuantizedRows& a, int64_t M, const int32_t* C, float* out,
                   int64_t ld_out, bool accumulate) const {
-    const float* w_scale = scale_.data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m) {
-      float* __restrict__ o = out + m * ld_out;
-      const int32_t* __restrict__ c = C + m * N_;
-      if (!a.finite[m]) {
-        std::fill_n(o, N_, std::numeric_limits<float>::quiet_NaN());
-        continue;
-      }
-      const float row_scale = a.scales[m];
-      const int32_t zero_point = a.zero_points[m];
-      const int32_t* __restrict__ sums = row_sums_.data();
-      for (int64_t n = 0; n < N_; ++n) {
-        const float v = row_scale * w_scale[n] * static_cast<float>(c[n] - zero_point * sums[n]);
-        o[n] = accumulate ? o[n] + v : v;
-      }
-    }
+    dequantize_rows(C, M, N_, a.scales.data(), a.zero_points.data(), a.finite.data(),
+                    scale_.data_ptr<float>(), row_sums_.data(), out, ld_out, accumulate);
   }
 
   // out [M, N] (row stride ld_out) (+)= A [M, K] W^T, A float (row stride lda).
   void product(const float* A, int64_t M, int64_t lda, float* out, int64_t ld_out,
-               bool accumulate, QuantizedRows& rows_scratch,
+               bool accumulate, bool may_thread, QuantizedRows& rows_scratch,
                std::vector<int32_t>& int_scratch) const {
     if (M == 0 || N_ == 0) {
       return;
     }
     rows_scratch.quantize(A, M, K_, lda);
     int_scratch.resize(M * N_);
-    products(rows_scratch, M, int_scratch.data());
+    products(rows_scratch, M, int_scratch.data(), may_thread);
     dequantize(rows_scratch, M, int_scratch.data(), out, ld_out, accumulate);
   }
 
@@ -296,8 +357,9 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
   const int64_t total_rows = x.size(0) * (packed ? 1 : x.size(1));
   QuantizedRows rows_q;
   std::vector<int32_t> ints;
-  std::vector<float> gates_x(total_rows * G);
-  w_ih.product(x.data_ptr<float>(), total_rows, I, gates_x.data(), G, false, rows_q, ints);
+  // (Not value-initialised: every element is written by the product.)
+  std::unique_ptr<float[]> gates_x(new float[total_rows * G]);
+  w_ih.product(x.data_ptr<float>(), total_rows, I, gates_x.get(), G, false, true, rows_q, ints);
   if (bias) {
     const Tensor bias_contiguous = bias->contiguous();
     const float* b = bias_contiguous.data_ptr<float>();
@@ -308,23 +370,43 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
     }
   }
   const std::vector<float> no_bias(G, 0.f);
-  std::vector<float> r(B * H);  // o * tanh(c_t): h_t before a projection
   float* out = output.data_ptr<float>();
   float* h_data = h.data_ptr<float>();
   float* c_data = c.data_ptr<float>();
-  // Rows that a packed batch no longer has keep their last state (forward), and rows a reverse
-  // pass has not reached yet still hold h0, c0: each step reads and writes only its first n rows.
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = reverse ? T - 1 - s : s, n = rows[t];
-    float* z = gates_x.data() + first[t] * G;  // [n, 4H]: this step's gates, computed in place
-    w_hh.product(h_data, n, P, z, G, true, rows_q, ints);
-    gates_forward(n, H, 0, H, z, no_bias.data(), c_data, r.data(), nullptr);
-    if (w_hr) {
-      w_hr->product(r.data(), n, H, h_data, P, false, rows_q, ints);
-    } else {
-      std::copy_n(r.data(), n * H, h_data);
+  // The time loop over batch rows [b0, b1). Rows that a packed batch no longer has keep their
+  // last state (forward), and rows a reverse pass has not reached yet still hold h0, c0: each
+  // step reads and writes only its rows below rows[t].
+  auto run_rows = [&](int64_t b0, int64_t b1, bool may_thread) {
+    QuantizedRows quantized;
+    std::vector<int32_t> accumulators;
+    std::vector<float> r((b1 - b0) * H);  // o * tanh(c_t): h_t before a projection
+    float* hb = h_data + b0 * P;
+    float* cb = c_data + b0 * H;
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? T - 1 - s : s, n = std::min(rows[t], b1) - b0;
+      if (n <= 0) {
+        continue;
+      }
+      float* z = gates_x.get() + (first[t] + b0) * G;  // [n, 4H]: the step's gates, in place
+      w_hh.product(hb, n, P, z, G, true, may_thread, quantized, accumulators);
+      gates_forward(n, H, 0, H, z, no_bias.data(), cb, r.data(), nullptr);
+      if (w_hr) {
+        w_hr->product(r.data(), n, H, hb, P, false, may_thread, quantized, accumulators);
+      } else {
+        std::copy_n(r.data(), n * H, hb);
+      }
+      std::copy_n(hb, n * P, out + (first[t] + b0) * P);
     }
-    std::copy_n(h_data, n * P, out + first[t] * P);
+  };
+  // Each row is quantized alone, so the rows are independent through the whole sequence: with
+  // enough rows each thread runs every step on its own slice (no synchronisation per step, and
+  // the same numbers however the batch is split); otherwise the step's products use the threads.
+  const int threads = at::get_num_threads();
+  const int64_t slice = (B + threads - 1) / threads;
+  if (threads > 1 && slice >= kMinRowsPerThread) {
+    at::parallel_for(0, B, slice, [&](int64_t b0, int64_t b1) { run_rows(b0, b1, false); });
+  } else {
+    run_rows(0, B, true);
   }
   return {output, h, c};
 #else
