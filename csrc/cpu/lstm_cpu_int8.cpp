@@ -33,7 +33,6 @@
 #if defined(__x86_64__) && __has_include(<fbgemm/Fbgemm.h>)
 #define LSTM_EXT_HAS_FBGEMM 1
 #include <fbgemm/Fbgemm.h>
-#include <fbgemm/QuantUtils.h>
 #else
 #define LSTM_EXT_HAS_FBGEMM 0
 #endif
@@ -208,8 +207,6 @@ class Int8Weight {
     }
   }
 
-  int64_t rows() const { return N_; }
-
   // C [M, N] (row stride N) = the rows' values [M, K] W^T, in int32; over the threads where
   // may_thread and the product is large enough.
   void products(const QuantizedRows& a, int64_t M, int32_t* C, bool may_thread) const {
@@ -353,23 +350,16 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
   if (weight_hr) {
     w_hr = std::make_unique<Int8Weight>(*weight_hr, *scale_hr);
   }
-  // The input projection of every step at once: gates_x [rows, 4H] = x W_ih^T + bias.
+  // The input projection of every step at once: gates_x [rows, 4H] = x W_ih^T (the gate pass
+  // adds the bias).
   const int64_t total_rows = x.size(0) * (packed ? 1 : x.size(1));
   QuantizedRows rows_q;
   std::vector<int32_t> ints;
   // (Not value-initialised: every element is written by the product.)
   std::unique_ptr<float[]> gates_x(new float[total_rows * G]);
   w_ih.product(x.data_ptr<float>(), total_rows, I, gates_x.get(), G, false, true, rows_q, ints);
-  if (bias) {
-    const Tensor bias_contiguous = bias->contiguous();
-    const float* b = bias_contiguous.data_ptr<float>();
-    for (int64_t row = 0; row < total_rows; ++row) {
-      for (int64_t k = 0; k < G; ++k) {
-        gates_x[row * G + k] += b[k];
-      }
-    }
-  }
-  const std::vector<float> no_bias(G, 0.f);
+  const Tensor bias_all = bias ? bias->contiguous() : at::zeros({G}, input.options());
+  const float* bias_data = bias_all.data_ptr<float>();
   float* out = output.data_ptr<float>();
   float* h_data = h.data_ptr<float>();
   float* c_data = c.data_ptr<float>();
@@ -389,7 +379,7 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
       }
       float* z = gates_x.get() + (first[t] + b0) * G;  // [n, 4H]: the step's gates, in place
       w_hh.product(hb, n, P, z, G, true, may_thread, quantized, accumulators);
-      gates_forward(n, H, 0, H, z, no_bias.data(), cb, r.data(), nullptr);
+      gates_forward(n, H, 0, H, z, bias_data, cb, r.data(), nullptr);
       if (w_hr) {
         w_hr->product(r.data(), n, H, hb, P, false, may_thread, quantized, accumulators);
       } else {
