@@ -35,6 +35,27 @@ def quantize_weight(weight: Tensor) -> Tuple[Tensor, Tensor]:
     return q, scale.contiguous()
 
 
+def _set_quantized(module: nn.Module, name: str, weight: Tensor) -> None:
+    """Fills module's buffers weight_{name} and scale_{name} from a float weight."""
+    q, scale = quantize_weight(weight)
+    getattr(module, f"weight_{name}").copy_(q)
+    getattr(module, f"scale_{name}").copy_(scale)
+
+
+def _combined_bias(bias_ih: Tensor, bias_hh: Tensor) -> Tensor:
+    """b_ih + b_hh in float32 on the CPU: the one bias the int8 op adds."""
+    return bias_ih.detach().cpu().float() + bias_hh.detach().cpu().float()
+
+
+def _float32_under_autocast(input, hx):
+    """Under torch.autocast the int8 op computes in float32 (as nn's float32-only ops do): its
+    inputs are cast, as autocast would; otherwise they stay as given (and are checked)."""
+    if not torch._C._is_any_autocast_enabled():
+        return input, hx
+    return (input.float() if isinstance(input, Tensor) else input,
+            None if hx is None else tuple(t.float() for t in hx))
+
+
 def _inference_only(owner: str, tensors) -> None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise RuntimeError(
@@ -115,13 +136,10 @@ class LSTM(nn.Module):
             for suffix in ("", "_reverse")[:2 if module.bidirectional else 1]:
                 name = f"l{layer}{suffix}"
                 for kind in ("ih", "hh") + (("hr",) if module.proj_size else ()):
-                    weight, scale = quantize_weight(getattr(module, f"weight_{kind}_{name}"))
-                    getattr(q, f"weight_{kind}_{name}").copy_(weight)
-                    getattr(q, f"scale_{kind}_{name}").copy_(scale)
+                    _set_quantized(q, f"{kind}_{name}", getattr(module, f"weight_{kind}_{name}"))
                 if module.bias:
-                    getattr(q, f"bias_{name}").copy_(
-                        getattr(module, f"bias_ih_{name}").detach().cpu().float()
-                        + getattr(module, f"bias_hh_{name}").detach().cpu().float())
+                    getattr(q, f"bias_{name}").copy_(_combined_bias(
+                        getattr(module, f"bias_ih_{name}"), getattr(module, f"bias_hh_{name}")))
         return q
 
     def _layer_weights(self, name: str) -> List[Optional[Tensor]]:
@@ -140,9 +158,7 @@ class LSTM(nn.Module):
         if reset is not None:
             raise NotImplementedError(f"{owner}: reset is not supported in int8 yet; run the "
                                       "sequences separately, or keep this module in float")
-        if torch._C._is_any_autocast_enabled():  # an int8 op computes in float32 under autocast
-            input = input.float() if isinstance(input, Tensor) else input
-            hx = None if hx is None else tuple(t.float() for t in hx)
+        input, hx = _float32_under_autocast(input, hx)
         input, h0, c0, batch_sizes, sorted_indices, unsorted_indices, batched, packed = \
             _float._time_major_inputs(self, owner, input, hx, self.scale_ih_l0)
         _inference_only(owner, [input, h0, c0])
@@ -205,19 +221,14 @@ class LSTMCell(nn.Module):
                             f"lstm_ext.LSTMCell, got {type(module).__name__}")
         q = cls(module.input_size, module.hidden_size, module.bias)
         for kind in ("ih", "hh"):
-            weight, scale = quantize_weight(getattr(module, f"weight_{kind}"))
-            getattr(q, f"weight_{kind}").copy_(weight)
-            getattr(q, f"scale_{kind}").copy_(scale)
+            _set_quantized(q, kind, getattr(module, f"weight_{kind}"))
         if module.bias:
-            q.bias_all.copy_(module.bias_ih.detach().cpu().float()
-                             + module.bias_hh.detach().cpu().float())
+            q.bias_all.copy_(_combined_bias(module.bias_ih, module.bias_hh))
         return q
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
         owner = self._owner
-        if torch._C._is_any_autocast_enabled():
-            input = input.float() if isinstance(input, Tensor) else input
-            hx = None if hx is None else tuple(t.float() for t in hx)
+        input, hx = _float32_under_autocast(input, hx)
         input, hx_t, cx_t, batched = _float._cell_inputs(self, owner, input, hx, self.scale_ih)
         _inference_only(owner, [input, hx_t, cx_t])
         _, hy, cy = _ops.quantized_lstm_layer(

@@ -292,3 +292,17 @@ def test_the_same_numbers_on_one_thread_and_on_several():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(alone[0], split[0]) and torch.equal(alone[1][1], split[1][1])
+
+
+def test_under_autocast_it_computes_in_float32():
+    # Inside torch.autocast (a model trained that way, evaluated in int8), 16-bit inputs are cast
+    # to float32 for the int8 op, as autocast does for float32-only ops.
+    model, q = int8_pair(num_layers=2)
+    x = torch.randn(6, 3, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = q(x.bfloat16())
+        cell_h, _ = lstm_ext.quantize_dynamic(nn.LSTMCell(5, 12))(x[0].bfloat16())
+    assert out.dtype == F32 and h.dtype == F32 and cell_h.dtype == F32
+    with torch.no_grad():
+        exact, _ = model(x.bfloat16().float())
+    assert errors(out, exact)[0] < 2e-2
