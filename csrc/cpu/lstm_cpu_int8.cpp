@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "gates.h"
+#include "layer_common.h"
 
 #if defined(__x86_64__) && __has_include(<fbgemm/Fbgemm.h>)
 #define LSTM_EXT_HAS_FBGEMM 1
@@ -52,8 +53,6 @@ constexpr int32_t kActivationMax = 127;
 // Below this many multiply-adds a product runs on one thread (a fork and join costs more).
 constexpr int64_t kMinThreadedMacs = 1 << 20;
 
-// The batch is split over the threads only where each gets at least this many rows.
-constexpr int64_t kMinRowsPerThread = 8;
 
 void check_weight(const Tensor& weight, const Tensor& scale, const char* name, int64_t rows,
                   int64_t cols) {
@@ -388,16 +387,13 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
       std::copy_n(hb, n * P, out + (first[t] + b0) * P);
     }
   };
-  // Each row is quantized alone, so the rows are independent through the whole sequence: with
-  // enough rows each thread runs every step on its own slice (no synchronisation per step, and
-  // the same numbers however the batch is split); otherwise the step's products use the threads.
-  const int threads = at::get_num_threads();
-  const int64_t slice = (B + threads - 1) / threads;
-  if (threads > 1 && slice >= kMinRowsPerThread) {
-    at::parallel_for(0, B, slice, [&](int64_t b0, int64_t b1) { run_rows(b0, b1, false); });
-  } else {
-    run_rows(0, B, true);
-  }
+  // Each row is quantized alone, so the rows are independent through the whole sequence: the
+  // batch is split over the threads as in the float kernels (layer_common.h), each slice running
+  // every step on its own rows (the same numbers however it is split); a batch too small to
+  // split has its step's products use the threads instead.
+  const LayerSizes sizes{T, B, I, H, P, total_rows};
+  const bool split = batch_is_split(sizes) && at::get_num_threads() > 1;
+  for_each_batch_slice(sizes, [&](int64_t b0, int64_t b1) { run_rows(b0, b1, !split); });
   return {output, h, c};
 #else
   TORCH_CHECK(false, kOp,
