@@ -750,11 +750,11 @@ std::vector<Tensor> dropout_masks(const ModuleConfig& config, const std::vector<
 
 // The same forward in pure PyTorch with autograd on (lstm_ext/reference.py, the lstm_reference
 // op), with the first forward's dropout masks: what a second derivative differentiates.
-// masks: the forward's zoneout and recurrent dropout masks (ForwardResult::masks).
+// forward: what module_forward kept, its masks among it.
 variable_list module_reference(const Tensor& input, const Tensor& h0, const Tensor& c0,
                                at::TensorList params, const ModuleConfig& config,
-                               const std::vector<Tensor>& kept,
-                               const std::vector<Tensor>& masks) {
+                               const ForwardResult& forward) {
+  const std::vector<Tensor>& masks = forward.masks;
   c10::List<optional<Tensor>> zoneout_masks, recurrent_masks;
   for (size_t k = 0; k < masks.size(); k += kMasksPerDirection) {
     if (config.zoneout_c > 0 || config.zoneout_h > 0) {  // undefined where that p is 0: None
@@ -767,24 +767,36 @@ variable_list module_reference(const Tensor& input, const Tensor& h0, const Tens
   }
   auto [output, h_n, c_n] = module_reference_op().call(
       input, h0, c0, params, config.has_biases, config.has_projections, config.num_layers,
-      config.bidirectional, config.batch_sizes, dropout_masks(config, kept), zoneout_masks,
-      recurrent_masks, config.reset, config.zoneout_c, config.zoneout_h, config.layer_norm);
+      config.bidirectional, config.batch_sizes, dropout_masks(config, forward.kept),
+      zoneout_masks, recurrent_masks, config.reset, config.zoneout_c, config.zoneout_h, config.layer_norm);
   return {output, h_n, c_n};
 }
 
-// What the forward saves for the backward, as one list (the lstm_forward op's `saved`): the zero
-// states when h0, c0 were not given, then `kept` without what an op cannot return as a further
-// output (another output, or an input): the first layer's input (the module's input), a layer's
-// input that is the layer before's output (one direction, no dropout between), the last layer's
-// output with one direction (the module's output), and the masks of layers with no dropout after
-// them (undefined). Which entries are there follows from config and has_states; unpack_saved
-// puts the rest back.
+// What the forward saves for the backward, as one list: the lstm_forward op's `saved`, and what
+// the C++ node saves besides the module's inputs and output (one layout for both). In order:
+// - the zero states when h0, c0 were not given;
+// - `kept` without what an op cannot return as a further output (another output, or an input):
+//   the first layer's input (the module's input), a layer's input that is the layer before's
+//   output (one direction, no dropout between), the last layer's output with one direction (the
+//   module's output), and the masks of layers with no dropout after them (undefined);
+// - where the forward drew masks (config.draws_masks()), per layer-direction those of zoneout's
+//   c, zoneout's h and recurrent dropout whose probability is not 0;
+// - with layer_norm, per layer-direction what the kernel kept of the normalisations.
+// Which entries are there follows from config and whether h0 was given; unpack_saved puts the
+// rest back.
 bool input_is_previous_output(const ModuleConfig& config, int64_t layer) {
   return layer > 0 && config.directions() == 1 && !config.dropout_after(layer - 1);
 }
 
 bool output_is_module_output(const ModuleConfig& config, int64_t layer) {
   return layer == config.num_layers - 1 && config.directions() == 1;
+}
+
+// Whether mask `kind` (0: zoneout c, 1: zoneout h, 2: recurrent) of a layer-direction was drawn.
+bool mask_drawn(const ModuleConfig& config, int64_t kind) {
+  const double probability[kMasksPerDirection] = {config.zoneout_c, config.zoneout_h,
+                                                  config.recurrent_dropout};
+  return config.draws_masks() && probability[kind] > 0;
 }
 
 std::vector<Tensor> saved_list(const ForwardResult& result, const ModuleConfig& config) {
@@ -806,28 +818,41 @@ std::vector<Tensor> saved_list(const ForwardResult& result, const ModuleConfig& 
       }
     }
   }
+  for (size_t k = 0; k < result.masks.size(); ++k) {
+    if (mask_drawn(config, k % kMasksPerDirection)) {
+      saved.push_back(result.masks[k]);
+    }
+  }
+  saved.insert(saved.end(), result.norms.begin(), result.norms.end());
   return saved;
 }
 
-// The inverse of saved_list: zero states (undefined when has_states) and `kept`.
-void unpack_saved(at::TensorList saved, const Tensor& input, const Tensor& output,
-                  const ModuleConfig& config, bool has_states, Tensor& zero_h, Tensor& zero_c,
-                  std::vector<Tensor>& kept) {
+// The inverse of saved_list: the forward's state (zero states undefined when has_states) as
+// module_forward left it, with `output` as its output.
+ForwardResult unpack_saved(at::TensorList saved, const Tensor& input, const Tensor& output,
+                           const ModuleConfig& config, bool has_states) {
   const int64_t directions = config.directions();
+  const int64_t layer_directions = config.num_layers * directions;
   size_t expected = has_states ? 0 : 2;
   for (int64_t layer = 0; layer < config.num_layers; ++layer) {
     expected += (layer > 0 && !input_is_previous_output(config, layer) ? 1 : 0) +
                 (config.dropout_after(layer) ? 1 : 0) + kKeptPerDirection * directions -
                 (output_is_module_output(config, layer) ? 1 : 0);
   }
+  for (int64_t kind = 0; kind < kMasksPerDirection; ++kind) {
+    expected += mask_drawn(config, kind) ? layer_directions : 0;
+  }
+  expected += config.layer_norm ? layer_directions : 0;
   TORCH_CHECK(saved.size() == expected, "lstm_ext::lstm_backward: saved must hold ", expected,
               " tensors (what lstm_forward returned for this configuration), got ", saved.size());
+  ForwardResult result;
+  result.output = output;
   size_t next = 0;
   if (!has_states) {
-    zero_h = saved[next++];
-    zero_c = saved[next++];
+    result.zero_h = saved[next++];
+    result.zero_c = saved[next++];
   }
-  kept.clear();
+  std::vector<Tensor>& kept = result.kept;
   for (int64_t layer = 0; layer < config.num_layers; ++layer) {
     if (layer == 0) {
       kept.push_back(input);
@@ -841,6 +866,16 @@ void unpack_saved(at::TensorList saved, const Tensor& input, const Tensor& outpu
       kept.push_back(i == 0 && output_is_module_output(config, layer) ? output : saved[next++]);
     }
   }
+  if (config.draws_masks()) {
+    for (int64_t k = 0; k < layer_directions * kMasksPerDirection; ++k) {
+      result.masks.push_back(mask_drawn(config, k % kMasksPerDirection) ? saved[next++]
+                                                                         : Tensor());
+    }
+  }
+  if (config.layer_norm) {
+    result.norms.assign(saved.begin() + next, saved.end());
+  }
+  return result;
 }
 
 // The gradients of the module's backward: of the input, of h0 and c0 (per layer and direction:
@@ -853,14 +888,15 @@ struct ModuleGrads {
 };
 
 // The layers' backward kernels in reverse (below autograd). grad_*: d output, d h_n, d c_n, each
-// possibly undefined; h0, c0 undefined when the forward started from zero_h, zero_c.
+// possibly undefined; h0, c0 undefined when the forward started from its zero states.
+// forward: what module_forward kept (or unpack_saved put back).
 // need_grad_input: whether the module's input needs a gradient (else grads.input has no rows).
 ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
                             const Tensor& grad_c_n, const Tensor& input, const Tensor& h0,
                             const Tensor& c0, at::TensorList params, const ModuleConfig& config,
-                            const Tensor& zero_h, const Tensor& zero_c,
-                            const std::vector<Tensor>& kept, const std::vector<Tensor>& masks,
-                            const std::vector<Tensor>& norms, bool need_grad_input) {
+                            const ForwardResult& forward, bool need_grad_input) {
+  const Tensor &zero_h = forward.zero_h, &zero_c = forward.zero_c;
+  const std::vector<Tensor>&kept = forward.kept, &masks = forward.masks, &norms = forward.norms;
   const int64_t directions = config.directions();
   const int64_t per_layer = config.params_per_layer();
   ModuleGrads grads;
@@ -953,85 +989,82 @@ ModuleGrads module_backward(const Tensor& grad_output, const Tensor& grad_h_n,
   return grads;
 }
 
-// Argument positions of lstm: input, h0, c0, then each parameter, then the configuration (one
-// position each: has_biases, has_projections, num_layers, dropout, train, bidirectional,
-// batch_sizes, reset, zoneout_c, zoneout_h, recurrent_dropout, layer_norm).
-constexpr size_t kModuleConfigArgs = 12;
+// The configuration in the C++ node's context (saved_data holds IValues, not structs).
+void save_config(AutogradContext* ctx, const ModuleConfig& config) {
+  ctx->saved_data["flags"] = std::vector<int64_t>{config.has_biases, config.has_projections,
+                                                  config.num_layers, config.train,
+                                                  config.bidirectional, config.layer_norm};
+  ctx->saved_data["probabilities"] = std::vector<double>{
+      config.dropout, config.zoneout_c, config.zoneout_h, config.recurrent_dropout};
+  ctx->saved_data["batch_sizes"] = config.batch_sizes;
+  ctx->saved_data["reset"] = config.reset;
+}
 
+ModuleConfig load_config(AutogradContext* ctx) {
+  const auto flags = ctx->saved_data["flags"].toIntVector();
+  const auto probabilities = ctx->saved_data["probabilities"].toDoubleVector();
+  return ModuleConfig{flags[0] != 0,
+                      flags[1] != 0,
+                      flags[2],
+                      probabilities[0],
+                      flags[3] != 0,
+                      flags[4] != 0,
+                      ctx->saved_data["batch_sizes"].toOptional<Tensor>(),
+                      ctx->saved_data["reset"].toOptional<Tensor>(),
+                      probabilities[1],
+                      probabilities[2],
+                      probabilities[3],
+                      flags[5] != 0};
+}
+
+// lstm's graph node: the forward and backward of lstm_forward / lstm_backward (below), with the
+// state kept in the node's context in the same layout (saved_list).
 class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
  public:
+  // Arguments: input, h0, c0, the parameters, then the configuration (one position).
   static variable_list forward(AutogradContext* ctx, const Tensor& input,
                                const optional<Tensor>& h0, const optional<Tensor>& c0,
-                               at::TensorList params, bool has_biases, bool has_projections,
-                               int64_t num_layers, double dropout, bool train, bool bidirectional,
-                               const optional<Tensor>& batch_sizes,
-                               const optional<Tensor>& reset, double zoneout_c, double zoneout_h,
-                               double recurrent_dropout, bool layer_norm) {
+                               at::TensorList params, const ModuleConfig& config) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const ModuleConfig config{has_biases, has_projections, num_layers,        dropout,
-                              train,      bidirectional,   batch_sizes,       reset,
-                              zoneout_c,  zoneout_h,       recurrent_dropout, layer_norm};
-    ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/true);
-    // Everything goes through save_for_backward, intermediate results included: the last layer's
-    // output is also this node's output, and a tensor held anywhere else in the context would
-    // hold the node through its grad_fn, a reference cycle that is never freed.
+    const ForwardResult result = module_forward(input, h0, c0, params, config,
+                                                /*keep_state=*/true);
+    // Everything goes through save_for_backward, the output included: a tensor held anywhere else
+    // in the context would hold the node through its grad_fn, a reference cycle never freed.
     std::vector<Tensor> to_save = {input, h0.value_or(Tensor()), c0.value_or(Tensor())};
     to_save.insert(to_save.end(), params.begin(), params.end());
-    to_save.insert(to_save.end(), {result.zero_h, result.zero_c});
-    to_save.insert(to_save.end(), result.kept.begin(), result.kept.end());
-    to_save.insert(to_save.end(), result.masks.begin(), result.masks.end());
-    to_save.insert(to_save.end(), result.norms.begin(), result.norms.end());
+    to_save.push_back(result.output);
+    const std::vector<Tensor> saved = saved_list(result, config);
+    to_save.insert(to_save.end(), saved.begin(), saved.end());
     ctx->save_for_backward(to_save);
-    ctx->saved_data["config"] = std::vector<int64_t>{
-        has_biases, has_projections, num_layers, train, bidirectional, layer_norm};
-    ctx->saved_data["dropout"] = dropout;
-    ctx->saved_data["batch_sizes"] = batch_sizes;
-    ctx->saved_data["reset"] = reset;
-    ctx->saved_data["regularize"] = std::vector<double>{zoneout_c, zoneout_h, recurrent_dropout};
+    ctx->saved_data["params"] = static_cast<int64_t>(params.size());
+    save_config(ctx, config);
     ctx->set_materialize_grads(false);
     return {result.output, result.h_n, result.c_n};
   }
 
   // grad_outputs: d output, d h_n, d c_n, each possibly undefined (not used by the loss).
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto flags = ctx->saved_data["config"].toIntVector();
-    ModuleConfig config{flags[0] != 0, flags[1] != 0, flags[2],
-                        ctx->saved_data["dropout"].toDouble(), flags[3] != 0,
-                        flags[4] != 0, ctx->saved_data["batch_sizes"].toOptional<Tensor>(),
-                        ctx->saved_data["reset"].toOptional<Tensor>()};
-    const auto regularize = ctx->saved_data["regularize"].toDoubleVector();
-    config.zoneout_c = regularize[0];
-    config.zoneout_h = regularize[1];
-    config.recurrent_dropout = regularize[2];
-    config.layer_norm = flags[5] != 0;
-    // saved: input, h0, c0, the parameters, the zero states, then `kept`, the masks, the norms.
+    const ModuleConfig config = load_config(ctx);
+    // saved: input, h0, c0, the parameters, the output, then saved_list's entries.
     const variable_list saved = ctx->get_saved_variables();
-    const size_t n_inputs = 3 + config.num_layers * config.directions() * config.params_per_layer();
+    const size_t n_inputs = 3 + static_cast<size_t>(ctx->saved_data["params"].toInt());
     const std::vector<Tensor> inputs(saved.begin(), saved.begin() + n_inputs);
     const Tensor &input = inputs[0], &h0 = inputs[1], &c0 = inputs[2];
-    const std::vector<Tensor> params(inputs.begin() + 3, inputs.end());
-    // undefined when h0, c0 were given
-    const Tensor &zero_h = saved[n_inputs], &zero_c = saved[n_inputs + 1];
-    const auto kept_begin = saved.begin() + n_inputs + 2;
-    const auto kept_end = kept_begin + kept_index(config, config.num_layers);
-    const std::vector<Tensor> kept(kept_begin, kept_end);
-    const auto masks_end =
-        kept_end + (config.draws_masks()
-                        ? config.num_layers * config.directions() * kMasksPerDirection
-                        : 0);
-    const std::vector<Tensor> masks(kept_end, masks_end);
-    const std::vector<Tensor> norms(masks_end, saved.end());
-    variable_list grads(n_inputs + kModuleConfigArgs);
+    const at::TensorList params = at::TensorList(inputs).slice(3);
+    const ForwardResult forward = unpack_saved(at::TensorList(saved).slice(n_inputs + 1), input,
+                                               saved[n_inputs], config, h0.defined());
+    variable_list grads(n_inputs + 1);  // the configuration's position gets none
 
     if (torch::autograd::GradMode::is_enabled()) {  // create_graph=True
       Tensor h0_or_zeros = h0, c0_or_zeros = c0;
       if (!h0.defined()) {
         const int64_t states = config.num_layers * config.directions();
+        const Tensor &zero_h = forward.zero_h, &zero_c = forward.zero_c;
         h0_or_zeros = zero_h.expand({states, zero_h.size(0), zero_h.size(1)});
         c0_or_zeros = zero_c.expand({states, zero_c.size(0), zero_c.size(1)});
       }
       const variable_list outputs =
-          module_reference(input, h0_or_zeros, c0_or_zeros, params, config, kept, masks);
+          module_reference(input, h0_or_zeros, c0_or_zeros, params, config, forward);
       differentiable_grads(ctx, inputs, outputs, grad_outputs, grads);
       return grads;
     }
@@ -1039,7 +1072,7 @@ class ModuleFunction : public torch::autograd::Function<ModuleFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const ModuleGrads computed =
         module_backward(grad_outputs[0], grad_outputs[1], grad_outputs[2], input, h0, c0, params,
-                        config, zero_h, zero_c, kept, masks, norms, needs_grad(ctx, inputs, 0));
+                        config, forward, needs_grad(ctx, inputs, 0));
     if (needs_grad(ctx, inputs, 0)) {
       grads[0] = computed.input;
     }
@@ -1124,17 +1157,16 @@ std::tuple<Tensor, Tensor> lstm_cell_no_state(const Tensor& input, const Tensor&
   return {hy, cy};
 }
 
-// ---- kernels of lstm -----------------------------------------------------------------------------
+// ---- kernels of lstm, lstm_forward and lstm_backward --------------------------------------------
+//
+// The three ops take the same configuration arguments in the same order (csrc/lstm.cpp).
 
-std::tuple<Tensor, Tensor, Tensor> lstm_no_state(const Tensor& input, const optional<Tensor>& h0,
-                                                 const optional<Tensor>& c0,
-                                                 at::TensorList params, bool has_biases,
-                                                 bool has_projections, int64_t num_layers,
-                                                 double dropout, bool train, bool bidirectional,
-                                                 const optional<Tensor>& batch_sizes,
-                                                 const optional<Tensor>& reset, double zoneout_c,
-                                                 double zoneout_h, double recurrent_dropout,
-                                                 bool layer_norm) {
+std::tuple<Tensor, Tensor, Tensor> lstm_no_state(
+    const Tensor& input, const optional<Tensor>& h0, const optional<Tensor>& c0,
+    at::TensorList params, bool has_biases, bool has_projections, int64_t num_layers,
+    double dropout, bool train, bool bidirectional, const optional<Tensor>& batch_sizes,
+    const optional<Tensor>& reset, double zoneout_c, double zoneout_h, double recurrent_dropout,
+    bool layer_norm) {
   const ModuleConfig config{has_biases, has_projections, num_layers,        dropout,
                             train,      bidirectional,   batch_sizes,       reset,
                             zoneout_c,  zoneout_h,       recurrent_dropout, layer_norm};
@@ -1142,15 +1174,12 @@ std::tuple<Tensor, Tensor, Tensor> lstm_no_state(const Tensor& input, const opti
   return {result.output, result.h_n, result.c_n};
 }
 
-std::tuple<Tensor, Tensor, Tensor> lstm_autograd(const Tensor& input, const optional<Tensor>& h0,
-                                                 const optional<Tensor>& c0,
-                                                 at::TensorList params, bool has_biases,
-                                                 bool has_projections, int64_t num_layers,
-                                                 double dropout, bool train, bool bidirectional,
-                                                 const optional<Tensor>& batch_sizes,
-                                                 const optional<Tensor>& reset, double zoneout_c,
-                                                 double zoneout_h, double recurrent_dropout,
-                                                 bool layer_norm) {
+std::tuple<Tensor, Tensor, Tensor> lstm_autograd(
+    const Tensor& input, const optional<Tensor>& h0, const optional<Tensor>& c0,
+    at::TensorList params, bool has_biases, bool has_projections, int64_t num_layers,
+    double dropout, bool train, bool bidirectional, const optional<Tensor>& batch_sizes,
+    const optional<Tensor>& reset, double zoneout_c, double zoneout_h, double recurrent_dropout,
+    bool layer_norm) {
   bool track = false;
   if (torch::autograd::GradMode::is_enabled()) {
     const Tensor none;
@@ -1165,21 +1194,24 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autograd(const Tensor& input, const opti
                          train, bidirectional, batch_sizes, reset, zoneout_c, zoneout_h,
                          recurrent_dropout, layer_norm);
   }
-  const variable_list out = ModuleFunction::apply(
-      input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
-      bidirectional, batch_sizes, reset, zoneout_c, zoneout_h, recurrent_dropout, layer_norm);
+  const ModuleConfig config{has_biases, has_projections, num_layers,        dropout,
+                            train,      bidirectional,   batch_sizes,       reset,
+                            zoneout_c,  zoneout_h,       recurrent_dropout, layer_norm};
+  const variable_list out = ModuleFunction::apply(input, h0, c0, params, config);
   return {out[0], out[1], out[2]};
 }
 
-// ---- kernels of lstm_forward and lstm_backward (the module for torch.func) ------------------------
-
+// lstm's forward with the state its backward needs, as one list (saved_list): what torch.func
+// transforms run (lstm_ext/_functorch.py), since functorch refuses a C++ autograd node.
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward_kernels(
     const Tensor& input, const optional<Tensor>& h0, const optional<Tensor>& c0,
     at::TensorList params, bool has_biases, bool has_projections, int64_t num_layers,
     double dropout, bool train, bool bidirectional, const optional<Tensor>& batch_sizes,
-    const optional<Tensor>& reset) {
-  const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
-                            train,      bidirectional,   batch_sizes, reset};
+    const optional<Tensor>& reset, double zoneout_c, double zoneout_h, double recurrent_dropout,
+    bool layer_norm) {
+  const ModuleConfig config{has_biases, has_projections, num_layers,        dropout,
+                            train,      bidirectional,   batch_sizes,       reset,
+                            zoneout_c,  zoneout_h,       recurrent_dropout, layer_norm};
   ForwardResult result = module_forward(input, h0, c0, params, config, /*keep_state=*/true);
   return {result.output, result.h_n, result.c_n, saved_list(result, config)};
 }
@@ -1190,18 +1222,18 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_kernels(
     const optional<Tensor>& c0, at::TensorList params, bool has_biases, bool has_projections,
     int64_t num_layers, double dropout, bool train, bool bidirectional,
     const optional<Tensor>& batch_sizes, const Tensor& output, at::TensorList saved,
-    const optional<Tensor>& reset) {
-  const ModuleConfig config{has_biases, has_projections, num_layers, dropout,
-                            train,      bidirectional,   batch_sizes, reset};
+    const optional<Tensor>& reset, double zoneout_c, double zoneout_h, double recurrent_dropout,
+    bool layer_norm) {
+  const ModuleConfig config{has_biases, has_projections, num_layers,        dropout,
+                            train,      bidirectional,   batch_sizes,       reset,
+                            zoneout_c,  zoneout_h,       recurrent_dropout, layer_norm};
   check_module_args(input, h0, c0, params, config);
   const Tensor h0_t = h0.value_or(Tensor()), c0_t = c0.value_or(Tensor());
-  Tensor zero_h, zero_c;
-  std::vector<Tensor> kept;
-  unpack_saved(saved, input, output, config, h0_t.defined(), zero_h, zero_c, kept);
+  const ForwardResult forward = unpack_saved(saved, input, output, config, h0_t.defined());
   ModuleGrads grads = module_backward(grad_output.value_or(Tensor()),
                                       grad_h_n.value_or(Tensor()), grad_c_n.value_or(Tensor()),
-                                      input, h0_t, c0_t, params, config, zero_h, zero_c, kept,
-                                      /*masks=*/{}, /*norms=*/{}, /*need_grad_input=*/true);
+                                      input, h0_t, c0_t, params, config, forward,
+                                      /*need_grad_input=*/true);
   if (has_biases) {  // an op's outputs do not alias each other: bias_hh gets its own copy
     for (size_t i = 3; i < grads.params.size(); i += config.params_per_layer()) {
       grads.params[i] = grads.params[i].clone();

@@ -133,15 +133,17 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor? scale_hr, Tensor? batch_sizes, bool reverse) -> (Tensor output, Tensor h_n, "
       "Tensor c_n)",
       {at::Tag::pt2_compliant_tag});
-  // The whole module's kernels (the layer kernels in order, CompositeExplicitAutograd in
-  // csrc/autograd.cpp): what torch.func transforms run (lstm_ext/_functorch.py), since functorch
-  // refuses a C++ autograd node. saved: what the backward needs besides input and output, as
-  // lstm_backward takes it back.
+  // The whole module's forward and backward, separately: what torch.func transforms run
+  // (lstm_ext/_functorch.py), since functorch refuses a C++ autograd node (lstm's node runs the
+  // same two functions, csrc/autograd.cpp). The arguments after params are lstm's, in its order.
+  // saved: what the backward needs besides input and output, as lstm_backward takes it back
+  // (zoneout's and recurrent dropout's masks among it: the backward draws none).
   m.def(
       "lstm_forward(Tensor input, Tensor? h0, Tensor? c0, Tensor[] params, bool has_biases, "
       "bool has_projections, int num_layers, float dropout, bool train, bool bidirectional, "
-      "Tensor? batch_sizes, Tensor? reset=None) -> (Tensor output, Tensor h_n, Tensor c_n, "
-      "Tensor[] saved)",
+      "Tensor? batch_sizes, Tensor? reset=None, float zoneout_c=0., float zoneout_h=0., "
+      "float recurrent_dropout=0., bool layer_norm=False) -> (Tensor output, Tensor h_n, "
+      "Tensor c_n, Tensor[] saved)",
       {at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded});
   // -> grad_h0 [L*D, B, P] and grad_c0 [L*D, B, H] also where h0, c0 were None; grad_params in
   // params' order.
@@ -149,8 +151,9 @@ TORCH_LIBRARY(lstm_ext, m) {
       "lstm_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor? h0, Tensor? c0, Tensor[] params, bool has_biases, bool has_projections, "
       "int num_layers, float dropout, bool train, bool bidirectional, Tensor? batch_sizes, "
-      "Tensor output, Tensor[] saved, Tensor? reset=None) -> (Tensor grad_input, "
-      "Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)",
+      "Tensor output, Tensor[] saved, Tensor? reset=None, float zoneout_c=0., "
+      "float zoneout_h=0., float recurrent_dropout=0., bool layer_norm=False) -> "
+      "(Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)",
       {at::Tag::pt2_compliant_tag});
   // zoneout's masks, as lstm draws them: fills the bool `mask` in place, each element true with
   // probability p (csrc/lstm_regularize.h). An op of its own, so that torch.compile records it

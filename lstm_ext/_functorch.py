@@ -69,37 +69,46 @@ def _reference_grads(inputs: Sequence[Optional[Tensor]], outputs: Sequence[Tenso
 
 class _Module(torch.autograd.Function):
     """lstm under transforms. Arguments: config (has_biases, has_projections, num_layers, dropout,
-    train, bidirectional), batch_sizes, input, h0, c0, *params. Outputs: output, h_n, c_n and the
-    saved state (not differentiable)."""
+    train, bidirectional), options (zoneout_c, zoneout_h, recurrent_dropout, layer_norm),
+    batch_sizes, reset, input, h0, c0, *params. Outputs: output, h_n, c_n and the saved state
+    (not differentiable)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(config, batch_sizes, input, h0, c0, *params):
+    def forward(config, options, batch_sizes, reset, input, h0, c0, *params):
         output, h_n, c_n, saved = _lstm_ext.lstm_forward(input, h0, c0, list(params), *config,
-                                                         batch_sizes)
+                                                         batch_sizes, reset, *options)
         return (output, h_n, c_n, *saved)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        config, batch_sizes, input, h0, c0, *params = inputs
+        config, options, batch_sizes, reset, input, h0, c0, *params = inputs
         saved = outputs[3:]
         ctx.mark_non_differentiable(*saved)
         ctx.set_materialize_grads(False)
-        ctx.config, ctx.batch_sizes, ctx.n_params = config, batch_sizes, len(params)
-        ctx.save_for_backward(input, h0, c0, *params, outputs[0], *saved)
+        ctx.config, ctx.options, ctx.batch_sizes, ctx.n_params = \
+            config, options, batch_sizes, len(params)
+        ctx.save_for_backward(reset, input, h0, c0, *params, outputs[0], *saved)
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, *_saved_grads):
-        input, h0, c0, *rest = ctx.saved_tensors
+        reset, input, h0, c0, *rest = ctx.saved_tensors
         params, output, saved = rest[:ctx.n_params], rest[ctx.n_params], rest[ctx.n_params + 1:]
         has_biases, has_projections, num_layers, dropout, train, bidirectional = ctx.config
+        zoneout_c, zoneout_h, recurrent_dropout, layer_norm = ctx.options
         inputs = [input, h0, c0, *params]
+        needs = ctx.needs_input_grad[4:]
         if _differentiable_backward_wanted():
-            if train and dropout > 0 and num_layers > 1:
+            drawn = [name for name, used in (
+                ("dropout", num_layers > 1 and dropout > 0),
+                ("zoneout", zoneout_c > 0 or zoneout_h > 0),
+                ("recurrent_dropout", recurrent_dropout > 0)) if train and used]
+            if drawn:
                 raise NotImplementedError(
-                    "lstm_ext: second derivatives under torch.func transforms with dropout in "
-                    "training mode are not supported (call model.eval(), or set dropout=0)")
+                    f"lstm_ext: second derivatives under torch.func transforms with "
+                    f"{', '.join(drawn)} in training mode are not supported (call model.eval(), "
+                    "or set them to 0)")
             if h0 is None:  # the forward started from zeros: saved[0], saved[1]
                 states = num_layers * (2 if bidirectional else 1)
                 h0_used = saved[0].expand(states, *saved[0].shape)
@@ -109,28 +118,29 @@ class _Module(torch.autograd.Function):
             with torch.enable_grad():
                 outputs = _lstm_ext.lstm_reference(input, h0_used, c0_used, list(params),
                                                    has_biases, has_projections, num_layers,
-                                                   bidirectional, ctx.batch_sizes, [], [], [])
-            grads = _reference_grads(inputs, outputs, (grad_output, grad_h_n, grad_c_n),
-                                     ctx.needs_input_grad[2:])
-            return (None, None, *grads)
+                                                   bidirectional, ctx.batch_sizes, [], [], [],
+                                                   reset, zoneout_c, zoneout_h, layer_norm)
+            grads = _reference_grads(inputs, outputs, (grad_output, grad_h_n, grad_c_n), needs)
+            return (None, None, None, None, *grads)
         grad_input, grad_h0, grad_c0, grad_params = _lstm_ext.lstm_backward(
             grad_output, grad_h_n, grad_c_n, input, h0, c0, list(params), *ctx.config,
-            ctx.batch_sizes, output, list(saved))
+            ctx.batch_sizes, output, list(saved), reset, *ctx.options)
         grads = [grad_input, grad_h0 if h0 is not None else None,
                  grad_c0 if c0 is not None else None, *grad_params]
-        return (None, None, *[g if need else None for g, need in
-                              zip(grads, ctx.needs_input_grad[2:])])
+        return (None, None, None, None, *[g if need else None for g, need in zip(grads, needs)])
 
 
 def lstm(input: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], params: List[Tensor],
          has_biases: bool, has_projections: bool, num_layers: int, dropout: float, train: bool,
-         bidirectional: bool, batch_sizes: Optional[Tensor]):
+         bidirectional: bool, batch_sizes: Optional[Tensor], reset: Optional[Tensor] = None,
+         zoneout_c: float = 0.0, zoneout_h: float = 0.0, recurrent_dropout: float = 0.0,
+         layer_norm: bool = False):
     """torch.ops.lstm_ext.lstm, under transforms: through _Module unless _inference_only()."""
-    if _inference_only():
-        return _lstm_ext.lstm(input, h0, c0, params, has_biases, has_projections, num_layers,
-                              dropout, train, bidirectional, batch_sizes)
     config = (has_biases, has_projections, num_layers, dropout, train, bidirectional)
-    return _Module.apply(config, batch_sizes, input, h0, c0, *params)[:3]
+    options = (zoneout_c, zoneout_h, recurrent_dropout, layer_norm)
+    if _inference_only():
+        return _lstm_ext.lstm(input, h0, c0, params, *config, batch_sizes, reset, *options)
+    return _Module.apply(config, options, batch_sizes, reset, input, h0, c0, *params)[:3]
 
 
 # ---- one layer ----------------------------------------------------------------------------------
@@ -241,7 +251,8 @@ def lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh):
 
 _RANDOM_ERROR = ("vmap: called random operation while in randomness error mode. Please either use "
                  "the 'same' or 'different' randomness flags on vmap or perform the randomness "
-                 "operation out of vmap (lstm_ext: dropout between layers in training mode)")
+                 "operation out of vmap (lstm_ext: dropout between layers, zoneout or "
+                 "recurrent dropout in training mode)")
 
 
 def _is_batched(dim) -> bool:
@@ -299,75 +310,69 @@ def _unfold(t: Tensor, at: int, size: int) -> Tensor:
     return t.unflatten(at, (size, -1))
 
 
-def _refuse_beyond_nn(reset: Optional[Tensor], zoneout_c: float = 0.0, zoneout_h: float = 0.0,
-                      recurrent_dropout: float = 0.0, layer_norm: bool = False) -> None:
-    """reset, zoneout, recurrent dropout and layer_norm do not run under torch.func transforms
-    yet."""
-    if reset is not None or zoneout_c or zoneout_h or recurrent_dropout or layer_norm:
-        raise NotImplementedError(
-            "lstm_ext: reset, zoneout, recurrent_dropout and layer_norm under torch.func "
-            "transforms are not supported yet; call the module outside the transform, or "
-            "without them")
+def _draws_random(dropout, train, num_layers, zoneout_c, zoneout_h, recurrent_dropout) -> bool:
+    """Whether lstm / lstm_forward draws masks: dropout between layers, zoneout, recurrent
+    dropout, in training."""
+    return train and ((dropout > 0 and num_layers > 1) or zoneout_c > 0 or zoneout_h > 0
+                      or recurrent_dropout > 0)
 
 
-def _dropout_draws(dropout, train, num_layers) -> bool:
-    return train and dropout > 0 and num_layers > 1
+def _module_vmap(op, keeps_state):
+    """The batching rule of lstm / lstm_forward: the vmapped dimension folded into the batch,
+    reset's too; one call per item for batched weights, packed input, or masks drawn the same
+    for every item."""
+    def rule(info, in_dims, input, h0, c0, params, has_biases, has_projections, num_layers,
+             dropout, train, bidirectional, batch_sizes, reset=None, zoneout_c=0.0,
+             zoneout_h=0.0, recurrent_dropout=0.0, layer_norm=False):
+        args = (input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
+                bidirectional, batch_sizes, reset, zoneout_c, zoneout_h, recurrent_dropout,
+                layer_norm)
+        in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+        random = _draws_random(dropout, train, num_layers, zoneout_c, zoneout_h,
+                               recurrent_dropout)
+        if (_is_batched(in_dims[3]) or batch_sizes is not None
+                or (random and info.randomness != "different")):
+            return _per_item(info, op(), args, in_dims, random)
+        n = info.batch_size
+        outputs = op()(_fold(input, in_dims[0], 1, n), _fold(h0, in_dims[1], 1, n),
+                       _fold(c0, in_dims[2], 1, n), params, has_biases, has_projections,
+                       num_layers, dropout, train, bidirectional, None,
+                       _fold(reset, in_dims[11], 1, n), zoneout_c, zoneout_h, recurrent_dropout,
+                       layer_norm)
+        dims = (1, 1, 1)  # output [T, B, .], h_n, c_n [L*D, B, .]
+        unfolded = tuple(_unfold(t, d, n) for t, d in zip(outputs[:3], dims))
+        if not keeps_state:
+            return unfolded, dims
+        # saved: the zero states and recurrent dropout masks [B, .] (batch first), the rest
+        # per-step [T, B, .]
+        saved_dims = [0 if t.dim() == 2 else 1 for t in outputs[3]]
+        saved = [_unfold(t, d, n) for t, d in zip(outputs[3], saved_dims)]
+        return unfolded + (saved,), dims + (saved_dims,)
+    return rule
 
 
-@torch.library.register_vmap("lstm_ext::lstm_forward")
-def _lstm_forward_vmap(info, in_dims, input, h0, c0, params, has_biases, has_projections,
-                       num_layers, dropout, train, bidirectional, batch_sizes, reset=None):
-    _refuse_beyond_nn(reset)
-    args = (input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
-            bidirectional, batch_sizes)
-    random = _dropout_draws(dropout, train, num_layers)
-    if _is_batched(in_dims[3]) or batch_sizes is not None or (random and info.randomness != "different"):
-        return _per_item(info, _lstm_ext.lstm_forward, args, in_dims, random)
-    n = info.batch_size
-    output, h_n, c_n, saved = _lstm_ext.lstm_forward(
-        _fold(input, in_dims[0], 1, n), _fold(h0, in_dims[1], 1, n), _fold(c0, in_dims[2], 1, n),
-        params, has_biases, has_projections, num_layers, dropout, train, bidirectional, None)
-    # saved: the zero states [B, .] (batch first), then per-step tensors [T, B, .]
-    saved_dims = [0 if t.dim() == 2 else 1 for t in saved]
-    saved = [_unfold(t, d, n) for t, d in zip(saved, saved_dims)]
-    return ((_unfold(output, 1, n), _unfold(h_n, 1, n), _unfold(c_n, 1, n), saved),
-            (1, 1, 1, saved_dims))
-
-
-@torch.library.register_vmap("lstm_ext::lstm")
-def _lstm_vmap(info, in_dims, input, h0, c0, params, has_biases, has_projections, num_layers,
-               dropout, train, bidirectional, batch_sizes, reset=None, zoneout_c=0.0,
-               zoneout_h=0.0, recurrent_dropout=0.0, layer_norm=False):
-    _refuse_beyond_nn(reset, zoneout_c, zoneout_h, recurrent_dropout, layer_norm)
-    args = (input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
-            bidirectional, batch_sizes)
-    random = _dropout_draws(dropout, train, num_layers)
-    call = _lstm_ext.lstm
-    if _is_batched(in_dims[3]) or batch_sizes is not None or (random and info.randomness != "different"):
-        return _per_item(info, call, args, in_dims, random)
-    n = info.batch_size
-    output, h_n, c_n = call(_fold(input, in_dims[0], 1, n), _fold(h0, in_dims[1], 1, n),
-                            _fold(c0, in_dims[2], 1, n), params, has_biases, has_projections,
-                            num_layers, dropout, train, bidirectional, None)
-    return (_unfold(output, 1, n), _unfold(h_n, 1, n), _unfold(c_n, 1, n)), (1, 1, 1)
+torch.library.register_vmap("lstm_ext::lstm_forward",
+                            _module_vmap(lambda: _lstm_ext.lstm_forward, keeps_state=True))
+torch.library.register_vmap("lstm_ext::lstm", _module_vmap(lambda: _lstm_ext.lstm,
+                                                           keeps_state=False))
 
 
 def _layer_vmap(op, keeps_state):
     def rule(info, in_dims, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-             batch_sizes, reverse, *keep_state):
+             batch_sizes, reverse, *further):
         args = (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes,
-                reverse, *keep_state)
-        # lstm_layer_forward's further arguments: reset, zoneout_c, zoneout_h, then three masks
-        beyond = keep_state[1:]
-        if beyond:
-            masks = [mask for mask in beyond[3:] if mask is not None]
-            _refuse_beyond_nn(beyond[0], beyond[1], beyond[2], len(masks))
+                reverse, *further)
         if any(_is_batched(d) for d in in_dims[3:8]) or batch_sizes is not None:
             return _per_item(info, op(), args, in_dims)
         n = info.batch_size
+        # lstm_layer_forward's further arguments: keep_state, then reset [T, B], zoneout_c,
+        # zoneout_h, the zoneout masks [T, B, .] and the recurrent dropout mask [B, P]
+        batch_at = {11: 1, 14: 1, 15: 1, 16: 0}
+        further = [_fold(a, in_dims[i], batch_at[i], n) if i in batch_at else a
+                   for i, a in enumerate(further, start=10)]
         outputs = op()(_fold(input, in_dims[0], 1, n), _fold(h0, in_dims[1], 0, n),
                        _fold(c0, in_dims[2], 0, n), weight_ih, weight_hh, bias_ih, bias_hh,
-                       weight_hr, None, reverse, *keep_state)
+                       weight_hr, None, reverse, *further)
         dims = (1, 0, 0, 1, 1) if keeps_state else (1, 0, 0)  # output, h_n, c_n (gates, cells)
         return tuple(_unfold(t, d, n) for t, d in zip(outputs, dims)), dims
     return rule

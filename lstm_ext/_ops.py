@@ -80,17 +80,21 @@ def _lstm_fake(input, h0, c0, params, has_biases, has_projections, num_layers, d
 
 @torch.library.register_fake("lstm_ext::lstm_forward")
 def _(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
-      bidirectional, batch_sizes, reset=None):
+      bidirectional, batch_sizes, reset=None, zoneout_c=0.0, zoneout_h=0.0,
+      recurrent_dropout=0.0, layer_norm=False):
     output, h_n, c_n = _lstm_fake(input, h0, c0, params, has_biases, has_projections, num_layers,
                                   dropout, train, bidirectional, batch_sizes)
     # saved (csrc/autograd.cpp, saved_list): the zero states without h0; per layer its input
     # unless it is the module's input or the layer before's output, the dropout mask after it
-    # where there is dropout, and per direction output (unless the module's own), gates, cells.
+    # where there is dropout, and per direction output (unless the module's own), gates, cells;
+    # then the masks drawn, per layer-direction; then with layer_norm the norms, per
+    # layer-direction.
     directions = 2 if bidirectional else 1
     H, P = params[1].shape[0] // 4, params[1].shape[1]
+    B = h_n.shape[1]
     rows = tuple(input.shape[:-1])
-    saved = [] if h0 is not None else [input.new_empty(h_n.shape[1:]), input.new_empty(
-        c_n.shape[1:])]
+    kept = _kept_dtype(input)
+    saved = [] if h0 is not None else [input.new_empty(B, P), input.new_empty(B, H)]
     dropout_after = [train and dropout > 0 and layer < num_layers - 1
                      for layer in range(num_layers)]
     for layer in range(num_layers):
@@ -101,14 +105,26 @@ def _(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, t
         for _direction in range(directions):
             if directions == 2 or layer < num_layers - 1:
                 saved.append(input.new_empty(rows + (P,)))
-            saved += [input.new_empty(rows + (4 * H,), dtype=_kept_dtype(input)),
-                      input.new_empty(rows + (H,), dtype=_kept_dtype(input))]
+            saved += [input.new_empty(rows + (4 * H,), dtype=kept),
+                      input.new_empty(rows + (H,), dtype=kept)]
+    draws_masks = train and (zoneout_c > 0 or zoneout_h > 0 or recurrent_dropout > 0)
+    for _layer_direction in range(num_layers * directions if draws_masks else 0):
+        if zoneout_c > 0:
+            saved.append(input.new_empty(rows + (H,), dtype=torch.bool))
+        if zoneout_h > 0:
+            saved.append(input.new_empty(rows + (P,), dtype=torch.bool))
+        if recurrent_dropout > 0:
+            saved.append(input.new_empty(B, P))
+    if layer_norm:
+        saved += [input.new_empty(rows + (8 * H + 16,), dtype=kept)
+                  for _ in range(num_layers * directions)]
     return output, h_n, c_n, saved
 
 
 @torch.library.register_fake("lstm_ext::lstm_backward")
 def _(grad_output, grad_h_n, grad_c_n, input, h0, c0, params, has_biases, has_projections,
-      num_layers, dropout, train, bidirectional, batch_sizes, output, saved, reset=None):
+      num_layers, dropout, train, bidirectional, batch_sizes, output, saved, reset=None,
+      zoneout_c=0.0, zoneout_h=0.0, recurrent_dropout=0.0, layer_norm=False):
     directions = 2 if bidirectional else 1
     H, P = params[1].shape[0] // 4, params[1].shape[1]
     B = h0.shape[1] if h0 is not None else saved[0].shape[0]

@@ -303,8 +303,8 @@ class LSTM(_WeightsAtTheCall):
     where ``reset[t, b]``, every layer runs row b's step t from its h_0 / c_0 (zeros without hx),
     as if the steps before had been a separate call: an episode or a document ended at t - 1.
     A reverse direction runs the later sequence first and so starts anew at t - 1. h_n, c_n are
-    each row's state after its last step. Gradients flow to h_0 / c_0 from every restart. Not
-    under torch.func transforms or ONNX export yet.
+    each row's state after its last step. Gradients flow to h_0 / c_0 from every restart. Works
+    under torch.func transforms; not under ONNX export yet.
 
     Also beyond nn.LSTM, two regularisers of the recurrence (keyword-only, default off, so a
     default module is nn.LSTM exactly; the equations are in lstm_ext/reference.py):
@@ -322,8 +322,9 @@ class LSTM(_WeightsAtTheCall):
     masks from torch's default generator (``torch.manual_seed`` reproduces them, in eager and
     under torch.compile alike), and work with reset, bidirectional, proj_size and
     PackedSequence. On CUDA, reset and both regularisers run in the host loop as a few ATen ops
-    per step (not fused into the gate kernels yet; not run on a GPU yet). Not yet: torch.func
-    transforms, ONNX export (a clear error says so).
+    per step (not fused into the gate kernels yet; not run on a GPU yet). Under torch.func
+    transforms they work (vmap draws masks by its ``randomness`` flag); not yet: ONNX export (a
+    clear error says so).
 
     ``layer_norm=True`` (keyword-only, default off): haste's LayerNormLSTM (Ba et al. 2016) on
     nn.LSTM's weights. Each layer-direction gains four parameters, after its nn.LSTM ones:
@@ -338,8 +339,8 @@ class LSTM(_WeightsAtTheCall):
 
     Fused in its own C++ loop on the CPU (float32, float64; bfloat16 and float16 computed in
     float32 with h rounded to the dtype each step), with every other option. On CUDA it runs in
-    the host loop as ATen ops per step (not fused, not run on a GPU yet). Not yet: torch.func
-    transforms, ONNX export (clear errors say so).
+    the host loop as ATen ops per step (not fused, not run on a GPU yet). Works under torch.func
+    transforms; not yet: ONNX export (a clear error says so).
 
     The weights are whatever ``getattr(module, name)`` gives at the call, as for nn.LSTM: the
     Parameters, or a parametrization's, ``torch.func.functional_call``'s or a pruning hook's
@@ -531,12 +532,10 @@ class LSTM(_WeightsAtTheCall):
                                       self.num_layers, self.dropout, self.training,
                                       self.bidirectional, batch_sizes)
         else:
-            if op is _onnx.lstm or op is _functorch.lstm:
-                where = ("ONNX export (ONNX's LSTM node has none of them)" if op is _onnx.lstm
-                         else "torch.func transforms")
+            if op is _onnx.lstm:
                 raise NotImplementedError(
-                    f"{owner}: {', '.join(beyond_nn)} not supported under {where} yet; call the "
-                    "module without them there")
+                    f"{owner}: {', '.join(beyond_nn)} not supported under ONNX export (ONNX's "
+                    "LSTM node has none of them) yet; call the module without them there")
             output, h_n_t, c_n_t = op(
                 input, h0, c0, weights, self.bias, self.proj_size > 0, self.num_layers,
                 self.dropout, self.training, self.bidirectional, batch_sizes, reset, zoneout_c,

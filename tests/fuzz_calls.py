@@ -232,11 +232,12 @@ class Fuzz:
         (data.float().sum() + h.float().sum() + c.float().sum()).backward()
 
     def module_op(self):
-        """torch.ops.lstm_ext.lstm_forward / lstm_backward (the torch.func path) directly."""
+        """torch.ops.lstm_ext.lstm_forward / lstm_backward (the torch.func path) directly, every
+        option."""
         dtype = self.rng.choice(DTYPES)
         I, H, B, T = self.size(), self.rng.choice([0, 1, 2]), self.size(), self.size()
         layers, D = self.rng.choice([1, 2]), self.rng.choice([1, 2])
-        proj = self.rng.random() < 0.3
+        proj, layer_norm = self.rng.random() < 0.3, self.rng.random() < 0.3
         P = self.rng.choice([0, 1]) if proj else H
         params = []
         for layer in range(layers):
@@ -247,20 +248,27 @@ class Fuzz:
                            self.tensor(4 * H, dtype=dtype), self.tensor(4 * H, dtype=dtype)]
                 if proj:
                     params.append(self.tensor(P, H, dtype=dtype))
+                if layer_norm:
+                    params += [self.tensor(4 * H, dtype=dtype), self.tensor(4 * H, dtype=dtype),
+                               self.tensor(H, dtype=dtype), self.tensor(H, dtype=dtype)]
         if self.rng.random() < 0.1:
             params = params[:-1]
         x = self.tensor(T, B, I, dtype=dtype)
         h0 = self.tensor(layers * D, B, P, dtype=dtype) if self.rng.random() < 0.5 else None
         c0 = self.tensor(layers * D, B, H, dtype=dtype) if h0 is not None else None
         flags = (True, proj, layers, self.rng.choice([0.0, 0.5]), self.rng.random() < 0.5, D == 2)
+        reset = (torch.rand(T + self.rng.choice([0, 0, 1]), B) < 0.3
+                 if self.rng.random() < 0.3 else None)
+        options = (reset, self.rng.choice([0.0, 0.4]), self.rng.choice([0.0, 0.4]),
+                   self.rng.choice([0.0, 0.4]), layer_norm)
         if self.rng.random() < 0.5:
-            OPS.lstm(x, h0, c0, params, *flags, None)
+            OPS.lstm(x, h0, c0, params, *flags, None, *options)
             return
-        output, h_n, c_n, saved = OPS.lstm_forward(x, h0, c0, params, *flags, None)
+        output, h_n, c_n, saved = OPS.lstm_forward(x, h0, c0, params, *flags, None, *options)
         if self.rng.random() < 0.2 and saved:
             saved = saved[:-1] if self.rng.random() < 0.5 else [s[:0] for s in saved]
         OPS.lstm_backward(torch.randn_like(output), None, torch.randn_like(c_n), x, h0, c0, params,
-                          *flags, None, output, saved)
+                          *flags, None, output, saved, *options)
 
     def cell_module(self):
         dtype = self.rng.choice(DTYPES)

@@ -225,3 +225,104 @@ def test_vmap_with_dropout_follows_the_randomness_flag():
     same_again = vmap(model, randomness="same")(xs)[0]
     torch.manual_seed(5)
     assert torch.equal(same_again[0], model(x)[0])  # the masks of one unbatched call
+
+
+# ---- the options beyond nn.LSTM: the eager module (its C++ node) is the reference ---------------
+
+OPTION_CASES = {
+    "reset": (dict(num_layers=2, bidirectional=True), True),
+    "zoneout, training": (dict(num_layers=2, zoneout=(0.3, 0.2)), False),
+    "zoneout, eval, projection": (dict(zoneout=0.3, proj_size=2), False),
+    "recurrent dropout, training": (dict(recurrent_dropout=0.4, bidirectional=True), False),
+    "layer_norm": (dict(num_layers=2, layer_norm=True), False),
+    "all, training": (dict(layer_norm=True, zoneout=0.2, recurrent_dropout=0.3,
+                           bidirectional=True, num_layers=2, dropout=0.3), True),
+}
+
+
+def option_case(name):
+    """(model, forward's keyword arguments, whether a forward draws masks) of OPTION_CASES[name]."""
+    kwargs, with_reset = OPTION_CASES[name]
+    torch.manual_seed(0)
+    model = lstm_ext.LSTM(3, 5, dtype=F64, **kwargs).train("training" in name)
+    if "eval" in name:
+        model.eval()
+    reset = torch.rand(6, 2) < 0.3 if with_reset else None
+    draws = "training" in name
+    return model, ({"reset": reset} if with_reset else {}), draws
+
+
+def option_loss(model, kwargs):
+    def loss(params, x):
+        y, (h, c) = functional_call(model, params, (x,), kwargs)
+        return y.square().sum() + 0.5 * h.sum() + 0.25 * (c * c).sum()
+    return loss
+
+
+@pytest.mark.parametrize("name", list(OPTION_CASES))
+def test_options_grad_and_vjp_equal_the_eager_module(name):
+    model, kwargs, _ = option_case(name)
+    params, x = params_of(model), inputs({})
+    torch.manual_seed(3)  # the same masks in both runs: drawn in the same order
+    grads = grad(option_loss(model, kwargs), argnums=(0, 1))(params, x)
+    torch.manual_seed(3)
+    given = {k: p.clone().requires_grad_() for k, p in params.items()}
+    x_given = x.clone().requires_grad_()
+    expected = torch.autograd.grad(option_loss(model, kwargs)(given, x_given),
+                                   list(given.values()) + [x_given])
+    assert_trees_close(grads[0], dict(zip(given, expected[:-1])))
+    assert_trees_close(grads[1], expected[-1])
+    torch.manual_seed(4)
+    outputs, pullback = vjp(lambda p: functional_call(model, p, (x,), kwargs), params)
+    torch.manual_seed(4)
+    assert_trees_close(outputs, model(x, **kwargs))
+
+
+@pytest.mark.parametrize("name", list(OPTION_CASES))
+def test_options_vmap_and_per_sample_gradients_equal_a_loop(name):
+    model, kwargs, draws = option_case(name)
+    params, xs = params_of(model), inputs({}, 3)
+    # with masks drawn, randomness="same": every item draws what one unbatched call draws
+    randomness = "same" if draws else "error"
+
+    def looped(fn):
+        results = []
+        for x in xs:
+            torch.manual_seed(5)
+            results.append(fn(x))
+        return torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *results)
+    torch.manual_seed(5)
+    batched = vmap(lambda x: model(x, **kwargs), randomness=randomness)(xs)
+    assert_trees_close(batched, looped(lambda x: model(x, **kwargs)))
+    loss = option_loss(model, kwargs)
+    torch.manual_seed(5)
+    per_sample = vmap(grad(loss), in_dims=(None, 0), randomness=randomness)(params, xs)
+    assert_trees_close(per_sample, looped(lambda x: grad(loss)(params, x)))
+    if draws:  # and "different" folds the items into one call, each item its own masks
+        different = vmap(lambda x: model(x, **kwargs), randomness="different")(
+            xs[:1].expand(3, *xs.shape[1:]))[0]
+        assert not torch.equal(different[0], different[1])
+
+
+@pytest.mark.parametrize("name", ["reset", "zoneout, eval, projection", "layer_norm"])
+def test_options_second_derivative_equals_create_graph(name):
+    model, kwargs, _ = option_case(name)
+    params, x = params_of(model), inputs({})
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    inner = grad(option_loss(model, kwargs))
+    hvp = grad(lambda p: sum((inner(p, x)[k] * v[k]).sum() for k in p))(params)
+    given = {k: p.clone().requires_grad_() for k, p in params.items()}
+    first = torch.autograd.grad(option_loss(model, kwargs)(given, x), list(given.values()),
+                                create_graph=True)
+    expected = torch.autograd.grad(sum((g * v[k]).sum() for g, k in zip(first, given)),
+                                   list(given.values()))
+    assert_trees_close(hvp, dict(zip(given, expected)))
+
+
+def test_options_second_derivative_with_masks_is_a_clear_error():
+    model, kwargs, _ = option_case("zoneout, training")
+    params, x = params_of(model), inputs({})
+    inner = grad(option_loss(model, kwargs))
+    with pytest.raises(NotImplementedError, match="second derivatives under torch.func "
+                                                  "transforms with zoneout in training mode"):
+        grad(lambda p: inner(p, x)["weight_hh_l0"].sum())(params)

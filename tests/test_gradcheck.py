@@ -115,11 +115,11 @@ def test_gradcheck_module(options):
 
 
 def module_op_args(layers=2, bidirectional=True, proj=0, bias=True, with_states=True,
-                   requires_grad=True):
+                   requires_grad=True, layer_norm=False):
     """Arguments of torch.ops.lstm_ext.lstm (I = 2, H = 3, T = 4, B = 3), without dropout."""
     torch.manual_seed(0)
     model = lstm_ext.LSTM(2, 3, num_layers=layers, bidirectional=bidirectional, proj_size=proj,
-                          bias=bias, dtype=DT)
+                          bias=bias, dtype=DT, layer_norm=layer_norm)
     params = [p.detach().clone().requires_grad_(requires_grad) for p in model.parameters()]
     states = layers * (2 if bidirectional else 1)
     h0 = rand(states, 3, proj or 3, requires_grad=requires_grad) if with_states else None
@@ -313,15 +313,38 @@ def test_opcheck_cell_backward(with_grads):
 
 
 # The module's kernel ops (what torch.func runs), with dropout too: saved's layout depends on it.
-MODULE_KERNEL_CASES = MODULE_OP_CASES + [dict(layers=3, bidirectional=False, dropout=0.4),
-                                         dict(layers=2, dropout=0.3, with_states=False)]
+MODULE_KERNEL_CASES = MODULE_OP_CASES + [
+    dict(layers=3, bidirectional=False, dropout=0.4),
+    dict(layers=2, dropout=0.3, with_states=False),
+    dict(layers=1, bidirectional=False, options="reset, zoneout"),
+    dict(layers=2, proj=2, with_states=False, options="zoneout h, recurrent dropout"),
+    dict(layers=2, dropout=0.3, options="all"),
+]
+
+# reset [T, B], zoneout_c, zoneout_h, recurrent_dropout, layer_norm: lstm's arguments after
+# batch_sizes
+MODULE_OPTIONS = {
+    "reset, zoneout": (True, 0.3, 0.3, 0.0, False),
+    "zoneout h, recurrent dropout": (False, 0.0, 0.4, 0.3, False),
+    "all": (True, 0.2, 0.3, 0.4, True),
+}
 
 
-def module_kernel_args(dropout=0.0, **case):
-    args = _detached(module_op_args(**case, requires_grad=False))
+def module_kernel_args(dropout=0.0, options=None, **case):
+    """lstm's arguments (lstm_forward's): with options, every one after batch_sizes too."""
+    with_reset, *probabilities, layer_norm = MODULE_OPTIONS[options] if options else (
+        False, 0.0, 0.0, 0.0, False)
+    args = _detached(module_op_args(**case, requires_grad=False, layer_norm=layer_norm))
     args[3] = _detached(args[3])
     args[7] = dropout
+    if options:
+        args += [torch.rand(4, 3) < 0.3 if with_reset else None, *probabilities, layer_norm]
     return args
+
+
+def module_backward_args(grads, args, output, saved):
+    """lstm_backward's arguments: output and saved come between batch_sizes and the options."""
+    return [*grads, *args[:11], output, saved, *args[11:]]
 
 
 @pytest.mark.parametrize("case", MODULE_KERNEL_CASES, ids=str)
@@ -339,7 +362,7 @@ def test_opcheck_module_backward(case):
     output, h_n, c_n, saved = torch.ops.lstm_ext.lstm_forward(*args)
     grads = [torch.randn_like(t) for t in (output, h_n, c_n)]
     torch.library.opcheck(torch.ops.lstm_ext.lstm_backward.default,
-                          grads + args[:3] + [args[3]] + args[4:] + [output, saved])
+                          module_backward_args(grads, args, output, saved))
 
 
 @pytest.mark.parametrize("case", MODULE_KERNEL_CASES, ids=str)
@@ -349,7 +372,7 @@ def test_module_kernels_equal_the_module_op(case):
     torch.manual_seed(2)
     output, h_n, c_n, saved = torch.ops.lstm_ext.lstm_forward(*args)
     grads = [torch.randn_like(t) for t in (output, h_n, c_n)]
-    computed = torch.ops.lstm_ext.lstm_backward(*grads, *args, output, saved)
+    computed = torch.ops.lstm_ext.lstm_backward(*module_backward_args(grads, args, output, saved))
     tensors = [t.requires_grad_() for t in [args[0]] + [t for t in args[1:3] if t is not None]
                + args[3]]
     torch.manual_seed(2)
