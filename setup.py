@@ -143,7 +143,8 @@ def extensions():
           f"MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')}")
 
-    sources = ["csrc/lstm.cpp", "csrc/autograd.cpp", "csrc/autocast.cpp"] + sorted(
+    sources = ["csrc/ops.cpp", "csrc/python_module.cpp", "csrc/autograd.cpp", "csrc/module.cpp",
+               "csrc/autocast.cpp"] + sorted(
         glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O1", "-g"] if sanitize else ["-O3"]
     define = [f'-DLSTM_EXT_TORCH_VERSION="{TORCH_VERSION}"']

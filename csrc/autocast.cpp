@@ -13,6 +13,8 @@
 
 #include <tuple>
 
+#include "ops.h"
+
 namespace lstm_ext {
 namespace {
 
@@ -33,17 +35,10 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autocast(const Tensor& input, const opti
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lstm_ext::lstm", "")
-          .typed<std::tuple<Tensor, Tensor, Tensor>(
-              const Tensor&, const optional<Tensor>&, const optional<Tensor>&, at::TensorList,
-              bool, bool, int64_t, double, bool, bool, const optional<Tensor>&,
-              const optional<Tensor>&, double, double, double, bool)>();
-  return op.call(cached_cast(dtype, input, device), cached_cast(dtype, h0, device),
-                 cached_cast(dtype, c0, device), cached_cast(dtype, params, device), has_biases,
-                 has_projections, num_layers, dropout, train, bidirectional, batch_sizes, reset,
-                 zoneout_c, zoneout_h, recurrent_dropout, layer_norm);
+  return ops::lstm(cached_cast(dtype, input, device), cached_cast(dtype, h0, device),
+                   cached_cast(dtype, c0, device), cached_cast(dtype, params, device), has_biases,
+                   has_projections, num_layers, dropout, train, bidirectional, batch_sizes, reset,
+                   zoneout_c, zoneout_h, recurrent_dropout, layer_norm);
 }
 
 template <c10::DeviceType device>
@@ -54,18 +49,11 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_autocast(
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lstm_ext::lstm_layer", "")
-          .typed<std::tuple<Tensor, Tensor, Tensor>(
-              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-              const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
-              const optional<Tensor>&, bool)>();
-  return op.call(cached_cast(dtype, input, device), cached_cast(dtype, h0, device),
-                 cached_cast(dtype, c0, device), cached_cast(dtype, weight_ih, device),
-                 cached_cast(dtype, weight_hh, device), cached_cast(dtype, bias_ih, device),
-                 cached_cast(dtype, bias_hh, device), cached_cast(dtype, weight_hr, device),
-                 batch_sizes, reverse);
+  return ops::lstm_layer(cached_cast(dtype, input, device), cached_cast(dtype, h0, device),
+                         cached_cast(dtype, c0, device), cached_cast(dtype, weight_ih, device),
+                         cached_cast(dtype, weight_hh, device), cached_cast(dtype, bias_ih, device),
+                         cached_cast(dtype, bias_hh, device), cached_cast(dtype, weight_hr, device),
+                         batch_sizes, reverse);
 }
 
 template <c10::DeviceType device>
@@ -77,16 +65,10 @@ std::tuple<Tensor, Tensor> lstm_cell_autocast(const Tensor& input, const Tensor&
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lstm_ext::lstm_cell", "")
-          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                            const Tensor&, const Tensor&,
-                                            const optional<Tensor>&, const optional<Tensor>&)>();
-  return op.call(cached_cast(dtype, input, device), cached_cast(dtype, hx, device),
-                 cached_cast(dtype, cx, device), cached_cast(dtype, weight_ih, device),
-                 cached_cast(dtype, weight_hh, device), cached_cast(dtype, bias_ih, device),
-                 cached_cast(dtype, bias_hh, device));
+  return ops::lstm_cell(cached_cast(dtype, input, device), cached_cast(dtype, hx, device),
+                        cached_cast(dtype, cx, device), cached_cast(dtype, weight_ih, device),
+                        cached_cast(dtype, weight_hh, device), cached_cast(dtype, bias_ih, device),
+                        cached_cast(dtype, bias_hh, device));
 }
 
 }  // namespace

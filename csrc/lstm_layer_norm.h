@@ -1,5 +1,5 @@
 // What the CPU and CUDA kernels of the layer-normalised layer (lstm_ext::ln_lstm_layer_forward /
-// _backward; schemas in csrc/lstm.cpp) share: the layout of the norms they keep for the
+// _backward; schemas in csrc/ops.cpp) share: the layout of the norms they keep for the
 // backward, the epsilon, and their arguments' checks. The kernels: csrc/cpu/lstm_cpu_layer_norm.cpp,
 // csrc/cuda/layer_norm_host.h; the equations: lstm_ext/reference.py.
 #pragma once

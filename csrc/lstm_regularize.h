@@ -28,7 +28,7 @@ namespace lstm_ext {
 // index): SplitMix64, whose 32 high bits are compared with p * 2^32. A seeded run therefore draws
 // the same mask in eager and under torch.compile, with any number of threads, and it costs
 // ~0.5 ns per element where Tensor.bernoulli_ (one generator call per element) costs ~5.6.
-// Elsewhere (CUDA): bernoulli_. The kernel of the lstm_ext::fill_bernoulli_mask_ op (lstm.cpp).
+// Elsewhere (CUDA): bernoulli_. The kernel of the lstm_ext::fill_bernoulli_mask_ op (ops.cpp).
 inline void fill_bernoulli_mask(const at::Tensor& mask, double p) {
   constexpr const char* op = "lstm_ext::fill_bernoulli_mask_";
   TORCH_CHECK(p >= 0 && p <= 1, op, ": p must be in [0, 1], got ", p);

@@ -269,7 +269,7 @@ def lstm(
     """The whole module, differentiable -> (output [.., D*P], h_n [L*D,B,P], c_n [L*D,B,H]).
     reset: None or bool [T, B]: where rows start anew from h0 / c0; zoneout_c, zoneout_h,
     recurrent_dropout: probabilities; layer_norm: params hold each layer-direction's four
-    normalisation parameters too (csrc/lstm.cpp)."""
+    normalisation parameters too (csrc/ops.cpp)."""
     return _ops.lstm(input, h0, c0, params, has_biases, has_projections, num_layers, dropout,
                      train, bidirectional, batch_sizes, reset, zoneout_c, zoneout_h,
                      recurrent_dropout, layer_norm)
@@ -302,7 +302,7 @@ def lstm_layer_forward(
     recurrent_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer over all steps -> (output [.., P], h_n [B,P], c_n [B,H], gates [.., 4H], cells).
-    The zoneout and recurrent dropout arguments: csrc/lstm.cpp."""
+    The zoneout and recurrent dropout arguments: csrc/ops.cpp."""
     return _ops.lstm_layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                                    weight_hr, batch_sizes, reverse, keep_state, reset, zoneout_c,
                                    zoneout_h, zoneout_mask_c, zoneout_mask_h, recurrent_mask)

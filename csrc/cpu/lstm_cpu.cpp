@@ -1,4 +1,4 @@
-// CPU kernels of the lstm_ext ops (schemas in csrc/lstm.cpp).
+// CPU kernels of the lstm_ext ops (schemas in csrc/ops.cpp).
 //
 // The layer kernels run the whole time loop here. Per step there is no tensor allocation and no
 // dispatcher call: one BLAS call on raw pointers for the recurrent GEMM (and one for the projection,

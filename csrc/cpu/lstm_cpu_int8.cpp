@@ -1,5 +1,5 @@
 // The int8 inference layer of lstm_ext.quantized.LSTM (op lstm_ext::quantized_lstm_layer; schema
-// in csrc/lstm.cpp). Dynamic quantization, as torch's own int8 LSTM does it, finer grained and
+// in csrc/ops.cpp). Dynamic quantization, as torch's own int8 LSTM does it, finer grained and
 // with a fused step:
 // - weights: int8, symmetric, one scale per output row (torch's LSTM: one per tensor);
 // - activations: each row of each product's left operand (x_t, h_{t-1}, and o * tanh(c_t) before

@@ -1,5 +1,5 @@
 // CPU kernels of the layer-normalised LSTM layer (lstm_ext::ln_lstm_layer_forward / _backward;
-// schemas in csrc/lstm.cpp), haste's LayerNormLSTM with nn.LSTM's weights:
+// schemas in csrc/ops.cpp), haste's LayerNormLSTM with nn.LSTM's weights:
 //   z   = LN(x_t W_ih^T) ⊙ γ_ih + LN(h_{t-1} W_hh^T) ⊙ γ_hh + b_ih + b_hh       γ_ih, γ_hh [4H]
 //   c_t = f ⊙ c_{t-1} + i ⊙ g;   h_t = o ⊙ tanh(LN(c_t) ⊙ γ_c + β_c)          γ_c, β_c [H]
 // LN(v) = (v - mean(v)) / sqrt(var(v) + eps) over a row's values (biased variance); the equations

@@ -407,7 +407,7 @@ auto dispatch_backward(at::ScalarType dtype, const Args&... args) {
       [&] { return LayerHost<Kernels, scalar_t>::backward(args...); });
 }
 
-// The op kernels (schemas in csrc/lstm.cpp) over LayerHost: argument checks, then the
+// The op kernels (schemas in csrc/ops.cpp) over LayerHost: argument checks, then the
 // Kernels' device guard, then the layer in the inputs' dtype. Kernels also provides DeviceGuard
 // (constructed from the input's device) and chunk_elements().
 template <typename Kernels>

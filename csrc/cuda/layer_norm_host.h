@@ -1,5 +1,5 @@
 // The CUDA kernels of the layer-normalised layer (lstm_ext::ln_lstm_layer_forward / _backward;
-// schemas in csrc/lstm.cpp): haste's LayerNormLSTM with nn.LSTM's weights, the equations of
+// schemas in csrc/ops.cpp): haste's LayerNormLSTM with nn.LSTM's weights, the equations of
 // csrc/cpu/lstm_cpu_layer_norm.cpp and lstm_ext/reference.py:
 //   z   = LN(x_t W_ih^T) ⊙ γ_ih + LN(h_{t-1} W_hh^T) ⊙ γ_hh + b_ih + b_hh
 //   c_t = f ⊙ c_{t-1} + i ⊙ g;   h_t = o ⊙ tanh(LN(c_t) ⊙ γ_c + β_c)
@@ -294,7 +294,7 @@ struct LayerNormHost {
   }
 };
 
-// The op kernels (schemas in csrc/lstm.cpp) over LayerNormHost: the CPU kernels' argument
+// The op kernels (schemas in csrc/ops.cpp) over LayerNormHost: the CPU kernels' argument
 // checks (csrc/lstm_layer_norm.h), then the Kernels' device guard, then the layer in the inputs'
 // dtype. Kernels: as for LayerOps (layer_host.h).
 template <typename Kernels>

@@ -1,4 +1,4 @@
-// CUDA kernels of the lstm_ext ops (schemas in csrc/lstm.cpp), built only when CUDA is available.
+// CUDA kernels of the lstm_ext ops (schemas in csrc/ops.cpp), built only when CUDA is available.
 //
 // The time loop, the GEMMs and the row bookkeeping are in layer_host.h (shared with a CPU test of
 // that loop, tests/cuda_host_check.cpp); this file launches the gate passes (gate_pass.h) and

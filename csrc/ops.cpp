@@ -1,5 +1,7 @@
-// Operator schemas of lstm_ext (the one place they are declared) and the Python module init.
-// Backends only register kernels: csrc/cpu/lstm_cpu.cpp (CPU), csrc/cuda/ (CUDA, when built).
+// lstm_ext's ops: their schemas (the one place they are declared, with what each argument means)
+// and their C++ functions (csrc/ops.h: each a call through the dispatcher, its handle typed from
+// the declaration). Backends only register kernels: csrc/cpu/ (CPU), csrc/cuda/ (CUDA, when built);
+// csrc/autograd.cpp and csrc/autocast.cpp the public ops' other keys.
 //
 // Shapes (gate order i, f, g, o as nn.LSTM): input [T, B, I] (layer), packed [N, I] (layer, with
 // batch_sizes [T], PackedSequence's), or [B, I] (cell); h0, hx [B, P]; c0, cx [B, H];
@@ -10,24 +12,10 @@
 // come back with no rows). The backward ops return one bias gradient, shared by bias_ih and
 // bias_hh; the layer's grad_weight_hr has no rows without weight_hr, and grad_input none without
 // need_grad_input (its product, dG W_ih, is skipped: a first layer's input rarely needs one).
-#include <torch/extension.h>
+#include "ops.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
-
-#ifndef LSTM_EXT_TORCH_VERSION
-#error "LSTM_EXT_TORCH_VERSION must be defined by setup.py"
-#endif
-
-namespace lstm_ext {
-namespace cpu {
-bool has_direct_blas_impl();
-bool has_vml_impl();
-std::vector<std::pair<std::string, std::string>> gemm_backends_impl();
-std::string vector_code_impl();
-std::vector<std::tuple<std::string, std::string, std::string>> gemm_choices_impl();
-void set_gemm_backend_impl(const std::string& name);
-std::vector<std::pair<std::string, int64_t>> count_gemm_backends_impl(bool on);
-}
-}  // namespace lstm_ext
 
 TORCH_LIBRARY(lstm_ext, m) {
   // The public ops: autograd-aware (csrc/autograd.cpp), one graph node per call.
@@ -186,74 +174,168 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh) -> (Tensor hy, Tensor cy)");
 }
 
+
 namespace lstm_ext {
+namespace ops {
 namespace {
 
-// lstm_ext::lstm called through its typed handle: the same dispatcher op as torch.ops.lstm_ext.lstm
-// (autograd, every backend), without torch.ops' conversion of each argument into a boxed stack.
-// Measured at the trainer's shape, each call right after an nn.LSTM call: forward 24 -> 17 us,
-// forward + backward 164 -> 146 us. torch.compile traces torch.ops instead (modules.py).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_typed(
-    const at::Tensor& input, const c10::optional<at::Tensor>& h0,
-    const c10::optional<at::Tensor>& c0, const std::vector<at::Tensor>& params, bool has_biases,
-    bool has_projections, int64_t num_layers, double dropout, bool train, bool bidirectional,
-    const c10::optional<at::Tensor>& batch_sizes, const c10::optional<at::Tensor>& reset,
-    double zoneout_c, double zoneout_h, double recurrent_dropout, bool layer_norm) {
-  using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-      at::TensorList, bool, bool, int64_t, double, bool, bool, const c10::optional<at::Tensor>&,
-      const c10::optional<at::Tensor>&, double, double, double, bool);
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::lstm", "").typed<Signature>();
+// The op's handle, typed from its declaration in ops.h (looked up once per op: `static` below).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> lstm(
+    const Tensor& input, const optional<Tensor>& h0, const optional<Tensor>& c0,
+    at::TensorList params, bool has_biases, bool has_projections, int64_t num_layers,
+    double dropout, bool train, bool bidirectional, const optional<Tensor>& batch_sizes,
+    const optional<Tensor>& reset, double zoneout_c, double zoneout_h, double recurrent_dropout,
+    bool layer_norm) {
+  static const auto op = handle<decltype(lstm)>("lstm_ext::lstm");
   return op.call(input, h0, c0, params, has_biases, has_projections, num_layers, dropout, train,
                  bidirectional, batch_sizes, reset, zoneout_c, zoneout_h, recurrent_dropout,
                  layer_norm);
 }
 
-// lstm_ext::lstm_cell the same way (a cell is called once per step: per-call cost is most of it).
-std::tuple<at::Tensor, at::Tensor> lstm_cell_typed(const at::Tensor& input, const at::Tensor& hx,
-                                                   const at::Tensor& cx,
-                                                   const at::Tensor& weight_ih,
-                                                   const at::Tensor& weight_hh,
-                                                   const c10::optional<at::Tensor>& bias_ih,
-                                                   const c10::optional<at::Tensor>& bias_hh) {
-  using Signature = std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&);
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::lstm_cell", "").typed<Signature>();
+std::tuple<Tensor, Tensor, Tensor> lstm_layer(
+    const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
+    const Tensor& weight_hh, const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
+    const optional<Tensor>& weight_hr, const optional<Tensor>& batch_sizes, bool reverse) {
+  static const auto op = handle<decltype(lstm_layer)>("lstm_ext::lstm_layer");
+  return op.call(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes,
+                 reverse);
+}
+
+std::tuple<Tensor, Tensor> lstm_cell(const Tensor& input, const Tensor& hx, const Tensor& cx,
+                                     const Tensor& weight_ih, const Tensor& weight_hh,
+                                     const optional<Tensor>& bias_ih,
+                                     const optional<Tensor>& bias_hh) {
+  static const auto op = handle<decltype(lstm_cell)>("lstm_ext::lstm_cell");
   return op.call(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
 }
 
-}  // namespace
-}  // namespace lstm_ext
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lstm_ext compiled kernels; the ops live under torch.ops.lstm_ext";
-  m.def("lstm", &lstm_ext::lstm_typed,
-        "torch.ops.lstm_ext.lstm through its typed handle (same op, less per-call cost)",
-        py::arg("input"), py::arg("h0"), py::arg("c0"), py::arg("params"), py::arg("has_biases"),
-        py::arg("has_projections"), py::arg("num_layers"), py::arg("dropout"), py::arg("train"),
-        py::arg("bidirectional"), py::arg("batch_sizes"), py::arg("reset") = py::none(),
-        py::arg("zoneout_c") = 0.0, py::arg("zoneout_h") = 0.0,
-        py::arg("recurrent_dropout") = 0.0, py::arg("layer_norm") = false);
-  m.def("lstm_cell", &lstm_ext::lstm_cell_typed,
-        "torch.ops.lstm_ext.lstm_cell through its typed handle (same op, less per-call cost)");
-  // Checked by lstm_ext/_ops.py against the running torch (C++ ABI is per torch version).
-  m.attr("torch_version") = LSTM_EXT_TORCH_VERSION;
-  m.attr("has_direct_blas") = lstm_ext::cpu::has_direct_blas_impl();
-  m.attr("has_vml") = lstm_ext::cpu::has_vml_impl();
-  m.def("gemm_backends", &lstm_ext::cpu::gemm_backends_impl,
-        "(dtype, what a CPU layer's per-step products run on) for each dtype, on this CPU");
-  m.def("gemm_choices", &lstm_ext::cpu::gemm_choices_impl,
-        "(size class, backend, how it was chosen) for each GEMM size class this process has run");
-  m.def("set_gemm_backend", &lstm_ext::cpu::set_gemm_backend_impl,
-        "LSTM_EXT_GEMM at run time, for tests: auto, rule, small, brgemm, mkl or aten",
-        py::arg("name"));
-  m.def("count_gemm_backends", &lstm_ext::cpu::count_gemm_backends_impl,
-        "tests: the products each GEMM backend ran since the last call (then reset); on: whether "
-        "to go on counting",
-        py::arg("on"));
-  m.def("vector_code", &lstm_ext::cpu::vector_code_impl,
-        "the instruction set lstm_ext's vector code runs (ATen's CPU capability)");
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
+    const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
+    const Tensor& weight_hh, const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
+    const optional<Tensor>& weight_hr, const optional<Tensor>& batch_sizes, bool reverse,
+    bool keep_state, const optional<Tensor>& reset, double zoneout_c, double zoneout_h,
+    const optional<Tensor>& zoneout_mask_c, const optional<Tensor>& zoneout_mask_h,
+    const optional<Tensor>& recurrent_mask) {
+  static const auto op = handle<decltype(lstm_layer_forward)>("lstm_ext::lstm_layer_forward");
+  return op.call(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes,
+                 reverse, keep_state, reset, zoneout_c, zoneout_h, zoneout_mask_c,
+                 zoneout_mask_h, recurrent_mask);
 }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+    const optional<Tensor>& grad_output, const optional<Tensor>& grad_h_n,
+    const optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
+    const Tensor& weight_ih, const Tensor& weight_hh, const optional<Tensor>& weight_hr,
+    const optional<Tensor>& batch_sizes, bool reverse, const Tensor& output, const Tensor& gates,
+    const Tensor& cells, bool need_grad_input, const optional<Tensor>& reset, double zoneout_c,
+    double zoneout_h, const optional<Tensor>& zoneout_mask_c,
+    const optional<Tensor>& zoneout_mask_h, const optional<Tensor>& recurrent_mask) {
+  static const auto op = handle<decltype(lstm_layer_backward)>("lstm_ext::lstm_layer_backward");
+  return op.call(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
+                 batch_sizes, reverse, output, gates, cells, need_grad_input, reset, zoneout_c,
+                 zoneout_h, zoneout_mask_c, zoneout_mask_h, recurrent_mask);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_layer_forward(
+    const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
+    const Tensor& weight_hh, const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
+    const optional<Tensor>& weight_hr, const Tensor& ln_weight_ih, const Tensor& ln_weight_hh,
+    const Tensor& ln_weight_c, const Tensor& ln_bias_c, const optional<Tensor>& batch_sizes,
+    bool reverse, bool keep_state, const optional<Tensor>& reset, double zoneout_c,
+    double zoneout_h, const optional<Tensor>& zoneout_mask_c,
+    const optional<Tensor>& zoneout_mask_h, const optional<Tensor>& recurrent_mask) {
+  static const auto op =
+      handle<decltype(ln_lstm_layer_forward)>("lstm_ext::ln_lstm_layer_forward");
+  return op.call(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, ln_weight_ih,
+                 ln_weight_hh, ln_weight_c, ln_bias_c, batch_sizes, reverse, keep_state, reset,
+                 zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h, recurrent_mask);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+ln_lstm_layer_backward(
+    const optional<Tensor>& grad_output, const optional<Tensor>& grad_h_n,
+    const optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
+    const Tensor& weight_ih, const Tensor& weight_hh, const optional<Tensor>& weight_hr,
+    const Tensor& ln_weight_ih, const Tensor& ln_weight_hh, const Tensor& ln_weight_c,
+    const Tensor& ln_bias_c, const optional<Tensor>& batch_sizes, bool reverse,
+    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& norms,
+    bool need_grad_input, const optional<Tensor>& reset, double zoneout_c, double zoneout_h,
+    const optional<Tensor>& zoneout_mask_c, const optional<Tensor>& zoneout_mask_h,
+    const optional<Tensor>& recurrent_mask) {
+  static const auto op =
+      handle<decltype(ln_lstm_layer_backward)>("lstm_ext::ln_lstm_layer_backward");
+  return op.call(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
+                 ln_weight_ih, ln_weight_hh, ln_weight_c, ln_bias_c, batch_sizes, reverse, output,
+                 gates, cells, norms, need_grad_input, reset, zoneout_c, zoneout_h,
+                 zoneout_mask_c, zoneout_mask_h, recurrent_mask);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& input, const Tensor& hx,
+                                                     const Tensor& cx, const Tensor& weight_ih,
+                                                     const Tensor& weight_hh,
+                                                     const optional<Tensor>& bias_ih,
+                                                     const optional<Tensor>& bias_hh) {
+  static const auto op = handle<decltype(lstm_cell_forward)>("lstm_ext::lstm_cell_forward");
+  return op.call(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
+    const optional<Tensor>& grad_hy, const optional<Tensor>& grad_cy, const Tensor& input,
+    const Tensor& hx, const Tensor& cx, const Tensor& cy, const Tensor& gates,
+    const Tensor& weight_ih, const Tensor& weight_hh, bool need_grad_input) {
+  static const auto op = handle<decltype(lstm_cell_backward)>("lstm_ext::lstm_cell_backward");
+  return op.call(grad_hy, grad_cy, input, hx, cx, cy, gates, weight_ih, weight_hh,
+                 need_grad_input);
+}
+
+void fill_bernoulli_mask_(const Tensor& mask, double p) {
+  static const auto op = handle<decltype(fill_bernoulli_mask_)>("lstm_ext::fill_bernoulli_mask_");
+  op.call(mask, p);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_reference(
+    const Tensor& input, const Tensor& h0, const Tensor& c0, at::TensorList params,
+    bool has_biases, bool has_projections, int64_t num_layers, bool bidirectional,
+    const optional<Tensor>& batch_sizes, at::TensorList dropout_masks,
+    const c10::List<optional<Tensor>>& zoneout_masks,
+    const c10::List<optional<Tensor>>& recurrent_masks, const optional<Tensor>& reset,
+    double zoneout_c, double zoneout_h, bool layer_norm) {
+  static const auto op = handle<decltype(lstm_reference)>("lstm_ext::lstm_reference");
+  return op.call(input, h0, c0, params, has_biases, has_projections, num_layers, bidirectional,
+                 batch_sizes, dropout_masks, zoneout_masks, recurrent_masks, reset, zoneout_c,
+                 zoneout_h, layer_norm);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_layer_reference(
+    const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
+    const Tensor& weight_hh, const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
+    const optional<Tensor>& weight_hr, const optional<Tensor>& batch_sizes, bool reverse,
+    const optional<Tensor>& reset, double zoneout_c, double zoneout_h,
+    const optional<Tensor>& zoneout_mask_c, const optional<Tensor>& zoneout_mask_h,
+    const optional<Tensor>& recurrent_mask, const optional<Tensor>& ln_weight_ih,
+    const optional<Tensor>& ln_weight_hh, const optional<Tensor>& ln_weight_c,
+    const optional<Tensor>& ln_bias_c) {
+  static const auto op = handle<decltype(lstm_layer_reference)>("lstm_ext::lstm_layer_reference");
+  return op.call(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes,
+                 reverse, reset, zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h,
+                 recurrent_mask, ln_weight_ih, ln_weight_hh, ln_weight_c, ln_bias_c);
+}
+
+std::tuple<Tensor, Tensor> lstm_cell_reference(const Tensor& input, const Tensor& hx,
+                                               const Tensor& cx, const Tensor& weight_ih,
+                                               const Tensor& weight_hh,
+                                               const optional<Tensor>& bias_ih,
+                                               const optional<Tensor>& bias_hh) {
+  static const auto op = handle<decltype(lstm_cell_reference)>("lstm_ext::lstm_cell_reference");
+  return op.call(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
+}
+
+}  // namespace ops
+}  // namespace lstm_ext
