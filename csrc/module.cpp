@@ -133,10 +133,7 @@ std::pair<Tensor, Tensor> zero_states(const Tensor& input, const ModuleConfig& c
 // Below this many multiply-adds in a step's recurrent product (all rows, one direction), the two
 // directions of a bidirectional CPU layer run at the same time, one thread each, rather than one
 // after the other with each direction's batch split over the threads: one direction's product on
-// every row is larger, so runs faster per multiply-add. Measured (ms, 2 threads, forward /
-// forward+backward): B = 1, H = 128: 0.41 -> 0.29 / 1.19 -> 0.86; B = 4, H = 64: 0.45 -> 0.34 /
-// 1.39 -> 0.99; B = 16, H = 128, 2 layers: 5.0 -> 3.9 / 13.6 -> 12.6; at B = 64, H = 256
-// (2^24) forward+backward was 7% slower, so larger steps keep the split.
+// every row is larger, so runs faster per multiply-add (measurements: benchmarks/results/tuning.md).
 constexpr int64_t kMaxConcurrentDirectionsStepMacs = int64_t(1) << 20;
 
 bool plain_cpu_tensor(const Tensor& t) {

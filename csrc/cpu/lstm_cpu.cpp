@@ -45,9 +45,7 @@ using c10::optional;
 // work to pay for waking a thread (at B = 1, H = 128 they are a third of the backward), and the
 // batch is not split, or is but a whole step is at most kMaxPipelinedStepMacs: each thread's
 // slice would then run GEMMs too small to be efficient, and one thread running the recurrence on
-// every row beside one computing the weight gradients is faster. Measured (backward, 2 threads):
-// -10..17% at (T, B, I, H) = (200, 8, 32, 64), -15% at (200, 16, 32, 64), -9% at (100, 4, 64, 128);
-// +5% at (100, 8, 64, 128) (2^19 multiply-adds per step), so the split stays from there up.
+// every row beside one computing the weight gradients is faster (benchmarks/results/tuning.md).
 constexpr int64_t kPipelineChunks = 8;
 constexpr int64_t kMinPipelinedMacs = int64_t(1) << 21;
 constexpr int64_t kMaxPipelinedStepMacs = int64_t(1) << 18;
@@ -448,14 +446,9 @@ void layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
     if (split_weight_gradients(s) && (fuse_x || direct_steps(s))) {
       // Two threads, one GEMM at a time each: one computes dx and the first g_split rows of
       // dW_cat = dG^T [x | h] (or of dW_ih and dW_hh), the other the remaining rows, as many
-      // multiply-adds each (dx has I columns per gate row, the weight gradients I + P). Measured
-      // against MKL threading each whole GEMM (fwd+bwd, 2 threads, in one process): -2..3% at
-      // (100, 32, 64, 128), -5% at (100, 8, 64, 128), -5..6.5% at (100, 16, 32, 128), -3% at
-      // (100, 64, 128, 256). Without fuse_x (I > P / 2: dW_ih and dW_hh are separate GEMMs) the
-      // same split measured 1% slower at (100, 64, 256, 256) and (50, 128, 512, 512), about the
-      // noise: MKL keeps those; a short call (direct_steps, whose few rows make each GEMM too
-      // small for MKL's threads) splits either way: LSTMCell backward at B = 32, I = 64, H = 256
-      // 342 -> ... us.
+      // multiply-adds each (dx has I columns per gate row, the weight gradients I + P): faster
+      // than MKL threading each whole GEMM with fuse_x; without it MKL keeps the GEMMs, but for a
+      // short call (direct_steps: too few rows for MKL's threads). benchmarks/results/tuning.md.
       const int64_t dx_columns = dx ? s.I : 0;
       const int64_t g_split = std::min<int64_t>(
           G, (G * (s.I + s.P - dx_columns) / (2 * (s.I + s.P)) + 8) / 16 * 16);

@@ -133,9 +133,8 @@ constexpr int64_t kMinStepsToPack = 8;
 // Layers of at most this many batch rows, without the micro-kernel, multiply each step's h by a
 // float32 copy of W_hh^T made once per call, through gemm<float> (the GEMM seam,
 // blas.h). MKL's 16-bit GEMM converts its weight operand on every call, a cost of 4H x P whatever
-// the rows: where the CPU has no native bfloat16 dot product (AMD EPYC, AVX2) a B = 1 step took
-// 114 us at H = 128 (11.4 ms for 100 steps, nn.LSTM in bfloat16 8.4) and 436 us at H = 256;
-// through the copy 1.3 ms for the 100 steps at H = 128. Measured at B = 1 to 4 only: larger batches keep MKL's.
+// the rows, ~9x the copy's at B = 1 on an AVX2 CPU; larger batches keep MKL's
+// (benchmarks/results/tuning.md).
 constexpr int64_t kFloatStepRows = 4;
 
 // [W_ih | W_hh]^T [I + P, 4H], row-major, for the forward's per-step product [x_t | h] @ it.
