@@ -326,3 +326,20 @@ def test_options_second_derivative_with_masks_is_a_clear_error():
     with pytest.raises(NotImplementedError, match="second derivatives under torch.func "
                                                   "transforms with zoneout in training mode"):
         grad(lambda p: inner(p, x)["weight_hh_l0"].sum())(params)
+
+
+@pytest.mark.parametrize("name", ["reset", "zoneout, training", "layer_norm"])
+def test_options_jacrev_equals_the_eager_module(name):
+    model, kwargs, _ = option_case(name)
+    params, x = params_of(model), inputs({})
+
+    def h_n(w):
+        return functional_call(model, {**params, "weight_hh_l0": w}, (x,), kwargs)[1][0]
+    torch.manual_seed(6)
+    jacobian = jacrev(h_n)(params["weight_hh_l0"])
+    torch.manual_seed(6)
+    w = params["weight_hh_l0"].clone().requires_grad_()
+    out = h_n(w)  # the same masks: the same seed, one forward
+    rows = [torch.autograd.grad(out.reshape(-1)[i], w, retain_graph=True)[0]
+            for i in range(out.numel())]
+    torch.testing.assert_close(jacobian, torch.stack(rows).reshape(*out.shape, *w.shape), **TOL)
