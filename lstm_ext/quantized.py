@@ -66,15 +66,12 @@ def _inference_only(owner: str, tensors) -> None:
 
 def _refuse_options(owner: str, module: nn.Module) -> None:
     """The float modules' options the int8 kernels do not have: a clear error, never a silent
-    difference."""
-    zoneout = getattr(module, "zoneout", (0.0, 0.0))
-    left_out = [name for name, used in (("layer_norm", getattr(module, "layer_norm", False)),
-                                        ("zoneout", any(p > 0 for p in zoneout))) if used]
-    if left_out:
+    difference. (zoneout runs as in eval; recurrent dropout is nothing in eval.)"""
+    if getattr(module, "layer_norm", False):
         raise NotImplementedError(
-            f"{owner}: {' and '.join(left_out)} not supported in int8 yet; keep this module in "
-            "float (lstm_ext.quantize_dynamic(model, ...) leaves out what it cannot convert only "
-            "when told to: pass skip=[name])")
+            f"{owner}: layer_norm not supported in int8 yet; keep this module in float "
+            "(lstm_ext.quantize_dynamic(model, ...) leaves out what it cannot convert only when "
+            "told to: pass skip=[name])")
 
 
 class LSTM(nn.Module):
@@ -85,16 +82,26 @@ class LSTM(nn.Module):
     Buffers per layer k and direction (suffix "" or "_reverse"): weight_ih_l{k} int8 [4H, I_k],
     weight_hh_l{k} int8 [4H, P], weight_hr_l{k} int8 [P, H] (with proj_size), their float32 row
     scales scale_ih_l{k}, scale_hh_l{k}, scale_hr_l{k}, and bias_l{k} float32 [4H]
-    (bias_ih + bias_hh; with bias=True)."""
+    (bias_ih + bias_hh; with bias=True).
+
+    As lstm_ext.LSTM: forward(input, hx=None, reset=None); ``zoneout`` (keyword-only) runs as in
+    eval, each state mixing its previous and new value (an int8 module is for inference), and
+    recurrent dropout, nothing in eval, has no counterpart."""
 
     _owner = "lstm_ext.quantized.LSTM"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, dtype: torch.dtype = torch.qint8) -> None:
+                 proj_size: int = 0, dtype: torch.dtype = torch.qint8, *,
+                 zoneout: "float | Tuple[float, float]" = 0.0) -> None:
         super().__init__()
         if dtype != torch.qint8:
             raise ValueError(f"{self._owner}: dtype must be torch.qint8, got {dtype}")
+        zoneout_pair = zoneout if isinstance(zoneout, (tuple, list)) else (zoneout, zoneout)
+        if len(zoneout_pair) != 2 or not all(_float._is_probability(p) for p in zoneout_pair):
+            raise ValueError(f"{self._owner}: zoneout should be a number in range [0, 1), or a "
+                             f"pair (p_c, p_h) of them, got {zoneout!r}")
+        self.zoneout = (float(zoneout_pair[0]), float(zoneout_pair[1]))  # (p_c, p_h)
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -123,6 +130,10 @@ class LSTM(nn.Module):
                 if bias:
                     self.register_buffer(f"bias_l{layer}{suffix}", torch.zeros(_GATES * H))
 
+    def __setstate__(self, state):
+        state.setdefault("zoneout", (0.0, 0.0))  # pickled before int8 zoneout existed: off
+        super().__setstate__(state)
+
     @classmethod
     def from_float(cls, module: nn.Module) -> "LSTM":
         """An int8 copy of `module` (nn.LSTM or lstm_ext.LSTM, any floating dtype)."""
@@ -131,7 +142,8 @@ class LSTM(nn.Module):
                             f"{type(module).__name__}")
         _refuse_options(cls._owner, module)
         q = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
-                module.batch_first, module.dropout, module.bidirectional, module.proj_size)
+                module.batch_first, module.dropout, module.bidirectional, module.proj_size,
+                zoneout=getattr(module, "zoneout", (0.0, 0.0)))
         for layer in range(module.num_layers):
             for suffix in ("", "_reverse")[:2 if module.bidirectional else 1]:
                 name = f"l{layer}{suffix}"
@@ -155,13 +167,13 @@ class LSTM(nn.Module):
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None,
                 reset: Optional[Tensor] = None):
         owner = self._owner
-        if reset is not None:
-            raise NotImplementedError(f"{owner}: reset is not supported in int8 yet; run the "
-                                      "sequences separately, or keep this module in float")
         input, hx = _float32_under_autocast(input, hx)
         input, h0, c0, batch_sizes, sorted_indices, unsorted_indices, batched, packed = \
             _float._time_major_inputs(self, owner, input, hx, self.scale_ih_l0)
         _inference_only(owner, [input, h0, c0])
+        if reset is not None:  # checked and laid out as lstm_ext.LSTM's
+            reset = _float.LSTM._time_major_reset(self, reset, input, batched, packed,
+                                                  batch_sizes, sorted_indices)
         H, P = self.hidden_size, self.proj_size or self.hidden_size
         directions = 2 if self.bidirectional else 1
         batch = int(batch_sizes[0]) if packed else input.shape[1]
@@ -175,7 +187,7 @@ class LSTM(nn.Module):
                 index = layer * directions + direction
                 output, h, c = _ops.quantized_lstm_layer(
                     layer_input, h0[index], c0[index], *self._layer_weights(f"l{layer}{suffix}"),
-                    batch_sizes, direction == 1)
+                    batch_sizes, direction == 1, reset, *self.zoneout)
                 outputs.append(output)
                 h_n.append(h)
                 c_n.append(c)
@@ -190,6 +202,9 @@ class LSTM(nn.Module):
                               ("bidirectional", False), ("proj_size", 0)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
+        if self.zoneout != (0.0, 0.0):
+            zoneout = self.zoneout[0] if self.zoneout[0] == self.zoneout[1] else self.zoneout
+            s += f", zoneout={zoneout}"
         return s + ", dtype=torch.qint8"
 
 

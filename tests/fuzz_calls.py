@@ -286,8 +286,9 @@ class Fuzz:
 
     def quantized_op(self):
         """The int8 layer (lstm_ext.quantized): the layer's float arguments with int8 weights
-        (a float one at times: a wrong dtype) and row scales."""
-        args, _ = self.layer_args(torch.float32)
+        (a float one at times: a wrong dtype) and row scales; reset and zoneout at times."""
+        args, sizes = self.layer_args(torch.float32)
+        opts = self.options(args, sizes, torch.float32)
 
         def int8(weight):
             if weight is None or self.rng.random() < 0.05:
@@ -301,15 +302,19 @@ class Fuzz:
         quantized = [part for w in weights for part in (int8(w), scales(w))]
         OPS.quantized_lstm_layer(args["input"], args["h0"], args["c0"], *quantized[:4],
                                  args["bias_ih"], *quantized[4:], args["batch_sizes"],
-                                 args["reverse"])
+                                 args["reverse"], opts.get("reset"), opts.get("zoneout_c", 0.0),
+                                 opts.get("zoneout_h", 0.0))
 
     def quantized_module(self):
         I, H = self.size() or 1, self.size() or 1
         options = dict(num_layers=self.rng.choice([1, 2]), bidirectional=self.rng.random() < 0.5,
                        bias=self.rng.random() < 0.8, proj_size=self.rng.choice([0, 0, 1]) % H)
         model = lstm_ext.quantize_dynamic(torch.nn.LSTM(I, H, **options))
+        model.zoneout = (self.rng.choice([0.0, 0.4]), self.rng.choice([0.0, 0.4]))
+        x = self.tensor(self.size(), self.size(), I, dtype=torch.float32)
+        reset = torch.rand(*x.shape[:2]) < 0.3 if self.rng.random() < 0.3 else None
         with torch.no_grad():
-            model(self.tensor(self.size(), self.size(), I, dtype=torch.float32))
+            model(x, reset=reset)
 
     def call(self):
         # Half the calls have every shape right (odd sizes, layouts and values only).

@@ -333,3 +333,36 @@ def ddp_worker(rank, world, port, out_path):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# ---- reset: the yardstick of a restart (tests/test_reset.py, tests/test_quantized.py) ----------
+
+def pieces(row_reset, length):
+    """[(start, end)) of one row's sequences: it restarts where row_reset[t] (t > 0)."""
+    starts = [0] + [t for t in range(1, length) if row_reset[t]]
+    return list(zip(starts, starts[1:] + [length]))
+
+
+def split_run(model, x, h0, c0, reset, lengths):
+    """nn.LSTM on each piece of each row: padded output [T, B, D*P] (zeros past a row's length),
+    h_n, c_n. A reverse direction's h_n is the state at time 0, the end of its first piece."""
+    T, B = reset.shape
+    D = 2 if model.bidirectional else 1
+    P = model.proj_size or model.hidden_size
+    columns, h_n, c_n = [], [], []
+    for b in range(B):
+        outputs, last_h, last_c, first_h, first_c = [], None, None, None, None
+        for start, end in pieces(reset[:, b], lengths[b]):
+            out, (h, c) = model(x[start:end, b:b + 1], (h0[:, b:b + 1], c0[:, b:b + 1]))
+            outputs.append(out)
+            if first_h is None:
+                first_h, first_c = h, c
+            last_h, last_c = h, c
+        pad = x.new_zeros(T - lengths[b], 1, D * P)
+        columns.append(torch.cat(outputs + [pad]))
+        # per layer: the forward direction ends with the last piece, the reverse with the first
+        pick = [(last_h, last_c) if i % D == 0 else (first_h, first_c)
+                for i in range(model.num_layers * D)]
+        h_n.append(torch.stack([h[i] for i, (h, _) in enumerate(pick)]))
+        c_n.append(torch.stack([c[i] for i, (_, c) in enumerate(pick)]))
+    return torch.cat(columns, 1), torch.cat(h_n, 1), torch.cat(c_n, 1)

@@ -2,6 +2,7 @@
 int8 LSTM on the same float model, every input form of nn.LSTM, the conversions, state_dict,
 torch.compile / torch.export, and the errors."""
 
+import copy
 import io
 import warnings
 
@@ -12,6 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_ext
 from lstm_ext import quantized
+from lstm_testing import split_run
 
 F32 = torch.float32
 
@@ -236,12 +238,14 @@ def test_inference_only_and_clear_errors():
         q(torch.randn(4, 2, 6))
     with pytest.raises(ValueError, match="RNN input dtype"):
         q(torch.randn(4, 2, 5, dtype=torch.float64))
-    with pytest.raises(NotImplementedError, match="reset"):
-        q(torch.randn(4, 2, 5), reset=torch.zeros(4, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"reset must have shape \[T, B\] = \(4, 2\)"):
+        q(torch.randn(4, 2, 5), reset=torch.zeros(4, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="reset must be a bool tensor"):
+        q(torch.randn(4, 2, 5), reset=torch.zeros(4, 2))
     with pytest.raises(NotImplementedError, match="layer_norm"):
         lstm_ext.quantize_dynamic(lstm_ext.LSTM(5, 12, layer_norm=True))
-    with pytest.raises(NotImplementedError, match="zoneout"):
-        lstm_ext.quantize_dynamic(lstm_ext.LSTM(5, 12, zoneout=0.1))
+    with pytest.raises(ValueError, match="zoneout should be a number"):
+        quantized.LSTM(5, 12, zoneout=1.0)
     with pytest.raises(ValueError, match="qint8"):
         lstm_ext.quantize_dynamic(model, dtype=torch.float16)
     with pytest.raises(TypeError, match="nn.Module"):
@@ -250,6 +254,58 @@ def test_inference_only_and_clear_errors():
         torch.ops.lstm_ext.quantized_lstm_layer(
             torch.randn(4, 2, 5), torch.zeros(2, 12), torch.zeros(2, 12), q.weight_ih_l0.float(),
             q.scale_ih_l0, q.weight_hh_l0, q.scale_hh_l0, None, None, None, None, False)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_reset_equals_each_piece_run_alone(packed):
+    # Each row is quantized alone, so a restart gives exactly what the pieces give run apart.
+    options = dict(bidirectional=True, num_layers=2, proj_size=4)
+    reference, q = int8_pair(**options)
+    model = lstm_ext.LSTM(5, 12, **options).eval()  # the float model, with reset
+    model.load_state_dict(reference.state_dict())
+    T, B = 9, 3
+    lengths = [9, 5, 7] if packed else [T] * B
+    torch.manual_seed(1)
+    x, reset = torch.randn(T, B, 5), torch.rand(T, B) < 0.3
+    h0, c0 = torch.randn(4, B, 4), torch.randn(4, B, 12)
+    with torch.no_grad():
+        given = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False) if packed \
+            else x
+        out, (h, c) = q(given, (h0, c0), reset=reset)
+        exact, _ = model(given, (h0, c0), reset=reset)
+        if packed:
+            out, _ = pad_packed_sequence(out, total_length=T)
+            exact, _ = pad_packed_sequence(exact, total_length=T)
+        expected = split_run(q, x, h0, c0, reset, lengths)
+    for actual, wanted in zip((out, h, c), expected):
+        assert torch.allclose(actual, wanted, rtol=0, atol=1e-6)
+    assert errors(out, exact)[0] < 2e-2  # and near the float model with the same restarts
+    # the restarts are not ignored
+    with torch.no_grad():
+        plain = q(given, (h0, c0))[0]
+    plain = pad_packed_sequence(plain, total_length=T)[0] if packed else plain
+    assert not torch.allclose(plain, out, atol=1e-3)
+
+
+def test_zoneout_runs_as_in_eval():
+    model = lstm_ext.LSTM(5, 12, num_layers=2, proj_size=4, zoneout=(0.3, 0.2)).eval()
+    q = lstm_ext.quantize_dynamic(model)
+    assert q.zoneout == (0.3, 0.2) and "zoneout=(0.3, 0.2)" in repr(q)
+    x = torch.randn(8, 2, 5)
+    without = copy.deepcopy(q)
+    without.zoneout = (0.0, 0.0)
+    with torch.no_grad():
+        out, (h, c) = q(x)
+        exact, (h_e, c_e) = model(x)
+        err = max(errors(out, exact)[0], errors(h, h_e)[0], errors(c, c_e)[0])
+        assert err < 2e-2
+        assert errors(without(x)[0], exact)[0] > 5 * err  # zoneout is not ignored
+    # a module pickled before int8 zoneout existed loads with it off
+    state = q.__dict__.copy()
+    del state["zoneout"]
+    restored = quantized.LSTM.__new__(quantized.LSTM)
+    restored.__setstate__(state)
+    assert restored.zoneout == (0.0, 0.0)
 
 
 def test_recurrent_dropout_is_nothing_in_int8_as_in_eval():

@@ -28,6 +28,8 @@
 #include <tuple>
 #include <vector>
 
+#include "../lstm_regularize.h"
+#include "../lstm_steps.h"
 #include "gates.h"
 #include "layer_common.h"
 
@@ -267,7 +269,8 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& scale_ih, const Tensor& weight_hh, const Tensor& scale_hh,
     const optional<Tensor>& bias, const optional<Tensor>& weight_hr,
-    const optional<Tensor>& scale_hr, const optional<Tensor>& batch_sizes, bool reverse) {
+    const optional<Tensor>& scale_hr, const optional<Tensor>& batch_sizes, bool reverse,
+    const optional<Tensor>& reset, double zoneout_c, double zoneout_h) {
   const bool packed = batch_sizes.has_value();
   TORCH_CHECK(input.scalar_type() == at::kFloat && input.dim() == (packed ? 2 : 3), kOp,
               ": input must be float32 ", packed ? "[N, I] (packed)" : "[T, B, I]", ", got ",
@@ -294,22 +297,19 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
                 bias->sizes(), " on ", bias->device());
   }
 
-  // Rows and first row of each step.
   int64_t T = 0, B = 0;
-  std::vector<int64_t> rows, first;
+  optional<Tensor> step_sizes;  // batch_sizes as int64, checked
   if (packed) {
-    const Tensor sizes = batch_sizes->to(at::kLong).contiguous();
-    TORCH_CHECK(sizes.dim() == 1 && sizes.device().is_cpu(), kOp,
-                ": batch_sizes must be a 1-D CPU tensor, got ", sizes.sizes());
-    T = sizes.numel();
-    const int64_t* s = sizes.data_ptr<int64_t>();
+    step_sizes = batch_sizes->to(at::kLong).contiguous();
+    TORCH_CHECK(step_sizes->dim() == 1 && step_sizes->device().is_cpu(), kOp,
+                ": batch_sizes must be a 1-D CPU tensor, got ", step_sizes->sizes());
+    T = step_sizes->numel();
+    const int64_t* s = step_sizes->data_ptr<int64_t>();
     int64_t total = 0;
     for (int64_t t = 0; t < T; ++t) {
       TORCH_CHECK(s[t] > 0 && (t == 0 || s[t] <= s[t - 1]), kOp,
                   ": batch_sizes must be positive and non-increasing (PackedSequence's), got ",
-                  sizes);
-      rows.push_back(s[t]);
-      first.push_back(total);
+                  *step_sizes);
       total += s[t];
     }
     TORCH_CHECK(total == input.size(0), kOp, ": batch_sizes sum to ", total, " but input has ",
@@ -318,11 +318,13 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
   } else {
     T = input.size(0);
     B = input.size(1);
-    for (int64_t t = 0; t < T; ++t) {
-      rows.push_back(B);
-      first.push_back(t * B);
-    }
   }
+  const int64_t total_rows = packed ? input.size(0) : T * B;
+  const LayerSizes sizes{T, B, I, H, P, total_rows};
+  check_reset(kOp, reset, input, sizes);
+  TORCH_CHECK(zoneout_c >= 0 && zoneout_c < 1 && zoneout_h >= 0 && zoneout_h < 1, kOp,
+              ": zoneout_c and zoneout_h must be probabilities in [0, 1), got ", zoneout_c,
+              " and ", zoneout_h);
   for (const auto& [state, width, name] :
        {std::tuple<const Tensor&, int64_t, const char*>{h0, P, "h0"}, {c0, H, "c0"}}) {
     TORCH_CHECK(state.scalar_type() == at::kFloat && state.dim() == 2 && state.size(0) == B &&
@@ -336,7 +338,8 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
   std::vector<int64_t> out_shape = input.sizes().vec();
   out_shape.back() = P;
   Tensor output = at::empty(out_shape, input.options());
-  Tensor h = h0.contiguous().clone(), c = c0.contiguous().clone();
+  const Tensor h0_rows = h0.contiguous(), c0_rows = c0.contiguous();
+  Tensor h = h0_rows.clone(), c = c0_rows.clone();
   if (T == 0 || B == 0) {
     return {output, h, c};
   }
@@ -349,9 +352,16 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
   if (weight_hr) {
     w_hr = std::make_unique<Int8Weight>(*weight_hr, *scale_hr);
   }
+  // Where each step's rows are, and the rows that start anew from h0 / c0 (lstm_steps.h).
+  const Steps steps(sizes, step_sizes);
+  const Restarts restarts(steps, reset, reverse);
+  // Zoneout in eval, its expectation (an int8 module is for inference): each state mixes its
+  // previous and new value (lstm_regularize.h).
+  const Zoneout zoneout(zoneout_c, zoneout_h, c10::nullopt, c10::nullopt);
+  const float* h0_data = h0_rows.data_ptr<float>();
+  const float* c0_data = c0_rows.data_ptr<float>();
   // The input projection of every step at once: gates_x [rows, 4H] = x W_ih^T (the gate pass
   // adds the bias).
-  const int64_t total_rows = x.size(0) * (packed ? 1 : x.size(1));
   QuantizedRows rows_q;
   std::vector<int32_t> ints;
   // (Not value-initialised: every element is written by the product.)
@@ -369,14 +379,27 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
     QuantizedRows quantized;
     std::vector<int32_t> accumulators;
     std::vector<float> r((b1 - b0) * H);  // o * tanh(c_t): h_t before a projection
+    // the states before the step, where zoneout mixes them into the new ones
+    std::vector<float> h_prev(zoneout.on_h() ? (b1 - b0) * P : 0);
+    std::vector<float> c_prev(zoneout.on_c() ? (b1 - b0) * H : 0);
     float* hb = h_data + b0 * P;
     float* cb = c_data + b0 * H;
-    for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = reverse ? T - 1 - s : s, n = std::min(rows[t], b1) - b0;
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t t = Steps::time_of(k, T, reverse), n = std::min(steps.batch[t], b1) - b0;
       if (n <= 0) {
         continue;
       }
-      float* z = gates_x.get() + (first[t] + b0) * G;  // [n, 4H]: the step's gates, in place
+      if (const uint8_t* restart = restarts.at(t, b0)) {
+        for (int64_t b = 0; b < n; ++b) {
+          if (restart[b]) {
+            std::copy_n(h0_data + (b0 + b) * P, P, hb + b * P);
+            std::copy_n(c0_data + (b0 + b) * H, H, cb + b * H);
+          }
+        }
+      }
+      std::copy_n(hb, h_prev.empty() ? 0 : n * P, h_prev.data());
+      std::copy_n(cb, c_prev.empty() ? 0 : n * H, c_prev.data());
+      float* z = gates_x.get() + (steps.offset[t] + b0) * G;  // [n, 4H]: the step's gates
       w_hh.product(hb, n, P, z, G, true, may_thread, quantized, accumulators);
       gates_forward(n, H, 0, H, z, bias_data, cb, r.data(), nullptr);
       if (w_hr) {
@@ -384,14 +407,19 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
       } else {
         std::copy_n(r.data(), n * H, hb);
       }
-      std::copy_n(hb, n * P, out + (first[t] + b0) * P);
+      if (zoneout.on_c()) {
+        zoneout_mix(nullptr, zoneout.p_c, n * H, c_prev.data(), cb);
+      }
+      if (zoneout.on_h()) {
+        zoneout_mix(nullptr, zoneout.p_h, n * P, h_prev.data(), hb);
+      }
+      std::copy_n(hb, n * P, out + (steps.offset[t] + b0) * P);
     }
   };
   // Each row is quantized alone, so the rows are independent through the whole sequence: the
   // batch is split over the threads as in the float kernels (layer_common.h), each slice running
   // every step on its own rows (the same numbers however it is split); a batch too small to
   // split has its step's products use the threads instead.
-  const LayerSizes sizes{T, B, I, H, P, total_rows};
   const bool split = batch_is_split(sizes) && at::get_num_threads() > 1;
   for_each_batch_slice(sizes, [&](int64_t b0, int64_t b1) { run_rows(b0, b1, !split); });
   return {output, h, c};
