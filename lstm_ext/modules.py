@@ -24,6 +24,22 @@ def _is_probability(p) -> bool:
     return isinstance(p, numbers.Real) and not isinstance(p, bool) and 0 <= p < 1
 
 
+def _zoneout_pair(owner: str, zoneout) -> Tuple[float, float]:
+    """A module's zoneout argument (p, or (p_c, p_h)), checked -> (p_c, p_h)."""
+    pair = zoneout if isinstance(zoneout, (tuple, list)) else (zoneout, zoneout)
+    if len(pair) != 2 or not all(_is_probability(p) for p in pair):
+        raise ValueError(f"{owner}: zoneout should be a number in range [0, 1), or a pair "
+                         f"(p_c, p_h) of them, got {zoneout!r}")
+    return float(pair[0]), float(pair[1])
+
+
+def _zoneout_repr(zoneout: Tuple[float, float]) -> str:
+    """", zoneout=..." for a module's extra_repr, or "" when off."""
+    if zoneout == (0.0, 0.0):
+        return ""
+    return f", zoneout={zoneout[0] if zoneout[0] == zoneout[1] else zoneout}"
+
+
 def _shape(t: Tensor) -> List[int]:
     return list(t.shape)
 
@@ -381,10 +397,7 @@ class LSTM(_WeightsAtTheCall):
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
-        zoneout_pair = zoneout if isinstance(zoneout, (tuple, list)) else (zoneout, zoneout)
-        if len(zoneout_pair) != 2 or not all(_is_probability(p) for p in zoneout_pair):
-            raise ValueError(f"{self._owner}: zoneout should be a number in range [0, 1), or a "
-                             f"pair (p_c, p_h) of them, got {zoneout!r}")
+        zoneout_pair = _zoneout_pair(self._owner, zoneout)
         if not isinstance(layer_norm, bool):
             raise TypeError(f"layer_norm should be of type bool, got: {type(layer_norm).__name__}")
         if not _is_probability(recurrent_dropout):
@@ -401,7 +414,7 @@ class LSTM(_WeightsAtTheCall):
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
         self.proj_size = proj_size
-        self.zoneout = (float(zoneout_pair[0]), float(zoneout_pair[1]))  # (p_c, p_h)
+        self.zoneout = zoneout_pair  # (p_c, p_h)
         self.recurrent_dropout = float(recurrent_dropout)
         self.layer_norm = layer_norm
 
@@ -562,9 +575,7 @@ class LSTM(_WeightsAtTheCall):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
-        if self.zoneout != (0.0, 0.0):
-            zoneout = self.zoneout[0] if self.zoneout[0] == self.zoneout[1] else self.zoneout
-            s += f", zoneout={zoneout}"
+        s += _zoneout_repr(self.zoneout)
         if self.recurrent_dropout != 0:
             s += ", recurrent_dropout={recurrent_dropout}"
         if self.layer_norm:

@@ -97,11 +97,7 @@ class LSTM(nn.Module):
         super().__init__()
         if dtype != torch.qint8:
             raise ValueError(f"{self._owner}: dtype must be torch.qint8, got {dtype}")
-        zoneout_pair = zoneout if isinstance(zoneout, (tuple, list)) else (zoneout, zoneout)
-        if len(zoneout_pair) != 2 or not all(_float._is_probability(p) for p in zoneout_pair):
-            raise ValueError(f"{self._owner}: zoneout should be a number in range [0, 1), or a "
-                             f"pair (p_c, p_h) of them, got {zoneout!r}")
-        self.zoneout = (float(zoneout_pair[0]), float(zoneout_pair[1]))  # (p_c, p_h)
+        self.zoneout = _float._zoneout_pair(self._owner, zoneout)  # (p_c, p_h)
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -202,10 +198,7 @@ class LSTM(nn.Module):
                               ("bidirectional", False), ("proj_size", 0)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
-        if self.zoneout != (0.0, 0.0):
-            zoneout = self.zoneout[0] if self.zoneout[0] == self.zoneout[1] else self.zoneout
-            s += f", zoneout={zoneout}"
-        return s + ", dtype=torch.qint8"
+        return s + _float._zoneout_repr(self.zoneout) + ", dtype=torch.qint8"
 
 
 class LSTMCell(nn.Module):
