@@ -422,15 +422,15 @@ std::tuple<Tensor, Tensor, Tensor> lstm_autograd(
       track = track || p.requires_grad();
     }
   }
-  if (!track) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return lstm_no_state(input, h0, c0, params, has_biases, has_projections, num_layers, dropout,
-                         train, bidirectional, batch_sizes, reset, zoneout_c, zoneout_h,
-                         recurrent_dropout, layer_norm);
-  }
   const ModuleConfig config{has_biases, has_projections, num_layers,        dropout,
                             train,      bidirectional,   batch_sizes,       reset,
                             zoneout_c,  zoneout_h,       recurrent_dropout, layer_norm};
+  if (!track) {  // nothing to differentiate: keep no state for a backward
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const ForwardResult result =
+        module_forward(input, h0, c0, params, config, /*keep_state=*/false);
+    return {result.output, result.h_n, result.c_n};
+  }
   const variable_list out = ModuleFunction::apply(input, h0, c0, params, config);
   return {out[0], out[1], out[2]};
 }
