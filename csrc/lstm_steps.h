@@ -96,6 +96,65 @@ class Restarts {
   std::vector<uint8_t> step_has_;  // [T]: whether any row of step t restarts
 };
 
+// One step of a batch slice [b0, b1), as a time loop sees it.
+struct StepRows {
+  int64_t k;                // its place in processing order
+  int64_t t;                // its time index
+  int64_t n;                // its active rows of the slice: b0 .. b0 + n - 1 (n > 0)
+  int64_t row;              // the layer row of the first of them
+  const uint8_t* restart;   // the flags of those rows (Restarts::at), or null when none restarts
+  // Backward walks only: of the step processed just before it in the forward, the first n_prev
+  // rows of the slice carried h and c into this step, and row prev_row is the first of them.
+  int64_t n_prev = 0, prev_row = 0;
+};
+
+// A layer's steps in one direction, with their restarts: the row bookkeeping every time loop
+// shares (which rows of a slice run at a step, where they are, which restart).
+struct LayerSteps {
+  const Steps& steps;
+  const Restarts& restarts;
+  bool reverse;
+
+  int64_t T() const { return static_cast<int64_t>(steps.batch.size()); }
+  std::pair<int64_t, int64_t> rows_of_steps(int64_t k0, int64_t k1) const {
+    return steps.rows_of_steps(k0, k1, reverse);
+  }
+  // body(StepRows) for the steps k0 .. k1 - 1 in processing order that have rows in [b0, b1).
+  template <typename F>
+  void forward(int64_t k0, int64_t k1, int64_t b0, int64_t b1, const F& body) const {
+    for (int64_t k = k0; k < k1; ++k) {
+      const StepRows step = at_step(k, b0, b1);
+      if (step.n > 0) {
+        body(step);
+      }
+    }
+  }
+  // body(StepRows), with n_prev and prev_row, for the steps k_hi down to k_lo that have rows in
+  // [b0, b1): a backward's order.
+  template <typename F>
+  void backward(int64_t k_hi, int64_t k_lo, int64_t b0, int64_t b1, const F& body) const {
+    for (int64_t k = k_hi; k >= k_lo; --k) {
+      StepRows step = at_step(k, b0, b1);
+      if (step.n <= 0) {
+        continue;
+      }
+      if (k > 0) {
+        const int64_t t_prev = Steps::time_of(k - 1, T(), reverse);
+        step.n_prev = std::max<int64_t>(0, std::min(steps.batch[t_prev], b0 + step.n) - b0);
+        step.prev_row = steps.offset[t_prev] + b0;
+      }
+      body(step);
+    }
+  }
+
+ private:
+  StepRows at_step(int64_t k, int64_t b0, int64_t b1) const {
+    const int64_t t = Steps::time_of(k, T(), reverse);
+    const int64_t n = std::min(b1, steps.batch[t]) - b0;
+    return {k, t, n, steps.offset[t] + b0, n > 0 ? restarts.at(t, b0) : nullptr};
+  }
+};
+
 // The state row b of a step read in the forward (backward's view): the step before's row
 // (prev_rows + b * width) for the first n_prev rows that did not restart, else the initial
 // state's (init_rows + b * width: the row joined at this step, or started anew).
@@ -143,9 +202,9 @@ void move_restart_gradients(const uint8_t* restarts, int64_t n, int64_t P, int64
 
 // At the start of a backward: the running dh [B, P], dc [B, H] begin as dh_n, dc_n (zeros where
 // null), and restart_dh, restart_dc (what the restarts pass to h0, c0; null without restarts) as
-// zeros.
-template <typename D>
-void start_backward_states(int64_t B, int64_t P, int64_t H, const D* dh_n, const D* dc_n, D* dh,
+// zeros. (dh_n, dc_n may be stored in a narrower type S than the running D: converted.)
+template <typename S, typename D>
+void start_backward_states(int64_t B, int64_t P, int64_t H, const S* dh_n, const S* dc_n, D* dh,
                            D* dc, D* restart_dh, D* restart_dc) {
   if (dh_n) {
     std::copy(dh_n, dh_n + B * P, dh);

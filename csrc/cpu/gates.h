@@ -260,18 +260,19 @@ const D* zoneout_step_backward(const Zoneout& zoneout, int64_t row, int64_t n, i
   return c_new;
 }
 
-// The h each of a step's n rows fed to W_hh, for dW_hh (shared by the 16-bit and layer-norm
-// backward loops): out [n, P] = the state the row read (state_read: prev_rows, init_rows, n_prev,
-// restarts) times the recurrent mask's rows (recurrent_rows, or null).
+// The h each of a step's n rows fed to W_hh, for dW_hh (shared by the backward loops): out row r
+// (at out + r * ld_out, P values) = the state the row read (state_read: prev_rows, init_rows,
+// n_prev, restarts) times the recurrent mask's rows (recurrent_rows, or null).
 template <typename S, typename M>
 void fed_state_rows(int64_t n, int64_t P, int64_t n_prev, const uint8_t* restarts,
-                    const S* prev_rows, const S* init_rows, const M* recurrent_rows, S* out) {
+                    const S* prev_rows, const S* init_rows, const M* recurrent_rows, S* out,
+                    int64_t ld_out) {
   for (int64_t r = 0; r < n; ++r) {
     const S* h_read = state_read(r, n_prev, restarts, prev_rows, init_rows, P);
     if (recurrent_rows) {
-      mask_rows(1, P, h_read, recurrent_rows + r * P, out + r * P);
+      mask_rows(1, P, h_read, recurrent_rows + r * P, out + r * ld_out);
     } else {
-      std::copy(h_read, h_read + P, out + r * P);
+      std::copy(h_read, h_read + P, out + r * ld_out);
     }
   }
 }

@@ -1,12 +1,15 @@
-// What the CPU layer kernels share (float/double in lstm_cpu.cpp, bfloat16/float16 in
-// lstm_cpu_lowp.cpp): how the batch is split over threads, and the per-call preparation.
+// What the CPU layer kernels share (the plain loops in layer_forward.h / layer_backward.h, the
+// layer-normalised and int8 ones): how the batch is split over threads, the pipelines' hand-off,
+// and the per-call preparation.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <thread>
 
 #include "../lstm_checks.h"
 #include "blas.h"  // MklThreadsOnThisThread
@@ -49,6 +52,25 @@ void for_each_batch_slice(const LayerSizes& s, const F& body) {
     return;
   }
   at::parallel_for(0, s.B, batch_slice_grain(s), body);
+}
+
+// The loops' pipelines (layer_forward.h, layer_backward.h): a second thread works on finished
+// (or upcoming) chunks of steps while the first runs the recurrence, in this many chunks, where
+// that work is at least kMinPipelinedMacs multiply-adds (benchmarks/results/tuning.md).
+constexpr int64_t kPipelineChunks = 8;
+constexpr int64_t kMinPipelinedMacs = int64_t(1) << 21;
+
+// Spins until counter >= target (published with release by another thread); yields now and then,
+// in case there are more threads than cores.
+inline void wait_until_at_least(const std::atomic<int64_t>& counter, int64_t target) {
+  for (int64_t spins = 1; counter.load(std::memory_order_acquire) < target; ++spins) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+    if (spins % 1024 == 0) {
+      std::this_thread::yield();
+    }
+  }
 }
 
 template <typename T>

@@ -7,7 +7,7 @@
 // plain kernels (csrc/lstm_steps.h, csrc/lstm_regularize.h): zoneout mixes the unnormalised c_t,
 // and LN(c_new) feeds h_new.
 //
-// The loop is the plain kernel's (lstm_cpu.cpp), simpler: the input projection of every step is
+// The loop is the plain kernel's (layer_forward.h, layer_backward.h), simpler: the input projection of every step is
 // one GEMM and is normalised before the steps; each step runs one GEMM for h W_hh^T into its own
 // buffer (the two products are normalised apart, so they cannot share one), then one fused pass
 // per row: normalise the recurrent product, the gates, c_t, normalise c_t, h_t. Threads split
@@ -43,7 +43,7 @@
 #include "blas.h"
 #include "gates.h"
 #include "layer_common.h"
-#include "lowp.h"
+#include "mixed_gemm.h"
 #include "vec_math.h"
 
 namespace lstm_ext {
@@ -447,7 +447,7 @@ void ln_layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
       }
       const uint8_t* restart = restarts.at(t, b0);
       fed_state_rows(n, P, n_prev, restart, y + prev_row * P, h0 + b0 * P,
-                     recurrent_mask ? recurrent_mask + b0 * P : nullptr, h_fed + local * P);
+                     recurrent_mask ? recurrent_mask + b0 * P : nullptr, h_fed + local * P, P);
       if (dy) {
         const T* dy_t = dy + row * P;
         for (int64_t u = 0; u < n * P; ++u) {

@@ -4,7 +4,7 @@
 //
 // S is the storage dtype (float, double, at::Half, at::BFloat16), C the compute dtype
 // (at::opmath_type<S>: float for the 16-bit ones). Gates and cell states are kept in C, as the
-// CPU kernels keep them (csrc/cpu/lowp.h); what a GEMM reads next (h, the gate gradients) is S.
+// CPU kernels keep them (csrc/cpu/mixed_gemm.h); what a GEMM reads next (h, the gate gradients) is S.
 #pragma once
 
 #include <cstdint>

@@ -9,7 +9,7 @@
 //   mm_into(out, a, b): out = a b, where out may be C while a and b are S (cuBLAS accumulates the
 //     16-bit products in float32 and writes float32).
 //
-// Same algorithm and row layout as the CPU kernels (csrc/cpu/lstm_cpu.cpp, csrc/lstm_steps.h):
+// Same algorithm and row layout as the CPU kernels (csrc/cpu/layer_forward.h, csrc/lstm_steps.h):
 // the input projection of a chunk of steps in one GEMM (all steps when the backward will need the
 // gates; else chunks of about chunk_elements gate values, so inference does not hold every step's
 // gates); per step one GEMM for the recurrence, read straight from the previous step's rows of the
