@@ -299,5 +299,29 @@ void finish_step_backward(int64_t n, int64_t P, int64_t H, const M* recurrent_ro
   }
 }
 
+// The plain LSTM cell as the time loops' Cell policy (layer_forward.h, layer_backward.h): both
+// products summed into a step's gate rows, the gate passes above.
+struct PlainCell {
+  static constexpr bool kSeparateProducts = false;
+
+  template <typename C>
+  void forward(int64_t n, int64_t H, int64_t /*row*/, C* gates_t, const C* bias, C* c, C* r,
+               C* exp_scratch) const {
+    gates_forward(n, H, 0, H, gates_t, bias, c, r, exp_scratch);
+  }
+
+  // Per batch slice, the sums that become parameter gradients: the bias's [4H].
+  static int64_t sums_width(int64_t H) { return 4 * H; }
+
+  // gates_backward; the step's gate gradients are one [n, 4H] (d_ih and d_hh are the same rows).
+  template <typename C>
+  void backward(int64_t n, int64_t H, int64_t /*row*/, const C* gates_t, const C* cells_t,
+                const C* c_prev_rows, const C* c0_rows, int64_t n_prev, const uint8_t* restarts,
+                const C* dr, C* dc, C* d_ih, C* /*d_hh: d_ih*/, C* sums, C* r, C* tanh_c) const {
+    gates_backward(n, H, gates_t, cells_t, c_prev_rows, c0_rows, n_prev, restarts, dr, dc, d_ih,
+                   sums, r, tanh_c);
+  }
+};
+
 }  // namespace cpu
 }  // namespace lstm_ext

@@ -65,13 +65,13 @@ struct ForwardWeights {
 
   bool projects() const { return w_hr_t != nullptr || w_hr != nullptr; }
 
-  // gates [n, 4H] += h_fed [n, P] @ W_hh^T (with w_packed: = [x_t | h_fed] @ [W_ih | W_hh]^T),
-  // for the slice rows from b0.
-  void recurrent(const LayerSizes& s, int64_t n, int64_t b0, const S* x_t, const S* h_fed,
-                 C* gates) const {
+  // out [n, 4H] (row stride ld) = h_fed [n, P] @ W_hh^T + beta * out (with w_packed: out =
+  // [x_t | h_fed] @ [W_ih | W_hh]^T), for the slice rows from b0.
+  void recurrent(const LayerSizes& s, int64_t n, int64_t b0, const S* x_t, const S* h_fed, C* out,
+                 int64_t ld, C beta) const {
     const int64_t G = 4 * s.H, P = s.P;
     if (w_hh_t) {
-      mul<S, C>(false, false, n, G, P, h_fed, P, w_hh_t, G, C(1), gates, G);
+      mul<S, C>(false, false, n, G, P, h_fed, P, w_hh_t, G, beta, out, ld);
       return;
     }
     if constexpr (!std::is_same_v<S, C>) {
@@ -82,17 +82,17 @@ struct ForwardWeights {
           copy_elements(a + i * K, x_t + i * s.I, s.I);
           copy_elements(a + i * K + s.I, h_fed + i * P, P);
         }
-        w_packed->multiply(n, a, K, false, gates, G);
+        w_packed->multiply(n, a, K, false, out, ld);
         return;
       }
       if (w_hh_t_float) {  // h (exact in float32) @ W_hh^T, summed in float32 as MKL's GEMM
         float* h = h_float + b0 * P;
         convert(h_fed, h, n * P);
-        gemm<float>(false, false, n, G, P, 1.f, h, P, w_hh_t_float, G, 1.f, gates, G);
+        gemm<float>(false, false, n, G, P, 1.f, h, P, w_hh_t_float, G, beta, out, ld);
         return;
       }
     }
-    mul<S, C>(false, true, n, G, P, h_fed, P, w_hh, P, C(1), gates, G);
+    mul<S, C>(false, true, n, G, P, h_fed, P, w_hh, P, beta, out, ld);
   }
 
   // out [n, P] = r [n, H] @ W_hr^T
@@ -141,14 +141,27 @@ struct ForwardArgs {
   C* c_prev;
 };
 
-// Forward of one layer over all steps.
-template <typename S, typename C>
+// Forward of one layer over all steps. The cell's kind is a policy: PlainCell (gates.h) or the
+// layer-normalised cell (lstm_cpu_layer_norm.cpp). A Cell has
+//   kSeparateProducts  false: a step's input and recurrent products are summed into its gate rows
+//                      [n, 4H] (the input projection first, a chunk at a time); true: each goes
+//                      to its own rows, input_products(row) and recurrent_products(row), with
+//                      row stride products_ld(), for the cell's pass to combine
+//   forward(n, H, row, gates_t, bias, c, r, exp_scratch)  the step's gate pass: gates_t [n, 4H]
+//                      in: the summed products (plain); out: activated i, f, g, o; c [n, H] in:
+//                      c_{t-1}, out: c_t; r [n, H] out: h_t before any projection
+//   sums_width(H), backward(...)  for layer_backward (layer_backward.h)
+template <typename S, typename C, typename Cell>
 void layer_forward(const LayerSizes& s, const LayerSteps& walk, const ForwardWeights<S, C>& w,
-                   const ForwardArgs<S, C>& a) {
+                   const Cell& cell, const ForwardArgs<S, C>& a) {
   constexpr bool kSame = std::is_same_v<S, C>;
   const int64_t H = s.H, P = s.P, G = 4 * s.H;
   const Zoneout& zoneout = *a.zoneout;
   const bool fused_projection = w.w_packed != nullptr;
+  // Where the gate rows are not all kept and no chunk is projected into them, they are one
+  // step's [B, 4H].
+  const bool step_buffer =
+      !a.gates_all_rows && (fused_projection || Cell::kSeparateProducts);
   copy_elements(a.h_n, a.h0, s.B * P);
   convert(a.c0, a.c_state, s.B * H);
   auto chunk_gates = [&](int64_t row_begin) {
@@ -160,8 +173,14 @@ void layer_forward(const LayerSizes& s, const LayerSteps& walk, const ForwardWei
       return;
     }
     const auto [row_begin, row_end] = walk.rows_of_steps(k0, k1);
+    C* out = chunk_gates(row_begin);
+    int64_t ld = G;
+    if constexpr (Cell::kSeparateProducts) {
+      out = cell.input_products(row_begin);
+      ld = cell.products_ld();
+    }
     mul<S, C>(false, true, row_end - row_begin, G, s.I, a.x + row_begin * s.I, s.I, w.w_ih, s.I,
-              C(0), chunk_gates(row_begin), G);
+              C(0), out, ld);
   };
   // Steps [k0, k1) on batch rows [b0, b1).
   auto run_steps = [&](int64_t k0, int64_t k1, int64_t b0, int64_t b1) {
@@ -171,8 +190,7 @@ void layer_forward(const LayerSizes& s, const LayerSteps& walk, const ForwardWei
     C* c_state = a.c_state + b0 * H;
     walk.forward(k0, k1, b0, b1, [&](const StepRows& step) {
       const int64_t n = step.n, row = step.row;
-      C* gates_t = a.gates_all_rows || !fused_projection ? gates_chunk + (row - row_begin) * G
-                                                         : a.gates + b0 * G;
+      C* gates_t = step_buffer ? a.gates + b0 * G : gates_chunk + (row - row_begin) * G;
       S* y_t = a.y + row * P;
       if (step.restart) {
         restart_states(step.restart, n, P, H, a.h0 + b0 * P, a.c0 + b0 * H, h_state, c_state);
@@ -182,7 +200,12 @@ void layer_forward(const LayerSizes& s, const LayerSteps& walk, const ForwardWei
         mask_rows(n, P, h_state, a.recurrent_mask + b0 * P, a.fed + b0 * P);
         h_fed = a.fed + b0 * P;
       }
-      w.recurrent(s, n, b0, a.x + row * s.I, h_fed, gates_t);
+      if constexpr (Cell::kSeparateProducts) {
+        w.recurrent(s, n, b0, a.x + row * s.I, h_fed, cell.recurrent_products(row),
+                    cell.products_ld(), C(0));
+      } else {
+        w.recurrent(s, n, b0, a.x + row * s.I, h_fed, gates_t, G, C(1));
+      }
       C* c_prev = zoneout.on_c() ? a.c_prev + b0 * H : nullptr;
       if (c_prev) {
         copy_elements(c_prev, c_state, n * H);
@@ -194,7 +217,7 @@ void layer_forward(const LayerSizes& s, const LayerSteps& walk, const ForwardWei
       } else {
         r_t = a.r + b0 * H;
       }
-      gates_forward(n, H, 0, H, gates_t, a.bias, c_state, r_t, a.exp_scratch + b0 * G);
+      cell.forward(n, H, row, gates_t, a.bias, c_state, r_t, a.exp_scratch + b0 * G);
       if (c_prev) {
         zoneout_mix(zoneout.c_rows(row, H), zoneout.p_c, n * H, c_prev, c_state);
       }

@@ -7,13 +7,14 @@
 // plain kernels (csrc/lstm_steps.h, csrc/lstm_regularize.h): zoneout mixes the unnormalised c_t,
 // and LN(c_new) feeds h_new.
 //
-// The loop is the plain kernel's (layer_forward.h, layer_backward.h), simpler: the input projection of every step is
-// one GEMM and is normalised before the steps; each step runs one GEMM for h W_hh^T into its own
-// buffer (the two products are normalised apart, so they cannot share one), then one fused pass
-// per row: normalise the recurrent product, the gates, c_t, normalise c_t, h_t. Threads split
-// the batch. The backward runs the three normalisations' backward inside the step's fused pass
-// and ends with single GEMMs for dx, dW_ih (from the normalised product's gradient), dW_hh,
-// dW_hr.
+// The time loops are the plain kernel's (layer_forward.h, layer_backward.h, the per-call
+// preparation layer_kernels.h) with this file's NormCell as their Cell policy: the input
+// projection of every step is one GEMM, into the norms rows; each step runs one GEMM for
+// h W_hh^T into its own place in its norms row (the two products are normalised apart, so they
+// cannot share one), then one fused pass per row: normalise both products, the gates, c_t,
+// normalise c_t, h_t. Threads split the batch. The backward runs the three normalisations'
+// backward inside the step's fused pass, in chunks of steps, each chunk's GEMMs after its steps:
+// dx, dW_ih (from the normalised product's gradient), dW_hh, dW_hr.
 //
 // What the forward keeps for the backward, besides gates (activated) and cells (c_t, mixed by
 // zoneout where on): norms [rows, 8H + 16]: per row the normalised products x̂_ih = LN(x W_ih^T)
@@ -21,10 +22,10 @@
 // eps) of each product), mean_c and rstd_c (of c_new, the unmixed c_t), padded to 16 values so
 // that each row's products start 64-byte aligned (they are the per-step GEMM's output).
 //
-// float32 and float64 compute in their own type; bfloat16 and float16 layers are computed in
-// float32 (inputs and weights converted once per call, gates, c and the normalisations in
-// float32 as the 16-bit plain kernels keep them), with h rounded to the layer's dtype at every
-// step, as the state a 16-bit LSTM carries. Their GEMMs run in float32, not on AMX.
+// Every dtype runs the same loop: float32 and float64 compute in their own type; bfloat16 and
+// float16 layers keep their storage and GEMM inputs in that dtype and compute (gates, c, the
+// normalisations, and what is kept) in float32, as the plain 16-bit layers do (mixed_gemm.h):
+// their products are the 16-bit GEMMs, and h is rounded to the layer's dtype at every step.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -43,6 +44,7 @@
 #include "blas.h"
 #include "gates.h"
 #include "layer_common.h"
+#include "layer_kernels.h"
 #include "mixed_gemm.h"
 #include "vec_math.h"
 
@@ -308,250 +310,43 @@ inline void ln_gates_backward(int64_t n, int64_t H, const double* gates, const d
   ln_gates_backward_body(n, H, gates, c_new, norms, c_prev_rows, c0_rows, n_prev, restarts, ln,
                          dr, dc, d_ih, d_hh, sums, r);
 }
-// Rounds n values of h in place through the layer's 16-bit dtype (a no-op for float32/float64
-// layers: round is null): the state a 16-bit LSTM carries from step to step.
-template <typename S>
-void round_through(int64_t n, float* v) {
-  for (int64_t u = 0; u < n; ++u) {
-    v[u] = static_cast<float>(static_cast<S>(v[u]));
+// The layer-normalised cell as the time loops' Cell policy (layer_forward.h, layer_backward.h):
+// each step's two products go to their own places in its norms row, the passes above combine
+// them.
+template <typename C>
+struct NormCell {
+  static constexpr bool kSeparateProducts = true;
+  C* norms;  // [rows, NormsRow::width()]
+  LayerNormParams<C> ln;
+  NormsRow layout;
+
+  C* input_products(int64_t row) const { return norms + row * layout.width(); }
+  C* recurrent_products(int64_t row) const { return norms + row * layout.width() + layout.hh(); }
+  int64_t products_ld() const { return layout.width(); }
+  void forward(int64_t n, int64_t H, int64_t row, C* gates_t, const C* bias, C* c, C* r,
+               C* /*exp_scratch*/) const {
+    ln_gates_forward(n, H, norms + row * layout.width(), ln, bias, gates_t, c, r);
   }
-}
-
-// Forward of one layer over all steps.
-//   x [rows, I]; h0 [B, P], c0 [B, H]; w_ih [4H, I]; w_hh_t [P, 4H]; bias [4H]; w_hr_t [H, P] or
-//   null; ln: the normalisation parameters; y [rows, P]; h_n [B, P], c_n [B, H] (the running
-//   states); gates [rows, 4H] (keep: all rows) or [B, 4H] scratch; cells [rows, H] or null;
-//   norms [rows, width]; r_scratch [B, H] (with w_hr); zoneout, recurrent_mask [B, P] or null,
-//   fed_scratch [B, P] (with recurrent_mask), c_prev_scratch [B, H] (zoneout of c), as the
-//   plain kernel's; round: rounds h through a 16-bit dtype (T = float only), or null.
-template <typename T>
-void ln_layer_forward(const LayerSizes& s, const Steps& steps, bool reverse,
-                      const Restarts& restarts, const T* x, const T* h0, const T* c0,
-                      const T* w_ih, const T* w_hh_t, const T* bias, const T* w_hr_t,
-                      const LayerNormParams<T>& ln, T* y, T* h_n, T* c_n, T* gates,
-                      bool gates_all_rows, T* cells, T* norms, T* r_scratch,
-                      const Zoneout& zoneout, const T* recurrent_mask, T* fed_scratch,
-                      T* c_prev_scratch, void (*round)(int64_t, T*)) {
-  const int64_t H = s.H, P = s.P, G = 4 * s.H;
-  const NormsRow layout{H};
-  const int64_t W = layout.width();
-  copy_elements(h_n, h0, s.B * P);
-  copy_elements(c_n, c0, s.B * H);
-  // Every step's x W_ih^T at once (each step's pass normalises its rows).
-  gemm<T>(false, true, s.N, G, s.I, T(1), x, s.I, w_ih, s.I, T(0), norms, W);
-  for_each_batch_slice(s, [&](int64_t b0, int64_t b1) {
-    T* h_state = h_n + b0 * P;
-    T* c_state = c_n + b0 * H;
-    for (int64_t k = 0; k < s.T; ++k) {
-      const int64_t t = Steps::time_of(k, s.T, reverse);
-      const int64_t n = std::min(b1, steps.batch[t]) - b0;
-      if (n <= 0) {
-        continue;
-      }
-      const int64_t row = steps.offset[t] + b0;
-      T* norms_t = norms + row * W;
-      T* gates_t = gates_all_rows ? gates + row * G : gates + b0 * G;
-      T* y_t = y + row * P;
-      if (const uint8_t* restart = restarts.at(t, b0)) {
-        restart_states(restart, n, P, H, h0 + b0 * P, c0 + b0 * H, h_state, c_state);
-      }
-      const T* h_fed = h_state;
-      if (recurrent_mask) {
-        mask_rows(n, P, h_state, recurrent_mask + b0 * P, fed_scratch + b0 * P);
-        h_fed = fed_scratch + b0 * P;
-      }
-      gemm<T>(false, false, n, G, P, T(1), h_fed, P, w_hh_t, G, T(0), norms_t + layout.hh(), W);
-      T* c_prev = zoneout.on_c() ? c_prev_scratch + b0 * H : nullptr;
-      if (c_prev) {
-        copy_elements(c_prev, c_state, n * H);
-      }
-      T* r_t = w_hr_t ? r_scratch + b0 * H : y_t;
-      ln_gates_forward(n, H, norms_t, ln, bias, gates_t, c_state, r_t);
-      if (c_prev) {
-        zoneout_mix(zoneout.c_rows(row, H), zoneout.p_c, n * H, c_prev, c_state);
-      }
-      if (cells) {
-        copy_elements(cells + row * H, c_state, n * H);
-      }
-      if (w_hr_t) {
-        gemm<T>(false, false, n, P, H, T(1), r_t, H, w_hr_t, P, T(0), y_t, P);  // r W_hr^T
-      }
-      if (zoneout.on_h()) {
-        zoneout_mix(zoneout.h_rows(row, P), zoneout.p_h, n * P, h_state, y_t);
-      }
-      if (round) {
-        round(n * P, y_t);
-      }
-      copy_elements(h_state, y_t, n * P);
-    }
-  });
-}
-
-// The backward runs its steps in chunks of about this many gate values (at least one step), and
-// the chunk's GEMMs (dx, dW_ih, dW_hh, dW_hr) after each: the per-row gradient buffers then hold
-// one chunk, not every row. Measured at (100, 32, 64, 128), forward+backward: the whole-sequence
-// buffers (15 MB) cost ~2 ms of fresh pages a call when another model ran in between.
-constexpr int64_t kBackwardChunkElements = int64_t(1) << 18;
-
-inline int64_t backward_chunk_steps(const LayerSizes& s) {
-  return std::clamp<int64_t>(kBackwardChunkElements / std::max<int64_t>(s.B * 4 * s.H, 1), 1,
-                             s.T);
-}
-
-// Backward of one layer: the steps in reverse, in chunks, each chunk's GEMMs after its steps.
-//   dy [rows, P] or null; dh_n [B, P], dc_n [B, H] or null; x, h0, c0, w_ih, w_hh [4H, P],
-//   w_hr [P, H] or null, ln as in the forward; y, gates, cells, norms: the forward's
-//   dx [rows, I] or null; dh0 [B, P], dc0 [B, H] (the running dh, dc); dw_ih, dw_hh, dw_hr, db;
-//   dln_ih, dln_hh [4H], dln_c, dln_bias_c [H]
-//   workspaces, each of a chunk's rows (backward_chunk_steps * B): d_ih, d_hh [., 4H]; h_fed
-//   [., P] (the h each step fed to W_hh); with w_hr: dh_all [., P], r_all [., H]; and dr [B, H];
-//   sums [B, 14H] (a slice [b0, b1)
-//   sums in row b0); restart_dh [B, P], restart_dc [B, H] (when any restart); keep_dh [B, P],
-//   keep_dc and c_new [B, H] (zoneout), as the plain kernel's.
-template <typename T>
-void ln_layer_backward(const LayerSizes& s, const Steps& steps, bool reverse,
-                       const Restarts& restarts, const T* dy, const T* dh_n, const T* dc_n,
-                       const T* x, const T* h0, const T* c0, const T* w_ih, const T* w_hh,
-                       const T* w_hr, const LayerNormParams<T>& ln, const T* y, const T* gates,
-                       const T* cells, const T* norms, T* dx, T* dh0, T* dc0, T* dw_ih,
-                       T* dw_hh, T* dw_hr, T* db, T* dln_ih, T* dln_hh, T* dln_c, T* dln_bias_c,
-                       T* d_ih, T* d_hh, T* h_fed, T* dh_all, T* r_all, T* dr_scratch,
-                       T* sums, T* restart_dh, T* restart_dc, const Zoneout& zoneout,
-                       const T* recurrent_mask, T* keep_dh, T* keep_dc, T* c_new) {
-  const int64_t H = s.H, P = s.P, G = 4 * s.H, SW = sums_width(H);
-  const int64_t W = NormsRow{H}.width();
-  T* dh = dh0;
-  T* dc = dc0;
-  start_backward_states(s.B, P, H, dh_n, dc_n, dh, dc, restarts.any() ? restart_dh : nullptr,
-                        restart_dc);
-  std::fill(sums, sums + s.B * SW, T(0));
-  const int64_t chunk_steps = backward_chunk_steps(s);
-  // Steps k_hi down to k_lo on batch rows [b0, b1); the chunk's rows start at row_begin.
-  auto run_steps = [&](int64_t k_lo, int64_t k_hi, int64_t row_begin, int64_t b0, int64_t b1) {
-    T* dh_state = dh + b0 * P;
-    T* dc_state = dc + b0 * H;
-    T* slice_sums = sums + b0 * SW;
-    for (int64_t k = k_hi; k >= k_lo; --k) {
-      const int64_t t = Steps::time_of(k, s.T, reverse);
-      const int64_t n = std::min(b1, steps.batch[t]) - b0;
-      if (n <= 0) {
-        continue;
-      }
-      const int64_t row = steps.offset[t] + b0;
-      const int64_t local = row - row_begin;  // the row in the chunk's buffers
-      int64_t n_prev = 0, prev_row = 0;  // as in the plain kernel's backward
-      if (k > 0) {
-        const int64_t t_prev = Steps::time_of(k - 1, s.T, reverse);
-        n_prev = std::max<int64_t>(0, std::min(steps.batch[t_prev], b0 + n) - b0);
-        prev_row = steps.offset[t_prev] + b0;
-      }
-      const uint8_t* restart = restarts.at(t, b0);
-      fed_state_rows(n, P, n_prev, restart, y + prev_row * P, h0 + b0 * P,
-                     recurrent_mask ? recurrent_mask + b0 * P : nullptr, h_fed + local * P, P);
-      if (dy) {
-        const T* dy_t = dy + row * P;
-        for (int64_t u = 0; u < n * P; ++u) {
-          dh_state[u] += dy_t[u];
-        }
-      }
-      T* keep_dh_rows = zoneout.on_h() ? keep_dh + b0 * P : nullptr;
-      T* keep_dc_rows = zoneout.on_c() ? keep_dc + b0 * H : nullptr;
-      T* c_new_rows = c_new + b0 * H;  // the unmixed c_t, rebuilt from the gates when mixed
-      const T* c_new_t = zoneout_step_backward(
-          zoneout, row, n, P, H, gates + row * G, cells + row * H, cells + prev_row * H,
-          c0 + b0 * H, n_prev, restart, dh_state, dc_state, keep_dh_rows, keep_dc_rows,
-          zoneout.on_c() ? c_new_rows : nullptr);
-      const T* dr = dh_state;
-      if (w_hr) {
-        copy_elements(dh_all + local * P, dh_state, n * P);
-        T* dr_rows = dr_scratch + b0 * H;
-        gemm<T>(false, false, n, H, P, T(1), dh_state, P, w_hr, H, T(0), dr_rows, H);  // dh W_hr
-        dr = dr_rows;
-      }
-      T* d_hh_t = d_hh + local * G;
-      ln_gates_backward(n, H, gates + row * G, c_new_t, norms + row * W, cells + prev_row * H,
-                        c0 + b0 * H, n_prev, restart, ln, dr, dc_state, d_ih + local * G,
-                        d_hh_t, slice_sums, w_hr ? r_all + local * H : nullptr);
-      gemm<T>(false, false, n, P, G, T(1), d_hh_t, G, w_hh, P, T(0), dh_state, P);
-      finish_step_backward(n, P, H, recurrent_mask ? recurrent_mask + b0 * P : nullptr,
-                           keep_dh_rows, keep_dc_rows, restart, dh_state, dc_state,
-                           restarts.any() ? restart_dh + b0 * P : nullptr,
-                           restarts.any() ? restart_dc + b0 * H : nullptr);
-    }
-  };
-  // Chunks in processing order (k from T - 1 down); each chunk's rows are one range.
-  for (int64_t k_hi = s.T - 1; k_hi >= 0; k_hi -= chunk_steps) {
-    const int64_t k_lo = std::max<int64_t>(0, k_hi - chunk_steps + 1);
-    const auto [row_begin, row_end] = steps.rows_of_steps(k_lo, k_hi + 1, reverse);
-    for_each_batch_slice(s, [&](int64_t b0, int64_t b1) {
-      run_steps(k_lo, k_hi, row_begin, b0, b1);
-    });
-    // dx = dZ_ih W_ih; dW_ih (+)= dZ_ih^T x; dW_hh (+)= dZ_hh^T h_fed; dW_hr (+)= dH^T r
-    const int64_t rows = row_end - row_begin;
-    const T beta = k_hi == s.T - 1 ? T(0) : T(1);
-    if (dx) {
-      gemm<T>(false, false, rows, s.I, G, T(1), d_ih, G, w_ih, s.I, T(0), dx + row_begin * s.I,
-              s.I);
-    }
-    gemm<T>(true, false, G, s.I, rows, T(1), d_ih, G, x + row_begin * s.I, s.I, beta, dw_ih, s.I);
-    gemm<T>(true, false, G, P, rows, T(1), d_hh, G, h_fed, P, beta, dw_hh, P);
-    if (w_hr) {
-      gemm<T>(true, false, P, H, rows, T(1), dh_all, P, r_all, H, beta, dw_hr, H);
-    }
+  static int64_t sums_width(int64_t H) { return layer_norm::sums_width(H); }
+  void backward(int64_t n, int64_t H, int64_t row, const C* gates_t, const C* cells_t,
+                const C* c_prev_rows, const C* c0_rows, int64_t n_prev, const uint8_t* restarts,
+                const C* dr, C* dc, C* d_ih, C* d_hh, C* sums, C* r, C* /*tanh_c*/) const {
+    ln_gates_backward(n, H, gates_t, cells_t, norms + row * layout.width(), c_prev_rows, c0_rows,
+                      n_prev, restarts, ln, dr, dc, d_ih, d_hh, sums, r);
   }
-  if (restarts.any()) {
-    add_restart_gradients(s.B, P, H, restart_dh, restart_dc, dh0, dc0);
+};
+
+// The normalisation parameters in C (a 16-bit layer's converted: 10H values), kept alive by
+// `held`.
+template <typename C>
+LayerNormParams<C> ln_params(const Tensor& gain_ih, const Tensor& gain_hh, const Tensor& gain_c,
+                             const Tensor& bias_c, std::vector<Tensor>& held) {
+  const auto type = c10::CppTypeToScalarType<C>::value;
+  for (const Tensor* t : {&gain_ih, &gain_hh, &gain_c, &bias_c}) {
+    held.push_back(t->to(type).contiguous());
   }
-  // The slices' sums (rows no slice started at are zeros).
-  std::fill(db, db + G, T(0));
-  std::fill(dln_ih, dln_ih + G, T(0));
-  std::fill(dln_hh, dln_hh + G, T(0));
-  std::fill(dln_c, dln_c + H, T(0));
-  std::fill(dln_bias_c, dln_bias_c + H, T(0));
-  for (int64_t b = 0; b < s.B; ++b) {
-    const T* slice = sums + b * SW;
-    for (int64_t k = 0; k < G; ++k) {
-      db[k] += slice[k];
-      dln_ih[k] += slice[G + k];
-      dln_hh[k] += slice[2 * G + k];
-    }
-    for (int64_t j = 0; j < H; ++j) {
-      dln_c[j] += slice[3 * G + j];
-      dln_bias_c[j] += slice[3 * G + H + j];
-    }
-  }
-}
-
-// A 16-bit layer's tensors as float32 (the kernels above then run on them), or the tensor itself.
-Tensor as_compute(const Tensor& t) {
-  return is_low_precision(t.scalar_type()) ? t.to(at::kFloat) : t;
-}
-optional<Tensor> as_compute(const optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? optional<Tensor>(as_compute(*t)) : c10::nullopt;
-}
-
-template <typename T>
-using RoundOf = void (*)(int64_t, T*);
-
-// The rounding of a 16-bit layer's h (its kernels run in float32), or null.
-template <typename T>
-RoundOf<T> round_for(at::ScalarType) {
-  return nullptr;
-}
-template <>
-RoundOf<float> round_for<float>(at::ScalarType type) {
-  switch (type) {
-    case at::kBFloat16: return round_through<c10::BFloat16>;
-    case at::kHalf: return round_through<c10::Half>;
-    default: return nullptr;
-  }
-}
-
-template <typename T>
-LayerNormParams<T> ln_params(const Tensor& gain_ih, const Tensor& gain_hh, const Tensor& gain_c,
-                             const Tensor& bias_c) {
-  return {gain_ih.data_ptr<T>(), gain_hh.data_ptr<T>(), gain_c.data_ptr<T>(),
-          bias_c.data_ptr<T>()};
+  return {held[0].data_ptr<C>(), held[1].data_ptr<C>(), held[2].data_ptr<C>(),
+          held[3].data_ptr<C>()};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_layer_forward_cpu(
@@ -568,68 +363,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_layer_forward
       ln_weight_hh, ln_weight_c, ln_bias_c, batch_sizes, reset, zoneout_c, zoneout_h,
       zoneout_mask_c, zoneout_mask_h, recurrent_mask);
   const bool packed = batch_sizes.has_value();
-  const at::ScalarType dtype = input.scalar_type();
   const Steps steps(s, batch_sizes);
   const Restarts restarts(steps, reset, reverse);
+  const LayerSteps walk{steps, restarts, reverse};
   const Zoneout zoneout(zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h);
-  // float32 copies of a 16-bit layer's tensors (see the top of this file)
-  const Tensor x = as_compute(input).contiguous(), h0c = as_compute(h0).contiguous(),
-               c0c = as_compute(c0).contiguous(), w_ih = as_compute(weight_ih).contiguous(),
-               g_ih = as_compute(ln_weight_ih).contiguous(),
-               g_hh = as_compute(ln_weight_hh).contiguous(),
-               g_c = as_compute(ln_weight_c).contiguous(),
-               b_c = as_compute(ln_bias_c).contiguous();
-  const Tensor w_hh_t = as_compute(weight_hh).t().contiguous();
-  const optional<Tensor> w_hr_t =
-      weight_hr ? optional<Tensor>(as_compute(*weight_hr).t().contiguous()) : c10::nullopt;
-  const optional<Tensor> mask = as_compute(recurrent_mask);
-  const auto opts = x.options();
-  const int64_t G = 4 * s.H, W = NormsRow{s.H}.width();
-  Tensor output = at::empty(per_step_shape(s, packed, s.P), opts);
-  Tensor h_n = at::empty({s.B, s.P}, opts);
-  Tensor c_n = at::empty({s.B, s.H}, opts);
-  Tensor gates = at::empty(keep_state ? per_step_shape(s, packed, G) : std::vector<int64_t>{
-                                                                           s.B, G},
-                           opts);
-  Tensor cells = keep_state ? at::empty(per_step_shape(s, packed, s.H), opts) : Tensor();
-  Tensor norms = at::empty(per_step_shape(s, packed, W), opts);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ln_lstm_layer_forward_cpu", [&] {
-    // bias [4H], r_scratch [B, H] (projection), fed_scratch [B, P], c_prev_scratch [B, H]
-    const bool proj = w_hr_t.has_value();
-    Workspace<scalar_t> work(G + (proj ? s.B * s.H : 0) + (mask ? s.B * s.P : 0) +
-                                 (zoneout.on_c() ? s.B * s.H : 0),
-                             opts);
-    scalar_t* bias = work.take(G);
-    if (bias_ih.has_value()) {
-      combined_bias_into(as_compute(bias_ih), as_compute(bias_hh), G, bias);
-    } else {
-      std::fill(bias, bias + G, scalar_t(0));
-    }
-    scalar_t* r_scratch = proj ? work.take(s.B * s.H) : nullptr;
-    scalar_t* fed_scratch = mask ? work.take(s.B * s.P) : nullptr;
-    scalar_t* c_prev_scratch = zoneout.on_c() ? work.take(s.B * s.H) : nullptr;
-    ln_layer_forward<scalar_t>(
-        s, steps, reverse, restarts, x.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(),
-        c0c.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), w_hh_t.data_ptr<scalar_t>(), bias,
-        proj ? w_hr_t->data_ptr<scalar_t>() : nullptr, ln_params<scalar_t>(g_ih, g_hh, g_c, b_c),
-        output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
-        gates.data_ptr<scalar_t>(), keep_state,
-        keep_state ? cells.data_ptr<scalar_t>() : nullptr, norms.data_ptr<scalar_t>(), r_scratch,
-        zoneout, mask ? mask->data_ptr<scalar_t>() : nullptr, fed_scratch, c_prev_scratch,
-        round_for<scalar_t>(dtype));
+  const NormsRow layout{s.H};
+  // Every row's norms, kept for the backward (or, without one, returned with no rows).
+  std::vector<int64_t> norms_shape = per_step_shape(s, packed, layout.width());
+  Tensor norms = at::empty(norms_shape,
+                           input.options().dtype(kept_state_dtype(input.scalar_type())));
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> result;
+  LSTM_EXT_DISPATCH_LAYER_TYPES(input.scalar_type(), "ln_lstm_layer_forward_cpu", [&] {
+    using C = at::opmath_type<scalar_t>;
+    std::vector<Tensor> held;
+    const NormCell<C> cell{norms.data_ptr<C>(),
+                           ln_params<C>(ln_weight_ih, ln_weight_hh, ln_weight_c, ln_bias_c, held),
+                           layout};
+    result = forward_layer<scalar_t>(s, walk, packed, input, h0, c0, weight_ih, weight_hh,
+                                     bias_ih, bias_hh, weight_hr, keep_state, zoneout,
+                                     recurrent_mask, cell);
   });
-  if (!keep_state) {  // nothing kept for a backward: no rows
-    std::vector<int64_t> none = per_step_shape(s, packed, G);
-    none[0] = 0;
-    gates = at::empty(none, opts);
-    none.back() = s.H;
-    cells = at::empty(none, opts);
-    none.back() = W;
-    norms = at::empty(none, opts);
+  if (!keep_state) {
+    norms_shape[0] = 0;
+    norms = at::empty(norms_shape, norms.options());
   }
-  // A 16-bit layer returns output and states in its dtype (h was rounded to it at every step) and
-  // keeps its state in float32, as the plain 16-bit kernels do.
-  return {output.to(dtype), h_n.to(dtype), c_n.to(dtype), gates, cells, norms};
+  auto [output, h_n, c_n, gates, cells] = result;
+  return {output, h_n, c_n, gates, cells, norms};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
@@ -648,85 +407,34 @@ ln_lstm_layer_backward_cpu(
       op, grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
       ln_weight_ih, ln_weight_hh, ln_weight_c, ln_bias_c, batch_sizes, output, gates, cells,
       norms, reset, zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h, recurrent_mask);
-  const int64_t G = 4 * s.H;
-  const at::ScalarType dtype = input.scalar_type();
+  const int64_t G = 4 * s.H, H = s.H;
   const Steps steps(s, batch_sizes);
   const Restarts restarts(steps, reset, reverse);
+  const LayerSteps walk{steps, restarts, reverse};
   const Zoneout zoneout(zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h);
-  const auto compute = [](const optional<Tensor>& t) {
-    return t.has_value() && t->defined() ? optional<Tensor>(as_compute(*t).contiguous())
-                                         : c10::nullopt;
-  };
-  const optional<Tensor> dy = compute(grad_output), dh_n = compute(grad_h_n),
-                         dc_n = compute(grad_c_n), w_hr = compute(weight_hr),
-                         mask = compute(recurrent_mask);
-  const Tensor x = as_compute(input).contiguous(), h0c = as_compute(h0).contiguous(),
-               c0c = as_compute(c0).contiguous(), w_ih = as_compute(weight_ih).contiguous(),
-               w_hh = as_compute(weight_hh).contiguous(), y = as_compute(output).contiguous(),
-               g_ih = as_compute(ln_weight_ih).contiguous(),
-               g_hh = as_compute(ln_weight_hh).contiguous(),
-               g_c = as_compute(ln_weight_c).contiguous(),
-               b_c = as_compute(ln_bias_c).contiguous(), gates_c = gates.contiguous(),
-               cells_c = cells.contiguous(), norms_c = norms.contiguous();
-  const bool proj = w_hr.has_value();
-  const auto opts = x.options();
-  Tensor grad_input = at::empty(rows_or_none(input.sizes(), need_grad_input), opts);
-  Tensor grad_h0 = at::empty({s.B, s.P}, opts);
-  Tensor grad_c0 = at::empty({s.B, s.H}, opts);
-  Tensor grad_w_ih = at::empty({G, s.I}, opts);
-  Tensor grad_w_hh = at::empty({G, s.P}, opts);
-  Tensor grad_bias = at::empty({G}, opts);
-  Tensor grad_w_hr = at::empty({proj ? s.P : 0, s.H}, opts);
-  Tensor grad_ln_ih = at::empty({G}, opts), grad_ln_hh = at::empty({G}, opts);
-  Tensor grad_ln_c = at::empty({s.H}, opts), grad_ln_bias_c = at::empty({s.H}, opts);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ln_lstm_layer_backward_cpu", [&] {
-    // per chunk row (C of them): d_ih, d_hh [C, 4H], h_fed [C, P], with projection dh_all
-    // [C, P], r_all [C, H]; sums [B, 14H], c_new [B, H], with projection dr [B, H];
-    // restart_dh [B, P], restart_dc [B, H] (restarts); keep_dh [B, P] (zoneout of h), keep_dc
-    // [B, H] (zoneout of c)
-    const int64_t C = std::min(s.N, backward_chunk_steps(s) * s.B);
-    const int64_t proj_elements = proj ? C * (s.P + s.H) + s.B * s.H : 0;
-    const int64_t restart_elements = restarts.any() ? s.B * (s.P + s.H) : 0;
-    const int64_t zoneout_elements =
-        (zoneout.on_h() ? s.B * s.P : 0) + (zoneout.on_c() ? s.B * s.H : 0);
-    Workspace<scalar_t> work(2 * C * G + C * s.P + s.B * sums_width(s.H) + s.B * s.H +
-                                 proj_elements + restart_elements + zoneout_elements,
-                             opts);
-    scalar_t* d_ih = work.take(C * G);
-    scalar_t* d_hh = work.take(C * G);
-    scalar_t* h_fed = work.take(C * s.P);
-    scalar_t* sums = work.take(s.B * sums_width(s.H));
-    scalar_t* c_new = work.take(s.B * s.H);
-    scalar_t* dh_all = proj ? work.take(C * s.P) : nullptr;
-    scalar_t* r_all = proj ? work.take(C * s.H) : nullptr;
-    scalar_t* dr_scratch = proj ? work.take(s.B * s.H) : nullptr;
-    scalar_t* restart_dh = restarts.any() ? work.take(s.B * s.P) : nullptr;
-    scalar_t* restart_dc = restarts.any() ? work.take(s.B * s.H) : nullptr;
-    scalar_t* keep_dh = zoneout.on_h() ? work.take(s.B * s.P) : nullptr;
-    scalar_t* keep_dc = zoneout.on_c() ? work.take(s.B * s.H) : nullptr;
-    ln_layer_backward<scalar_t>(
-        s, steps, reverse, restarts, data_or_null<scalar_t>(dy), data_or_null<scalar_t>(dh_n),
-        data_or_null<scalar_t>(dc_n), x.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(),
-        c0c.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
-        data_or_null<scalar_t>(w_hr), ln_params<scalar_t>(g_ih, g_hh, g_c, b_c),
-        y.data_ptr<scalar_t>(), gates_c.data_ptr<scalar_t>(), cells_c.data_ptr<scalar_t>(),
-        norms_c.data_ptr<scalar_t>(),
-        need_grad_input ? grad_input.data_ptr<scalar_t>() : nullptr,
-        grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(),
-        grad_w_ih.data_ptr<scalar_t>(), grad_w_hh.data_ptr<scalar_t>(),
-        proj ? grad_w_hr.data_ptr<scalar_t>() : nullptr, grad_bias.data_ptr<scalar_t>(),
-        grad_ln_ih.data_ptr<scalar_t>(), grad_ln_hh.data_ptr<scalar_t>(),
-        grad_ln_c.data_ptr<scalar_t>(), grad_ln_bias_c.data_ptr<scalar_t>(), d_ih, d_hh, h_fed,
-        dh_all, r_all, dr_scratch, sums, restart_dh, restart_dc, zoneout,
-        data_or_null<scalar_t>(mask), keep_dh, keep_dc, c_new);
+  const auto dy = contiguous_or_none(grad_output), dh_n = contiguous_or_none(grad_h_n),
+             dc_n = contiguous_or_none(grad_c_n);
+  const Tensor norms_c = norms.contiguous();
+  LayerGrads g;
+  LSTM_EXT_DISPATCH_LAYER_TYPES(input.scalar_type(), "ln_lstm_layer_backward_cpu", [&] {
+    using C = at::opmath_type<scalar_t>;
+    std::vector<Tensor> held;
+    // The backward only reads the norms.
+    const NormCell<C> cell{const_cast<C*>(norms_c.data_ptr<C>()),
+                           ln_params<C>(ln_weight_ih, ln_weight_hh, ln_weight_c, ln_bias_c, held),
+                           NormsRow{s.H}};
+    g = backward_layer<scalar_t>(s, walk, dy, dh_n, dc_n, input, h0, c0, weight_ih, weight_hh,
+                                 weight_hr, output, gates, cells, need_grad_input,
+                                 /*may_fuse_x=*/false, zoneout, recurrent_mask, cell);
   });
-  return {grad_input.to(dtype), grad_h0.to(dtype),      grad_c0.to(dtype),
-          grad_w_ih.to(dtype),  grad_w_hh.to(dtype),    grad_bias.to(dtype),
-          grad_w_hr.to(dtype),  grad_ln_ih.to(dtype),   grad_ln_hh.to(dtype),
-          grad_ln_c.to(dtype),  grad_ln_bias_c.to(dtype)};
+  // The sums: [db (4H) | dγ_ih (4H) | dγ_hh (4H) | dγ_c (H) | dβ_c (H)], in the layer's dtype
+  // (each its own tensor).
+  auto part = [&](int64_t start, int64_t length) {
+    return g.sums.narrow(0, start, length).to(input.scalar_type(), false, /*copy=*/true);
+  };
+  return {g.input,   g.h0,          g.c0,        g.w_ih,          g.w_hh, g.bias, g.w_hr,
+          part(G, G), part(2 * G, G), part(3 * G, H), part(3 * G + H, H)};
 }
-
-
 
 }  // namespace layer_norm
 }  // namespace cpu
