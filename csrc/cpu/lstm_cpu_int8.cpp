@@ -384,22 +384,15 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
     std::vector<float> c_prev(zoneout.on_c() ? (b1 - b0) * H : 0);
     float* hb = h_data + b0 * P;
     float* cb = c_data + b0 * H;
-    for (int64_t k = 0; k < T; ++k) {
-      const int64_t t = Steps::time_of(k, T, reverse), n = std::min(steps.batch[t], b1) - b0;
-      if (n <= 0) {
-        continue;
-      }
-      if (const uint8_t* restart = restarts.at(t, b0)) {
-        for (int64_t b = 0; b < n; ++b) {
-          if (restart[b]) {
-            std::copy_n(h0_data + (b0 + b) * P, P, hb + b * P);
-            std::copy_n(c0_data + (b0 + b) * H, H, cb + b * H);
-          }
-        }
+    const LayerSteps walk{steps, restarts, reverse};
+    walk.forward(0, T, b0, b1, [&](const StepRows& step) {
+      const int64_t n = step.n;
+      if (step.restart) {
+        restart_states(step.restart, n, P, H, h0_data + b0 * P, c0_data + b0 * H, hb, cb);
       }
       std::copy_n(hb, h_prev.empty() ? 0 : n * P, h_prev.data());
       std::copy_n(cb, c_prev.empty() ? 0 : n * H, c_prev.data());
-      float* z = gates_x.get() + (steps.offset[t] + b0) * G;  // [n, 4H]: the step's gates
+      float* z = gates_x.get() + step.row * G;  // [n, 4H]: the step's gates
       w_hh.product(hb, n, P, z, G, true, may_thread, quantized, accumulators);
       gates_forward(n, H, 0, H, z, bias_data, cb, r.data(), nullptr);
       if (w_hr) {
@@ -413,8 +406,8 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
       if (zoneout.on_h()) {
         zoneout_mix(nullptr, zoneout.p_h, n * P, h_prev.data(), hb);
       }
-      std::copy_n(hb, n * P, out + (steps.offset[t] + b0) * P);
-    }
+      std::copy_n(hb, n * P, out + step.row * P);
+    });
   };
   // Each row is quantized alone, so the rows are independent through the whole sequence: the
   // batch is split over the threads as in the float kernels (layer_common.h), each slice running
