@@ -3,6 +3,10 @@ nn.LSTM's in the same precision. The criterion: against float64 on the same roun
 inputs, lstm_ext's relative error (max |error| / max |exact|, per tensor) is at most twice
 nn.LSTM's own, plus one unit of the dtype's precision."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -187,3 +191,21 @@ def test_kept_state_is_float32_for_low_precision():
     assert out[0].dtype == torch.bfloat16 and out[3].dtype == out[4].dtype == torch.float32
     torch.library.opcheck(torch.ops.lstm_ext.lstm_layer_forward.default,
                           [x, h, h, w_ih, w_hh, None, None, None, None, False, True])
+
+
+@pytest.mark.skipif(bool(os.environ.get("LSTM_EXT_LOWP_PRODUCTS")),
+                    reason="this run has its way of running 16-bit products set")
+@pytest.mark.parametrize("mode", ["native", "float32"])
+def test_both_ways_of_running_16_bit_products(mode):
+    """A 16-bit layer runs its products as MKL's 16-bit GEMMs or as float32 GEMMs on float32
+    copies with the GEMM inputs rounded through the dtype (csrc/cpu/mixed_gemm.h,
+    lowp_products_in_float32), the way a rule picks for the CPU: whichever it picks here, each
+    way passes this file's accuracy tests and layer_norm's."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_lowp.py",
+         "tests/test_layer_norm.py::test_low_precision_as_accurate_as_the_reference"],
+        cwd=root, env=dict(os.environ, LSTM_EXT_LOWP_PRODUCTS=mode), capture_output=True,
+        text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout

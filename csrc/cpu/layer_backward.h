@@ -126,8 +126,8 @@ struct BackwardArgs {
   C* c_new;
 };
 
-// Backward of one layer.
-template <typename S, typename C, typename Cell>
+// Backward of one layer. Round: as layer_forward's.
+template <typename S, typename C, typename Cell, typename Round = NoRounding>
 void layer_backward(const LayerSizes& s, const LayerSteps& walk, const Cell& cell,
                     const BackwardArgs<S, C>& a) {
   constexpr bool kSame = std::is_same_v<S, C>;
@@ -159,6 +159,11 @@ void layer_backward(const LayerSizes& s, const LayerSteps& walk, const Cell& cel
       fed_state_rows(n, P, n_prev, restart, a.y + prev_row * P, a.h0 + b0 * P,
                      a.recurrent_mask ? a.recurrent_mask + b0 * P : nullptr,
                      a.xh + local * K + xw, K);
+      if (Round::kOn && a.recurrent_mask) {  // the masked h, as the 16-bit loop stores it
+        for (int64_t r = 0; r < n; ++r) {
+          Round::apply(a.xh + (local + r) * K + xw, P);
+        }
+      }
       // dL/dh_t: from step t's output and from the step after it (already in dh_state).
       if (a.dy) {
         const S* dy_t = a.dy + row * P;
@@ -176,6 +181,7 @@ void layer_backward(const LayerSizes& s, const LayerSteps& walk, const Cell& cel
       if (a.w_hr) {
         S* dh_rows = a.dh_all + local * P;
         convert(dh_state, dh_rows, n * P);
+        Round::apply(dh_rows, n * P);
         if constexpr (!kSame) {
           if (a.w_hh_packed) {
             PackedWeight<S>::release();  // MKL's GEMM sets the AMX tiles its own way
@@ -209,6 +215,14 @@ void layer_backward(const LayerSizes& s, const LayerSteps& walk, const Cell& cel
         convert(d_ih, d_ih_t, n * G);
         if (d_hh != d_ih) {
           convert(d_hh, d_hh_t, n * G);
+        }
+      } else if constexpr (Round::kOn) {
+        if (a.w_hr) {
+          Round::apply(r_rows, n * H);
+        }
+        Round::apply(d_ih_t, n * G);
+        if (d_hh_t != d_ih_t) {
+          Round::apply(d_hh_t, n * G);
         }
       }
       // dL/dh of the state this step read = dZ_hh W_hh (⊙ the recurrent mask), + zoneout's part

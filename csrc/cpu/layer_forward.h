@@ -151,7 +151,8 @@ struct ForwardArgs {
 //                      in: the summed products (plain); out: activated i, f, g, o; c [n, H] in:
 //                      c_{t-1}, out: c_t; r [n, H] out: h_t before any projection
 //   sums_width(H), backward(...)  for layer_backward (layer_backward.h)
-template <typename S, typename C, typename Cell>
+// Round (mixed_gemm.h): how GEMM inputs and the carried h are rounded where S is C.
+template <typename S, typename C, typename Cell, typename Round = NoRounding>
 void layer_forward(const LayerSizes& s, const LayerSteps& walk, const ForwardWeights<S, C>& w,
                    const Cell& cell, const ForwardArgs<S, C>& a) {
   constexpr bool kSame = std::is_same_v<S, C>;
@@ -198,6 +199,7 @@ void layer_forward(const LayerSizes& s, const LayerSteps& walk, const ForwardWei
       const S* h_fed = h_state;
       if (a.recurrent_mask) {
         mask_rows(n, P, h_state, a.recurrent_mask + b0 * P, a.fed + b0 * P);
+        Round::apply(a.fed + b0 * P, n * P);
         h_fed = a.fed + b0 * P;
       }
       if constexpr (Cell::kSeparateProducts) {
@@ -226,7 +228,9 @@ void layer_forward(const LayerSizes& s, const LayerSteps& walk, const ForwardWei
       }
       if (w.projects()) {  // y_t = r W_hr^T
         if constexpr (kSame) {
+          Round::apply(r_t, n * H);
           w.projection(s, n, r_t, y_t);
+          Round::apply(y_t, n * P);
         } else {
           S* r_rows = a.r_storage + b0 * H;
           C* y_rows = a.y_compute + b0 * P;
@@ -241,9 +245,12 @@ void layer_forward(const LayerSizes& s, const LayerSteps& walk, const ForwardWei
         }
       } else if constexpr (!kSame) {
         convert(r_t, y_t, n * H);
+      } else {
+        Round::apply(y_t, n * H);
       }
       if (zoneout.on_h()) {
         zoneout_mix(zoneout.h_rows(row, P), zoneout.p_h, n * P, h_state, y_t);
+        Round::apply(y_t, n * P);
       }
       copy_elements(h_state, y_t, n * P);  // the next step reads it (rounded to S)
     });

@@ -59,19 +59,60 @@ class LayerWorkspace {
   std::optional<Workspace<S>> storage_;
 };
 
+// What a layer call's options make of its steps: the steps in the layer's direction with their
+// restarts (walk) and zoneout, built once by the op kernel from its batch_sizes, reverse, reset
+// and zoneout arguments (checked before).
+struct LayerCall {
+  Steps steps;
+  Restarts restarts;
+  Zoneout zoneout;
+  LayerSteps walk;  // over steps and restarts above
+
+  LayerCall(const LayerSizes& s, const optional<Tensor>& batch_sizes, bool reverse,
+            const optional<Tensor>& reset, double zoneout_c, double zoneout_h,
+            const optional<Tensor>& zoneout_mask_c, const optional<Tensor>& zoneout_mask_h)
+      : steps(s, batch_sizes),
+        restarts(steps, reset, reverse),
+        zoneout(zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h),
+        walk{steps, restarts, reverse} {}
+  // A call of the plain steps of s (an LSTMCell step): forward, no option.
+  explicit LayerCall(const LayerSizes& s)
+      : steps(s, c10::nullopt), walk{steps, restarts, false} {}
+  LayerCall(const LayerCall&) = delete;  // walk refers to the members
+  LayerCall& operator=(const LayerCall&) = delete;
+};
+
+// A 16-bit tensor's float32 copy (exact), or none.
+inline optional<Tensor> float_copy(const optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? optional<Tensor>(t->to(at::kFloat)) : c10::nullopt;
+}
+
 // The forward of one layer in dtype S with the given cell (layer_forward's Cell policy): output
 // [.., P], h_n [B, P], c_n [B, H] in S; gates [.., 4H] and cells [.., H] in C (no rows unless
-// keep_state).
-template <typename S, typename Cell>
+// keep_state). Round: as layer_forward's (a 16-bit layer run in float32 calls this with S float).
+template <typename S, typename Cell, typename Round = NoRounding>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_layer(
-    const LayerSizes& s, const LayerSteps& walk, bool packed, const Tensor& input,
+    const LayerSizes& s, const LayerCall& call, bool packed, const Tensor& input,
     const Tensor& h0, const Tensor& c0, const Tensor& weight_ih, const Tensor& weight_hh,
     const optional<Tensor>& bias_ih, const optional<Tensor>& bias_hh,
-    const optional<Tensor>& weight_hr, bool keep_state, const Zoneout& zoneout,
-    const optional<Tensor>& recurrent_mask, const Cell& cell) {
+    const optional<Tensor>& weight_hr, bool keep_state, const optional<Tensor>& recurrent_mask,
+    const Cell& cell) {
+  const LayerSteps& walk = call.walk;
+  const Zoneout& zoneout = call.zoneout;
   using C = at::opmath_type<S>;
   constexpr bool kSame = std::is_same_v<S, C>;
   constexpr bool kPlain = !Cell::kSeparateProducts;
+  if constexpr (!kSame) {
+    const auto type = c10::CppTypeToScalarType<S>::value;
+    if (lowp_products_in_float32(type)) {  // the same loop on float32 copies (mixed_gemm.h)
+      auto [y, h_n, c_n, gates, cells] = forward_layer<float, Cell, RoundThrough<S>>(
+          s, call, packed, input.to(at::kFloat), h0.to(at::kFloat), c0.to(at::kFloat),
+          weight_ih.to(at::kFloat), weight_hh.to(at::kFloat), float_copy(bias_ih),
+          float_copy(bias_hh), float_copy(weight_hr), keep_state, float_copy(recurrent_mask),
+          cell);
+      return {y.to(type), h_n.to(type), c_n.to(type), gates, cells};
+    }
+  }
   const bool recurrent = recurrent_mask.has_value() && recurrent_mask->defined();
   const bool proj = weight_hr.has_value();
   const auto x = input.expect_contiguous(), h0c = h0.expect_contiguous(),
@@ -117,7 +158,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_layer(
     a.r = (!kSame || proj) ? work.compute(s.B * s.H) : nullptr;
   };
 
-  if constexpr (kSame && kPlain) {
+  if constexpr (kSame && kPlain && !Round::kOn) {
     if (direct_steps(s)) {
       // the common pieces, and the gates of one step [B, 4H]
       LayerWorkspace<S, C> work(common_s, common_c + (keep_state ? 0 : s.B * G), opts);
@@ -189,7 +230,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_layer(
     a.r_storage = proj ? work.storage(s.B * s.H) : nullptr;
     w.xh = w.w_packed ? work.storage(s.B * (s.I + s.P)) : nullptr;
   }
-  layer_forward<S, C>(s, walk, w, cell, a);
+  layer_forward<S, C, Cell, Round>(s, walk, w, cell, a);
   if constexpr (!kSame) {
     convert(a.c_state, c_n.template data_ptr<S>(), s.B * s.H);
   }
@@ -204,18 +245,35 @@ struct LayerGrads {
 };
 
 // The backward of one layer in dtype S with the given cell. cells: the kept c_t in C. may_fuse_x:
-// whether x may be copied next to h for one weight-gradient GEMM (see BackwardArgs).
-template <typename S, typename Cell>
+// whether x may be copied next to h for one weight-gradient GEMM (see BackwardArgs). Round: as
+// forward_layer's.
+template <typename S, typename Cell, typename Round = NoRounding>
 LayerGrads backward_layer(
-    const LayerSizes& s, const LayerSteps& walk, const optional<Tensor>& dy,
+    const LayerSizes& s, const LayerCall& call, const optional<Tensor>& dy,
     const optional<Tensor>& dh_n, const optional<Tensor>& dc_n, const Tensor& input,
     const Tensor& h0, const Tensor& c0, const Tensor& weight_ih, const Tensor& weight_hh,
     const optional<Tensor>& weight_hr, const Tensor& output, const Tensor& gates,
-    const Tensor& cells, bool need_grad_input, bool may_fuse_x, const Zoneout& zoneout,
+    const Tensor& cells, bool need_grad_input, bool may_fuse_x,
     const optional<Tensor>& recurrent_mask, const Cell& cell) {
+  const LayerSteps& walk = call.walk;
+  const Zoneout& zoneout = call.zoneout;
   using C = at::opmath_type<S>;
   constexpr bool kSame = std::is_same_v<S, C>;
   constexpr bool kPlain = !Cell::kSeparateProducts;
+  if constexpr (!kSame) {
+    const auto type = c10::CppTypeToScalarType<S>::value;
+    if (lowp_products_in_float32(type)) {  // the same loop on float32 copies (mixed_gemm.h)
+      LayerGrads g = backward_layer<float, Cell, RoundThrough<S>>(
+          s, call, float_copy(dy), float_copy(dh_n), float_copy(dc_n), input.to(at::kFloat),
+          h0.to(at::kFloat), c0.to(at::kFloat), weight_ih.to(at::kFloat),
+          weight_hh.to(at::kFloat), float_copy(weight_hr), output.to(at::kFloat), gates, cells,
+          need_grad_input, may_fuse_x, float_copy(recurrent_mask), cell);
+      for (Tensor* t : {&g.input, &g.h0, &g.c0, &g.w_ih, &g.w_hh, &g.bias, &g.w_hr}) {
+        *t = t->to(type);
+      }
+      return g;
+    }
+  }
   const bool recurrent = recurrent_mask.has_value() && recurrent_mask->defined();
   const auto x = input.expect_contiguous(), h0c = h0.expect_contiguous(),
              c0c = c0.expect_contiguous(), w_ih = weight_ih.expect_contiguous(),
@@ -322,7 +380,7 @@ LayerGrads backward_layer(
     a.dw_hr = proj ? work.compute(P * H) : nullptr;
     a.r_step = proj ? work.compute(s.B * H) : nullptr;
   }
-  layer_backward<S, C>(s, walk, cell, a);
+  layer_backward<S, C, Cell, Round>(s, walk, cell, a);
   if (!sums_are_bias) {
     convert(a.sums_total, grad_bias.template data_ptr<S>(), G);
   }

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -81,15 +82,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   if (s.H == 0) {
     return no_hidden_units_forward(s, packed, input.options(), keep_state);
   }
-  const Steps steps(s, batch_sizes);
-  const Restarts restarts(steps, reset, reverse);
-  const LayerSteps walk{steps, restarts, reverse};
-  const Zoneout zoneout(zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h);
+  const LayerCall call(s, batch_sizes, reverse, reset, zoneout_c, zoneout_h, zoneout_mask_c,
+                       zoneout_mask_h);
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> result;
   LSTM_EXT_DISPATCH_LAYER_TYPES(input.scalar_type(), "lstm_layer_forward_cpu", [&] {
-    result = forward_layer<scalar_t>(s, walk, packed, input, h0, c0, weight_ih, weight_hh,
-                                     bias_ih, bias_hh, weight_hr, keep_state, zoneout,
-                                     recurrent_mask, PlainCell());
+    result = forward_layer<scalar_t>(s, call, packed, input, h0, c0, weight_ih, weight_hh,
+                                     bias_ih, bias_hh, weight_hr, keep_state, recurrent_mask,
+                                     PlainCell());
   });
   return result;
 }
@@ -112,18 +111,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   if (s.H == 0) {
     return no_hidden_units_backward(s, input, weight_hr.has_value(), need_grad_input);
   }
-  const Steps steps(s, batch_sizes);
-  const Restarts restarts(steps, reset, reverse);
-  const LayerSteps walk{steps, restarts, reverse};
-  const Zoneout zoneout(zoneout_c, zoneout_h, zoneout_mask_c, zoneout_mask_h);
+  const LayerCall call(s, batch_sizes, reverse, reset, zoneout_c, zoneout_h, zoneout_mask_c,
+                       zoneout_mask_h);
   const auto dy = contiguous_or_none(grad_output), dh_n = contiguous_or_none(grad_h_n),
              dc_n = contiguous_or_none(grad_c_n);
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> result;
   LSTM_EXT_DISPATCH_LAYER_TYPES(input.scalar_type(), "lstm_layer_backward_cpu", [&] {
-    LayerGrads g = backward_layer<scalar_t>(s, walk, dy, dh_n, dc_n, input, h0, c0, weight_ih,
+    LayerGrads g = backward_layer<scalar_t>(s, call, dy, dh_n, dc_n, input, h0, c0, weight_ih,
                                             weight_hh, weight_hr, output, gates, cells,
-                                            need_grad_input, /*may_fuse_x=*/true, zoneout,
-                                            recurrent_mask, PlainCell());
+                                            need_grad_input, /*may_fuse_x=*/true, recurrent_mask,
+                                            PlainCell());
     result = {g.input, g.h0, g.c0, g.w_ih, g.w_hh, g.bias, g.w_hr};
   });
   return result;
@@ -136,16 +133,13 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
                                                          const optional<Tensor>& bias_hh) {
   constexpr const char* op = "lstm_ext::lstm_cell_forward";
   const LayerSizes s = check_cell_inputs(op, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
-  const Steps steps(s, c10::nullopt);
-  const Restarts no_restarts;
-  const LayerSteps walk{steps, no_restarts, false};
-  const Zoneout no_zoneout;
+  const LayerCall call(s);
   if (is_low_precision(input.scalar_type())) {  // one step of the layer kernel
     std::tuple<Tensor, Tensor, Tensor> result;
     AT_DISPATCH_REDUCED_FLOATING_TYPES(input.scalar_type(), "lstm_cell_forward_cpu", [&] {
       auto [hy, h_n, cy, gates, cells] = forward_layer<scalar_t>(
-          s, walk, false, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, c10::nullopt,
-          /*keep_state=*/true, no_zoneout, c10::nullopt, PlainCell());
+          s, call, false, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, c10::nullopt,
+          /*keep_state=*/true, c10::nullopt, PlainCell());
       result = {hy.view({s.B, s.H}), cy, gates.view({s.B, 4 * s.H})};
     });
     return result;
@@ -178,10 +172,10 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
     a.gates = gates.data_ptr<scalar_t>();
     a.gates_all_rows = true;
     a.chunk_steps = 1;
-    a.zoneout = &no_zoneout;
+    a.zoneout = &call.zoneout;
     if (direct) {
       const auto w_hh = weight_hh.expect_contiguous();
-      layer_forward_direct<scalar_t>(s, walk, w_ih->data_ptr<scalar_t>(),
+      layer_forward_direct<scalar_t>(s, call.walk, w_ih->data_ptr<scalar_t>(),
                                      w_hh->data_ptr<scalar_t>(), nullptr, a);
       return;
     }
@@ -190,7 +184,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_cpu(const Tensor& input, co
     ForwardWeights<scalar_t, scalar_t> w;
     w.w_ih = w_ih->data_ptr<scalar_t>();
     w.w_hh_t = w_hh_t;
-    layer_forward<scalar_t, scalar_t>(s, walk, w, PlainCell(), a);
+    layer_forward<scalar_t, scalar_t>(s, call.walk, w, PlainCell(), a);
   });
   return {hy, cy, gates};
 }
@@ -202,10 +196,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
   constexpr const char* op = "lstm_ext::lstm_cell_backward";
   const LayerSizes s = check_cell_backward_inputs(op, grad_hy, grad_cy, input, hx, cx, cy, gates,
                                                   weight_ih, weight_hh);
-  const Steps steps(s, c10::nullopt);
-  const Restarts no_restarts;
-  const LayerSteps walk{steps, no_restarts, false};
-  const Zoneout no_zoneout;
+  const LayerCall call(s);
   const auto dhy = contiguous_or_none(grad_hy), dcy = contiguous_or_none(grad_cy);
   // One step of the layer backward: grad_hy is that step's output gradient, grad_cy its dc, the
   // kept cell state is cy (in C). With one step the forward output is never read (every row's
@@ -217,9 +208,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
     const Tensor cells = cy.scalar_type() == c10::CppTypeToScalarType<C>::value
                              ? cy
                              : cy.to(c10::CppTypeToScalarType<C>::value);
-    LayerGrads g = backward_layer<scalar_t>(s, walk, dhy, c10::nullopt, dcy, input, hx, cx,
+    LayerGrads g = backward_layer<scalar_t>(s, call, dhy, c10::nullopt, dcy, input, hx, cx,
                                             weight_ih, weight_hh, c10::nullopt, hx, gates, cells,
-                                            need_grad_input, /*may_fuse_x=*/false, no_zoneout,
+                                            need_grad_input, /*may_fuse_x=*/false,
                                             c10::nullopt, PlainCell());
     result = {g.input, g.h0, g.c0, g.w_ih, g.w_hh, g.bias};
   });
@@ -228,9 +219,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
 
 }  // namespace
 
+bool lowp_products_in_float32(at::ScalarType type) {
+  static const int forced = [] {  // 1: float32, 0: native, -1: the rule
+    const char* value = std::getenv("LSTM_EXT_LOWP_PRODUCTS");
+    const std::string v = value ? value : "";
+    if (v.empty() || v == "auto") {
+      return -1;
+    }
+    TORCH_CHECK_VALUE(v == "float32" || v == "native",
+                      "LSTM_EXT_LOWP_PRODUCTS: expected auto, float32 or native, got '", v, "'");
+    return v == "float32" ? 1 : 0;
+  }();
+  if (forced >= 0) {
+    return forced == 1;
+  }
+  static const bool bf16_native = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+  }();
+  static const bool fp16_native = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512fp16") != 0;
+  }();
+  // Without MKL the 16-bit products are float32 at::mm calls anyway: float32 copies made once.
+  return !mkl_allowed() || !(type == at::kBFloat16 ? bf16_native : fp16_native);
+}
+
 std::string lowp_step_gemm_backend(at::ScalarType type) {
   const char* mkl =
       type == at::kBFloat16 ? "MKL cblas_gemm_bf16bf16f32" : "MKL cblas_gemm_f16f16f32";
+  if (lowp_products_in_float32(type)) {
+    return "float32 GEMMs (the GEMM seam) on float32 copies made once per call, inputs rounded "
+           "through the 16-bit type (no 16-bit dot products on this CPU, or "
+           "LSTM_EXT_LOWP_PRODUCTS=float32)";
+  }
   if (lowp_gemm(c10::BFloat16()) == nullptr) {
     return "at::mm in float32 (LSTM_EXT_NO_MKL)";
   }

@@ -169,6 +169,33 @@ void convert(const From* src, To* dst, int64_t n) {
   }
 }
 
+// Whether a 16-bit layer of this dtype runs its products in float32 (bool per dtype, read once):
+// where the CPU has no 16-bit dot-product instructions (bfloat16: AVX512-BF16 or AMX-BF16;
+// float16: AVX512-FP16), MKL's 16-bit GEMMs convert their operands on every call, and float32
+// GEMMs on float32 copies of the layer's tensors, made once per call, were 1.0-3.5x faster
+// (benchmarks/results/tuning.md). The copies are exact (every 16-bit value is a float32) and the
+// loops round through the 16-bit type wherever the 16-bit loop stores a GEMM input
+// (RoundThrough): the GEMMs multiply the same values either way. LSTM_EXT_LOWP_PRODUCTS=float32
+// or =native forces one way; unset or auto, this rule (defined in lstm_cpu.cpp).
+bool lowp_products_in_float32(at::ScalarType type);
+
+// The loops' rounding of GEMM inputs: none (a layer computing in its own dtype), or through a
+// 16-bit S (a 16-bit layer run on float32 copies: lowp_products_in_float32).
+struct NoRounding {
+  static constexpr bool kOn = false;
+  template <typename T>
+  static void apply(T* /*values*/, int64_t /*n*/) {}
+};
+template <typename S>
+struct RoundThrough {
+  static constexpr bool kOn = true;
+  static void apply(float* values, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      values[i] = static_cast<float>(static_cast<S>(values[i]));
+    }
+  }
+};
+
 // C[M, N] = op(A) @ op(B) + beta * C with S operands and C results (row-major, as gemm() in
 // blas.h): the GEMM seam when S is C, MKL's mixed-precision GEMM for 16-bit S.
 template <typename S, typename C>
