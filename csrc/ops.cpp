@@ -115,12 +115,15 @@ TORCH_LIBRARY(lstm_ext, m) {
   // only: input float32 [T, B, I] or packed [N, I]; weight_ih int8 [4H, I], weight_hh int8
   // [4H, P], weight_hr int8 [P, H] (or None), each with float32 scales per row (scale_*: [rows]:
   // W ~ scale[n] * weight[n, k]); bias float32 [4H] (b_ih + b_hh, or None); reset as lstm's;
-  // zoneout_c, zoneout_h as in eval (the expectation) -> as lstm_layer.
+  // zoneout_c, zoneout_h as in eval (the expectation); ln_*: the layer-normalised cell's float32
+  // parameters (ln_lstm_layer_forward's; all four or none) -> as lstm_layer.
   m.def(
       "quantized_lstm_layer(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, "
       "Tensor scale_ih, Tensor weight_hh, Tensor scale_hh, Tensor? bias, Tensor? weight_hr, "
       "Tensor? scale_hr, Tensor? batch_sizes, bool reverse, Tensor? reset=None, "
-      "float zoneout_c=0., float zoneout_h=0.) -> (Tensor output, Tensor h_n, Tensor c_n)",
+      "float zoneout_c=0., float zoneout_h=0., Tensor? ln_weight_ih=None, "
+      "Tensor? ln_weight_hh=None, Tensor? ln_weight_c=None, Tensor? ln_bias_c=None) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n)",
       {at::Tag::pt2_compliant_tag});
   // The whole module's forward and backward, separately: what torch.func transforms run
   // (lstm_ext/_functorch.py), since functorch refuses a C++ autograd node (lstm's node runs the

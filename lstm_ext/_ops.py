@@ -143,7 +143,8 @@ def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_si
 
 @torch.library.register_fake("lstm_ext::quantized_lstm_layer")
 def _(input, h0, c0, weight_ih, scale_ih, weight_hh, scale_hh, bias, weight_hr, scale_hr,
-      batch_sizes, reverse, reset=None, zoneout_c=0.0, zoneout_h=0.0):
+      batch_sizes, reverse, reset=None, zoneout_c=0.0, zoneout_h=0.0, ln_weight_ih=None,
+      ln_weight_hh=None, ln_weight_c=None, ln_bias_c=None):
     P = weight_hh.shape[1]
     return input.new_empty(tuple(input.shape[:-1]) + (P,)), h0.new_empty(h0.shape), \
         c0.new_empty(c0.shape)

@@ -64,14 +64,7 @@ def _inference_only(owner: str, tensors) -> None:
             "grad; train the float model and quantize it afterwards")
 
 
-def _refuse_options(owner: str, module: nn.Module) -> None:
-    """The float modules' options the int8 kernels do not have: a clear error, never a silent
-    difference. (zoneout runs as in eval; recurrent dropout is nothing in eval.)"""
-    if getattr(module, "layer_norm", False):
-        raise NotImplementedError(
-            f"{owner}: layer_norm not supported in int8 yet; keep this module in float "
-            "(lstm_ext.quantize_dynamic(model, ...) leaves out what it cannot convert only when "
-            "told to: pass skip=[name])")
+_LAYER_NORM = ("ln_weight_ih", "ln_weight_hh", "ln_weight_c", "ln_bias_c")
 
 
 class LSTM(nn.Module):
@@ -82,22 +75,26 @@ class LSTM(nn.Module):
     Buffers per layer k and direction (suffix "" or "_reverse"): weight_ih_l{k} int8 [4H, I_k],
     weight_hh_l{k} int8 [4H, P], weight_hr_l{k} int8 [P, H] (with proj_size), their float32 row
     scales scale_ih_l{k}, scale_hh_l{k}, scale_hr_l{k}, and bias_l{k} float32 [4H]
-    (bias_ih + bias_hh; with bias=True).
+    (bias_ih + bias_hh; with bias=True); with layer_norm, the float32 normalisation parameters
+    ln_weight_ih_l{k}, ln_weight_hh_l{k} [4H], ln_weight_c_l{k}, ln_bias_c_l{k} [H] (as
+    lstm_ext.LSTM's, applied to the int8 products).
 
     As lstm_ext.LSTM: forward(input, hx=None, reset=None); ``zoneout`` (keyword-only) runs as in
     eval, each state mixing its previous and new value (an int8 module is for inference), and
-    recurrent dropout, nothing in eval, has no counterpart."""
+    recurrent dropout, nothing in eval, has no counterpart; ``layer_norm`` (keyword-only) as
+    lstm_ext.LSTM's."""
 
     _owner = "lstm_ext.quantized.LSTM"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, dtype: torch.dtype = torch.qint8, *,
-                 zoneout: "float | Tuple[float, float]" = 0.0) -> None:
+                 zoneout: "float | Tuple[float, float]" = 0.0, layer_norm: bool = False) -> None:
         super().__init__()
         if dtype != torch.qint8:
             raise ValueError(f"{self._owner}: dtype must be torch.qint8, got {dtype}")
         self.zoneout = _float._zoneout_pair(self._owner, zoneout)  # (p_c, p_h)
+        self.layer_norm = bool(layer_norm)
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -125,9 +122,16 @@ class LSTM(nn.Module):
                     self.register_buffer(f"scale_{kind}_l{layer}{suffix}", torch.ones(shape[0]))
                 if bias:
                     self.register_buffer(f"bias_l{layer}{suffix}", torch.zeros(_GATES * H))
+                if layer_norm:  # gains 1, bias 0, as lstm_ext.LSTM's start
+                    for kind, size, start in (("ln_weight_ih", _GATES * H, 1.0),
+                                              ("ln_weight_hh", _GATES * H, 1.0),
+                                              ("ln_weight_c", H, 1.0), ("ln_bias_c", H, 0.0)):
+                        self.register_buffer(f"{kind}_l{layer}{suffix}",
+                                             torch.full((size,), start))
 
     def __setstate__(self, state):
         state.setdefault("zoneout", (0.0, 0.0))  # pickled before int8 zoneout existed: off
+        state.setdefault("layer_norm", False)  # pickled before int8 layer_norm existed: off
         super().__setstate__(state)
 
     @classmethod
@@ -136,10 +140,10 @@ class LSTM(nn.Module):
         if not isinstance(module, (nn.LSTM, _float.LSTM)):
             raise TypeError(f"{cls._owner}.from_float: expected nn.LSTM or lstm_ext.LSTM, got "
                             f"{type(module).__name__}")
-        _refuse_options(cls._owner, module)
+        layer_norm = getattr(module, "layer_norm", False)
         q = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
                 module.batch_first, module.dropout, module.bidirectional, module.proj_size,
-                zoneout=getattr(module, "zoneout", (0.0, 0.0)))
+                zoneout=getattr(module, "zoneout", (0.0, 0.0)), layer_norm=layer_norm)
         for layer in range(module.num_layers):
             for suffix in ("", "_reverse")[:2 if module.bidirectional else 1]:
                 name = f"l{layer}{suffix}"
@@ -148,6 +152,10 @@ class LSTM(nn.Module):
                 if module.bias:
                     getattr(q, f"bias_{name}").copy_(_combined_bias(
                         getattr(module, f"bias_ih_{name}"), getattr(module, f"bias_hh_{name}")))
+                if layer_norm:
+                    for kind in _LAYER_NORM:
+                        getattr(q, f"{kind}_{name}").copy_(
+                            getattr(module, f"{kind}_{name}").detach().cpu().float())
         return q
 
     def _layer_weights(self, name: str) -> List[Optional[Tensor]]:
@@ -159,6 +167,11 @@ class LSTM(nn.Module):
         else:
             weights += [None, None]
         return weights
+
+    def _layer_norm_params(self, name: str) -> List[Optional[Tensor]]:
+        if not self.layer_norm:
+            return [None] * len(_LAYER_NORM)
+        return [getattr(self, f"{kind}_{name}") for kind in _LAYER_NORM]
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None,
                 reset: Optional[Tensor] = None):
@@ -181,9 +194,10 @@ class LSTM(nn.Module):
             outputs = []
             for direction, suffix in enumerate(("", "_reverse")[:directions]):
                 index = layer * directions + direction
+                name = f"l{layer}{suffix}"
                 output, h, c = _ops.quantized_lstm_layer(
-                    layer_input, h0[index], c0[index], *self._layer_weights(f"l{layer}{suffix}"),
-                    batch_sizes, direction == 1, reset, *self.zoneout)
+                    layer_input, h0[index], c0[index], *self._layer_weights(name), batch_sizes,
+                    direction == 1, reset, *self.zoneout, *self._layer_norm_params(name))
                 outputs.append(output)
                 h_n.append(h)
                 c_n.append(c)
@@ -198,6 +212,8 @@ class LSTM(nn.Module):
                               ("bidirectional", False), ("proj_size", 0)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
+        if self.layer_norm:
+            s += ", layer_norm=True"
         return s + _float._zoneout_repr(self.zoneout) + ", dtype=torch.qint8"
 
 

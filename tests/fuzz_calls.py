@@ -286,7 +286,8 @@ class Fuzz:
 
     def quantized_op(self):
         """The int8 layer (lstm_ext.quantized): the layer's float arguments with int8 weights
-        (a float one at times: a wrong dtype) and row scales; reset and zoneout at times."""
+        (a float one at times: a wrong dtype) and row scales; reset, zoneout and layer_norm at
+        times."""
         args, sizes = self.layer_args(torch.float32)
         opts = self.options(args, sizes, torch.float32)
 
@@ -300,16 +301,24 @@ class Fuzz:
 
         weights = [args[name] for name in ("weight_ih", "weight_hh", "weight_hr")]
         quantized = [part for w in weights for part in (int8(w), scales(w))]
+        w_ih = args["weight_ih"]
+        G = w_ih.shape[0] if w_ih is not None and w_ih.dim() > 0 else 0
+        H = G // 4
+        # layer_norm at times: its four float32 parameters (odd shapes where wrong_shapes says)
+        ln = [self.tensor(n, dtype=torch.float32) for n in (G, G, H, H)] \
+            if self.rng.random() < 0.3 else [None] * 4
         OPS.quantized_lstm_layer(args["input"], args["h0"], args["c0"], *quantized[:4],
                                  args["bias_ih"], *quantized[4:], args["batch_sizes"],
                                  args["reverse"], opts.get("reset"), opts.get("zoneout_c", 0.0),
-                                 opts.get("zoneout_h", 0.0))
+                                 opts.get("zoneout_h", 0.0), *ln)
 
     def quantized_module(self):
         I, H = self.size() or 1, self.size() or 1
         options = dict(num_layers=self.rng.choice([1, 2]), bidirectional=self.rng.random() < 0.5,
                        bias=self.rng.random() < 0.8, proj_size=self.rng.choice([0, 0, 1]) % H)
-        model = lstm_ext.quantize_dynamic(torch.nn.LSTM(I, H, **options))
+        float_model = lstm_ext.LSTM(I, H, layer_norm=True, **options) \
+            if self.rng.random() < 0.3 else torch.nn.LSTM(I, H, **options)
+        model = lstm_ext.quantize_dynamic(float_model)
         model.zoneout = (self.rng.choice([0.0, 0.4]), self.rng.choice([0.0, 0.4]))
         x = self.tensor(self.size(), self.size(), I, dtype=torch.float32)
         reset = torch.rand(*x.shape[:2]) < 0.3 if self.rng.random() < 0.3 else None

@@ -242,8 +242,6 @@ def test_inference_only_and_clear_errors():
         q(torch.randn(4, 2, 5), reset=torch.zeros(4, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="reset must be a bool tensor"):
         q(torch.randn(4, 2, 5), reset=torch.zeros(4, 2))
-    with pytest.raises(NotImplementedError, match="layer_norm"):
-        lstm_ext.quantize_dynamic(lstm_ext.LSTM(5, 12, layer_norm=True))
     with pytest.raises(ValueError, match="zoneout should be a number"):
         quantized.LSTM(5, 12, zoneout=1.0)
     with pytest.raises(ValueError, match="qint8"):
@@ -254,6 +252,14 @@ def test_inference_only_and_clear_errors():
         torch.ops.lstm_ext.quantized_lstm_layer(
             torch.randn(4, 2, 5), torch.zeros(2, 12), torch.zeros(2, 12), q.weight_ih_l0.float(),
             q.scale_ih_l0, q.weight_hh_l0, q.scale_hh_l0, None, None, None, None, False)
+    args = [torch.randn(4, 2, 5), torch.zeros(2, 12), torch.zeros(2, 12), q.weight_ih_l0,
+            q.scale_ih_l0, q.weight_hh_l0, q.scale_hh_l0, None, None, None, None, False, None,
+            0.0, 0.0]
+    with pytest.raises(RuntimeError, match="come together"):
+        torch.ops.lstm_ext.quantized_lstm_layer(*args, torch.ones(48), None, None, None)
+    with pytest.raises(RuntimeError, match=r"ln_weight_c must be float32 \[12\]"):
+        torch.ops.lstm_ext.quantized_lstm_layer(*args, torch.ones(48), torch.ones(48),
+                                                torch.ones(11), torch.zeros(12))
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -362,3 +368,126 @@ def test_under_autocast_it_computes_in_float32():
     with torch.no_grad():
         exact, _ = model(x.bfloat16().float())
     assert errors(out, exact)[0] < 2e-2
+
+
+def layer_norm_model(**options):
+    """A float lstm_ext.LSTM with layer_norm whose normalisation parameters are not their
+    starting 1 and 0 (so that each of them matters)."""
+    torch.manual_seed(3)
+    model = lstm_ext.LSTM(16, 32, layer_norm=True, **options).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def fake_quantized_rows(v):
+    """v [M, K] float32 as the int8 layer quantizes each row of a product's left operand (7-bit,
+    asymmetric, the row's range with 0 in it), dequantized: exactly the values it multiplies."""
+    low = v.amin(dim=1, keepdim=True).clamp(max=0)
+    high = v.amax(dim=1, keepdim=True).clamp(min=0)
+    scale = (high - low) / 127
+    flat = scale == 0
+    scale = torch.where(flat, torch.ones_like(scale), scale)
+    inverse = 1 / scale
+    zero_point = torch.round(-low * inverse).clamp(0, 127)
+    q = (torch.round(v * inverse) + zero_point).clamp(0, 127)
+    return torch.where(flat, torch.zeros_like(v), scale.double() * (q - zero_point).double())
+
+
+def test_layer_norm_int8_step_is_the_layer_norm_cell_on_the_quantized_values():
+    # The int8 layer's products are exact integer products of the quantized rows and weights;
+    # with layer_norm, the cell's equations (lstm_ext.reference) on those dequantized values, in
+    # float64, give its output to float32's rounding (a row's quantization sees float32 h).
+    from lstm_ext.reference import layer_norm_cell_reference
+    torch.manual_seed(5)
+    I, H, T, B = 12, 16, 5, 3
+    w_ih, w_hh = torch.randn(4 * H, I) * 0.3, torch.randn(4 * H, H) * 0.3
+    (q_ih, s_ih), (q_hh, s_hh) = quantized.quantize_weight(w_ih), quantized.quantize_weight(w_hh)
+    bias = torch.randn(4 * H) * 0.1
+    ln = [1 + 0.3 * torch.randn(4 * H), 1 + 0.3 * torch.randn(4 * H), 1 + 0.3 * torch.randn(H),
+          0.3 * torch.randn(H)]
+    x, h0, c0 = torch.randn(T, B, I), 0.5 * torch.randn(B, H), torch.randn(B, H)
+    out, h_n, c_n = torch.ops.lstm_ext.quantized_lstm_layer(
+        x, h0, c0, q_ih, s_ih, q_hh, s_hh, bias, None, None, None, False, None, 0.0, 0.0, *ln)
+    deq_ih = (q_ih.double() * s_ih.double()[:, None])
+    deq_hh = (q_hh.double() * s_hh.double()[:, None])
+    h, c = h0, c0.double()
+    for t in range(T):
+        h64, c = layer_norm_cell_reference(
+            fake_quantized_rows(x[t]), fake_quantized_rows(h.float()), c, deq_ih, deq_hh,
+            bias.double(), torch.zeros_like(bias).double(), None, *(p.double() for p in ln))
+        assert torch.allclose(out[t].double(), h64, rtol=0, atol=1e-4), t
+        h = h64.float()
+    assert torch.allclose(c_n.double(), c, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_layers=2, bidirectional=True),
+                                     dict(proj_size=8), dict(zoneout=(0.2, 0.1))], ids=str)
+def test_layer_norm_in_int8_is_as_accurate_as_its_weights_allow(options):
+    # A layer-normalised LSTM normalises each product, whatever its size: its output moves far
+    # more with a small change than a plain LSTM's (measured on this model: 30x more under the
+    # same perturbation of the input). Rounding the weights alone to int8, with every activation
+    # in float32, then moves it by up to 1.5 (0.04 on average); int8's errors come mostly from
+    # that: measured here 1.0-4.5x the weights' own mean error. Bound: 6x.
+    model = layer_norm_model(**options)
+    q = lstm_ext.quantize_dynamic(model)
+    assert q.layer_norm and "layer_norm=True" in repr(q)
+    rounded = copy.deepcopy(model)  # the float model on the int8 weights
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if name.startswith("weight_"):
+                w, scale = quantized.quantize_weight(p)
+                p.copy_(w.float() * scale[:, None])
+    x = torch.randn(60, 3, 16, generator=torch.Generator().manual_seed(4))
+    plain = copy.deepcopy(q)
+    plain.layer_norm = False  # the same int8 weights without the normalisation
+    with torch.no_grad():
+        exact, (h, c) = model(x)
+        out, (h_q, c_q) = q(x)
+        near, (h_r, c_r) = rounded(x)
+        for a, r, e in ((out, near, exact), (h_q, h_r, h), (c_q, c_r, c)):
+            assert errors(a, e)[1] <= 6 * errors(r, e)[1], (errors(a, e), errors(r, e))
+        assert errors(plain(x)[0], exact)[1] > 5 * errors(out, exact)[1]  # not ignored
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_layer_norm_in_int8_with_reset_equals_each_piece_run_alone(packed):
+    # As the plain int8 layer's test above: restarts and packed rows give what the pieces give
+    # run apart, bidirectional with a projection (and restarts are not ignored).
+    model = layer_norm_model(bidirectional=True, num_layers=2, proj_size=4)
+    q = lstm_ext.quantize_dynamic(model)
+    T, B = 9, 3
+    lengths = [9, 5, 7] if packed else [T] * B
+    torch.manual_seed(1)
+    x, reset = torch.randn(T, B, 16), torch.rand(T, B) < 0.3
+    h0, c0 = torch.randn(4, B, 4), torch.randn(4, B, 32)
+    with torch.no_grad():
+        given = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False) if packed \
+            else x
+        out, (h, c) = q(given, (h0, c0), reset=reset)
+        if packed:
+            out, _ = pad_packed_sequence(out, total_length=T)
+        expected = split_run(q, x, h0, c0, reset, lengths)
+    for actual, wanted in zip((out, h, c), expected):
+        assert torch.allclose(actual, wanted, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        plain = q(given, (h0, c0))[0]
+    plain = pad_packed_sequence(plain, total_length=T)[0] if packed else plain
+    assert not torch.allclose(plain, out, atol=1e-3)
+
+
+def test_layer_norm_int8_state_dict_round_trip():
+    q = lstm_ext.quantize_dynamic(layer_norm_model(num_layers=2))
+    fresh = quantized.LSTM(16, 32, num_layers=2, layer_norm=True)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh.ln_bias_c_l1, q.ln_bias_c_l1)
+    x = torch.randn(5, 2, 16)
+    with torch.no_grad():
+        assert torch.equal(fresh(x)[0], q(x)[0])
+    state = q.__dict__.copy()  # a module pickled before int8 layer_norm existed: off
+    del state["layer_norm"]
+    restored = quantized.LSTM.__new__(quantized.LSTM)
+    restored.__setstate__(state)
+    assert restored.layer_norm is False

@@ -10,7 +10,8 @@
 // - products: FBGEMM (part of libtorch_cpu, the library behind torch's quantized linear layers),
 //   u8 x s8 with int32 accumulation, dequantized here:
 //   out[m, n] = row_scale[m] * weight_scale[n] * (C[m, n] - row_zero_point[m] * sum_k W[n, k]);
-// - gate math and cell state in float32 (the float32 kernels' gate pass, csrc/cpu/gates.h).
+// - gate math and cell state in float32 (the float32 kernels' gate pass, csrc/cpu/gates.h; with
+//   layer_norm, the layer-normalised cell's, csrc/cpu/layer_norm_pass.h, on the int8 products).
 // Per-row scales let the input projection of every step run as one product before the time loop
 // (as the float kernels do); a step is then h W_hh^T, the gate pass and, with a projection,
 // r W_hr^T.
@@ -32,6 +33,7 @@
 #include "../lstm_steps.h"
 #include "gates.h"
 #include "layer_common.h"
+#include "layer_norm_pass.h"
 
 #if defined(__x86_64__) && __has_include(<fbgemm/Fbgemm.h>)
 #define LSTM_EXT_HAS_FBGEMM 1
@@ -270,7 +272,9 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
     const Tensor& scale_ih, const Tensor& weight_hh, const Tensor& scale_hh,
     const optional<Tensor>& bias, const optional<Tensor>& weight_hr,
     const optional<Tensor>& scale_hr, const optional<Tensor>& batch_sizes, bool reverse,
-    const optional<Tensor>& reset, double zoneout_c, double zoneout_h) {
+    const optional<Tensor>& reset, double zoneout_c, double zoneout_h,
+    const optional<Tensor>& ln_weight_ih, const optional<Tensor>& ln_weight_hh,
+    const optional<Tensor>& ln_weight_c, const optional<Tensor>& ln_bias_c) {
   const bool packed = batch_sizes.has_value();
   TORCH_CHECK(input.scalar_type() == at::kFloat && input.dim() == (packed ? 2 : 3), kOp,
               ": input must be float32 ", packed ? "[N, I] (packed)" : "[T, B, I]", ", got ",
@@ -334,6 +338,23 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
   }
   TORCH_CHECK(input.device().is_cpu() && h0.device().is_cpu() && c0.device().is_cpu(), kOp,
               ": every tensor must be on the CPU");
+  const bool with_layer_norm = ln_weight_ih.has_value();
+  TORCH_CHECK(ln_weight_hh.has_value() == with_layer_norm &&
+                  ln_weight_c.has_value() == with_layer_norm &&
+                  ln_bias_c.has_value() == with_layer_norm,
+              kOp, ": ln_weight_ih, ln_weight_hh, ln_weight_c and ln_bias_c come together");
+  if (with_layer_norm) {
+    for (const auto& [t, size, name] : {std::tuple<const Tensor&, int64_t, const char*>{
+                                            *ln_weight_ih, G, "ln_weight_ih"},
+                                        {*ln_weight_hh, G, "ln_weight_hh"},
+                                        {*ln_weight_c, H, "ln_weight_c"},
+                                        {*ln_bias_c, H, "ln_bias_c"}}) {
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == size &&
+                      t.device().is_cpu(),
+                  kOp, ": ", name, " must be float32 [", size, "] on the CPU, got ",
+                  t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    }
+  }
 
   std::vector<int64_t> out_shape = input.sizes().vec();
   out_shape.back() = P;
@@ -361,12 +382,27 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
   const float* h0_data = h0_rows.data_ptr<float>();
   const float* c0_data = c0_rows.data_ptr<float>();
   // The input projection of every step at once: gates_x [rows, 4H] = x W_ih^T (the gate pass
-  // adds the bias).
+  // adds the bias). With layer_norm, each row's products have their own places in its norms row
+  // (csrc/lstm_layer_norm.h: x W_ih^T first, then the step's h W_hh^T), as the float kernels'.
+  const NormsRow layout{H};
+  const int64_t width = with_layer_norm ? layout.width() : G;
   QuantizedRows rows_q;
   std::vector<int32_t> ints;
-  // (Not value-initialised: every element is written by the product.)
-  std::unique_ptr<float[]> gates_x(new float[total_rows * G]);
-  w_ih.product(x.data_ptr<float>(), total_rows, I, gates_x.get(), G, false, true, rows_q, ints);
+  // (Not value-initialised: every element is written by the products, or is a norms row's
+  // padding, never read.)
+  std::unique_ptr<float[]> gates_x(new float[total_rows * width]);
+  w_ih.product(x.data_ptr<float>(), total_rows, I, gates_x.get(), width, false, true, rows_q,
+               ints);
+  const Tensor ln_held[] = {with_layer_norm ? ln_weight_ih->contiguous() : Tensor(),
+                            with_layer_norm ? ln_weight_hh->contiguous() : Tensor(),
+                            with_layer_norm ? ln_weight_c->contiguous() : Tensor(),
+                            with_layer_norm ? ln_bias_c->contiguous() : Tensor()};
+  const layer_norm::LayerNormParams<float> ln =
+      with_layer_norm ? layer_norm::LayerNormParams<float>{ln_held[0].data_ptr<float>(),
+                                                      ln_held[1].data_ptr<float>(),
+                                                      ln_held[2].data_ptr<float>(),
+                                                      ln_held[3].data_ptr<float>()}
+                 : layer_norm::LayerNormParams<float>{};
   const Tensor bias_all = bias ? bias->contiguous() : at::zeros({G}, input.options());
   const float* bias_data = bias_all.data_ptr<float>();
   float* out = output.data_ptr<float>();
@@ -379,6 +415,7 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
     QuantizedRows quantized;
     std::vector<int32_t> accumulators;
     std::vector<float> r((b1 - b0) * H);  // o * tanh(c_t): h_t before a projection
+    std::vector<float> step_gates(with_layer_norm ? (b1 - b0) * G : 0);  // layer_norm: [n, 4H]
     // the states before the step, where zoneout mixes them into the new ones
     std::vector<float> h_prev(zoneout.on_h() ? (b1 - b0) * P : 0);
     std::vector<float> c_prev(zoneout.on_c() ? (b1 - b0) * H : 0);
@@ -392,9 +429,17 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
       }
       std::copy_n(hb, h_prev.empty() ? 0 : n * P, h_prev.data());
       std::copy_n(cb, c_prev.empty() ? 0 : n * H, c_prev.data());
-      float* z = gates_x.get() + step.row * G;  // [n, 4H]: the step's gates
-      w_hh.product(hb, n, P, z, G, true, may_thread, quantized, accumulators);
-      gates_forward(n, H, 0, H, z, bias_data, cb, r.data(), nullptr);
+      if (with_layer_norm) {
+        float* norms = gates_x.get() + step.row * width;  // [n, width]
+        w_hh.product(hb, n, P, norms + layout.hh(), width, false, may_thread, quantized,
+                     accumulators);
+        layer_norm::ln_gates_forward(n, H, norms, ln, bias_data, step_gates.data(), cb,
+                                     r.data());
+      } else {
+        float* z = gates_x.get() + step.row * G;  // [n, 4H]: the step's gates
+        w_hh.product(hb, n, P, z, G, true, may_thread, quantized, accumulators);
+        gates_forward(n, H, 0, H, z, bias_data, cb, r.data(), nullptr);
+      }
       if (w_hr) {
         w_hr->product(r.data(), n, H, hb, P, false, may_thread, quantized, accumulators);
       } else {
