@@ -27,6 +27,7 @@
 
 #include "blas.h"
 #include "layer_common.h"
+#include "vec_math.h"
 
 extern "C" {
 // MKL's mixed-precision GEMMs (row-major: layout 101; 111 no transpose, 112 transpose), exported by
@@ -186,12 +187,39 @@ struct NoRounding {
   template <typename T>
   static void apply(T* /*values*/, int64_t /*n*/) {}
 };
+// v[0, n) rounded to bfloat16 (to nearest, ties to even; NaN stays NaN, as c10::BFloat16's
+// conversion does) and back, in place, as bit arithmetic the compiler vectorises (a scalar loop
+// of conversions cost 6-14% of a layer's forward+backward).
+template <int Bytes>
+__attribute__((always_inline)) inline void round_through_bfloat16_body(float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = __builtin_bit_cast(uint32_t, v[i]);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+    const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+    v[i] = __builtin_bit_cast(float, nan ? 0x7FC00000u : rounded);
+  }
+}
+// The same through float16 (IEEE: to nearest, ties to even, overflow to infinity, as c10::Half):
+// F16C's conversions where the variant has them.
+template <int Bytes>
+__attribute__((always_inline)) inline void round_through_half_body(float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    v[i] = static_cast<float>(static_cast<_Float16>(v[i]));
+  }
+}
+LSTM_EXT_ISA_VARIANTS(round_through_bfloat16, (float* v, int64_t n), (v, n),
+                      round_through_bfloat16_body)
+LSTM_EXT_ISA_VARIANTS(round_through_half, (float* v, int64_t n), (v, n), round_through_half_body)
+
 template <typename S>
 struct RoundThrough {
   static constexpr bool kOn = true;
   static void apply(float* values, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) {
-      values[i] = static_cast<float>(static_cast<S>(values[i]));
+    if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      round_through_bfloat16(values, n);
+    } else {
+      static_assert(std::is_same_v<S, c10::Half>, "16-bit types only");
+      round_through_half(values, n);
     }
   }
 };
