@@ -349,11 +349,9 @@ def parse_args(argv):
         parser.error("--zoneout, --recurrent-dropout and --layer-norm are lstm_ext.LSTM options "
                      "that torch.nn.LSTM does not have: use them with --backend ext, without "
                      "--compare")
-    if args.quantize and (args.device != "cpu" or args.dtype != "float32" or args.autocast
-                          or args.zoneout or args.layer_norm):
+    if args.quantize and (args.device != "cpu" or args.dtype != "float32" or args.autocast):
         parser.error("--quantize evaluates a float32 model on the CPU in int8: use it with "
-                     "--device cpu and --dtype float32, without --autocast, --zoneout or "
-                     "--layer-norm (int8 has neither)")
+                     "--device cpu and --dtype float32, without --autocast")
     if args.compare and args.save:
         parser.error("--save takes one model: use it without --compare")
     if args.autocast and args.dtype != "float32":

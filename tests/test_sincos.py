@@ -259,3 +259,11 @@ def test_quantize_reports_the_int8_test_mse_beside_float32s(tmp_path, capsys):
     assert "in int8 (lstm_ext.quantize_dynamic): test MSE" in capsys.readouterr().out
     # int8 costs little on the trained model (measured: 1.89e-3 against 1.82e-3 float32)
     assert summary["test_mse"] < 5e-3 and summary["int8_test_mse"] < 1.5 * summary["test_mse"]
+
+
+def test_quantize_with_layer_norm_and_zoneout(tmp_path, capsys):
+    # int8 has both (zoneout as in eval): the trained model's int8 test MSE beside float32's.
+    summary = run_main(tmp_path, "--epochs", "300", "--no-plot", "--quantize", "--layer-norm",
+                       "--zoneout", "0.1")
+    assert "in int8 (lstm_ext.quantize_dynamic): test MSE" in capsys.readouterr().out
+    assert summary["int8_test_mse"] < 2 * summary["test_mse"] + 1e-3, summary
