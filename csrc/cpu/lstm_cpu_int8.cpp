@@ -12,9 +12,8 @@
 //   out[m, n] = row_scale[m] * weight_scale[n] * (C[m, n] - row_zero_point[m] * sum_k W[n, k]);
 // - gate math and cell state in float32 (the float32 kernels' gate pass, csrc/cpu/gates.h; with
 //   layer_norm, the layer-normalised cell's, csrc/cpu/layer_norm_pass.h, on the int8 products).
-// Per-row scales let the input projection of every step run as one product before the time loop
-// (as the float kernels do); a step is then h W_hh^T, the gate pass and, with a projection,
-// r W_hr^T.
+// Per-row scales let the input projection of a chunk of steps run as one product (as the float
+// kernels do); a step is then h W_hh^T, the gate pass and, with a projection, r W_hr^T.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,6 +30,7 @@
 
 #include "../lstm_regularize.h"
 #include "../lstm_steps.h"
+#include "blas.h"  // Vec, load_vec
 #include "gates.h"
 #include "layer_common.h"
 #include "layer_norm_pass.h"
@@ -57,6 +57,12 @@ constexpr int32_t kActivationMax = 127;
 // Below this many multiply-adds a product runs on one thread (a fork and join costs more).
 constexpr int64_t kMinThreadedMacs = 1 << 20;
 
+// From this many weight values (W_ih and W_hh) the weights are packed on several threads.
+constexpr int64_t kMinThreadedPackValues = 1 << 18;
+
+// Gate values per chunk of a thread's input projection (1 MB: stays in a core's L2).
+constexpr int64_t kChunkGateValues = 1 << 18;
+
 
 void check_weight(const Tensor& weight, const Tensor& scale, const char* name, int64_t rows,
                   int64_t cols) {
@@ -74,8 +80,9 @@ void check_weight(const Tensor& weight, const Tensor& scale, const char* name, i
 #if LSTM_EXT_HAS_FBGEMM
 
 // Quantizes rows A [M, K] (row stride lda) into values [M, K], with scales, zero points and
-// finite [M] (see QuantizedRows). Lanes: the variant's vector width in floats; the range is kept
-// per lane (lo[j], hi[j] over k = j mod lanes) so that the compiler vectorises it, then reduced.
+// finite [M] (see QuantizedRows). The range is kept per lane of a generic vector of the
+// variant's width (lo[j], hi[j] over k = j mod lanes), then reduced: written as arrays of lanes,
+// GCC left it scalar (6.8% of an int8 forward at (T, B, I, H) = (50, 128, 512, 512)).
 template <int Bytes>
 __attribute__((always_inline)) inline void quantize_rows_body(const float* A, int64_t M,
                                                               int64_t K, int64_t lda,
@@ -83,16 +90,16 @@ __attribute__((always_inline)) inline void quantize_rows_body(const float* A, in
                                                               int32_t* zero_points,
                                                               uint8_t* finite) {
   constexpr int kLanes = Bytes / 4;
+  using Lanes = typename Vec<float, Bytes>::type;  // blas.h
   for (int64_t m = 0; m < M; ++m) {
     const float* __restrict__ row = A + m * lda;
-    float lo[kLanes] = {}, hi[kLanes] = {}, check[kLanes] = {};  // the range holds 0
+    Lanes lo = {}, hi = {}, check = {};  // the range holds 0
     int64_t k = 0;
     for (; k + kLanes <= K; k += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        lo[j] = std::min(lo[j], row[k + j]);
-        hi[j] = std::max(hi[j], row[k + j]);
-        check[j] += row[k + j] * 0.f;  // NaN after any NaN or infinity
-      }
+      const Lanes v = load_vec<Lanes>(row + k);
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+      check += v * 0.f;  // NaN after any NaN or infinity
     }
     for (; k < K; ++k) {
       lo[0] = std::min(lo[0], row[k]);
@@ -176,14 +183,16 @@ struct QuantizedRows {
   std::vector<int32_t> zero_points;  // [M]
   std::vector<uint8_t> finite;     // [M]: 0 where the row holds a NaN or an infinity
 
-  // A [M, K], row stride lda. A row with a NaN or an infinity cannot be quantized: it is
-  // quantized as zeros and its outputs become NaN (see dequantize).
-  void quantize(const float* A, int64_t M, int64_t K, int64_t lda) {
-    values.resize(M * K);
-    scales.resize(M);
-    zero_points.resize(M);
-    finite.resize(M);
-    quantize_rows(A, M, K, lda, values.data(), scales.data(), zero_points.data(), finite.data());
+  // A [M, K], row stride lda, as rows first_row .. first_row + M - 1 (the rows before are kept:
+  // a chunk's steps are quantized one after another). A row with a NaN or an infinity cannot be
+  // quantized: it is quantized as zeros and its outputs become NaN (see dequantize).
+  void quantize(const float* A, int64_t M, int64_t K, int64_t lda, int64_t first_row = 0) {
+    values.resize((first_row + M) * K);
+    scales.resize(first_row + M);
+    zero_points.resize(first_row + M);
+    finite.resize(first_row + M);
+    quantize_rows(A, M, K, lda, values.data() + first_row * K, scales.data() + first_row,
+                  zero_points.data() + first_row, finite.data() + first_row);
   }
 };
 
@@ -245,6 +254,17 @@ class Int8Weight {
                     scale_.data_ptr<float>(), row_sums_.data(), out, ld_out, accumulate);
   }
 
+  // out [M, N] (row stride ld_out) (+)= the quantized rows [M, K] W^T, dequantized.
+  void product(const QuantizedRows& rows, int64_t M, float* out, int64_t ld_out, bool accumulate,
+               bool may_thread, std::vector<int32_t>& int_scratch) const {
+    if (M == 0 || N_ == 0) {
+      return;
+    }
+    int_scratch.resize(M * N_);
+    products(rows, M, int_scratch.data(), may_thread);
+    dequantize(rows, M, int_scratch.data(), out, ld_out, accumulate);
+  }
+
   // out [M, N] (row stride ld_out) (+)= A [M, K] W^T, A float (row stride lda).
   void product(const float* A, int64_t M, int64_t lda, float* out, int64_t ld_out,
                bool accumulate, bool may_thread, QuantizedRows& rows_scratch,
@@ -253,9 +273,7 @@ class Int8Weight {
       return;
     }
     rows_scratch.quantize(A, M, K_, lda);
-    int_scratch.resize(M * N_);
-    products(rows_scratch, M, int_scratch.data(), may_thread);
-    dequantize(rows_scratch, M, int_scratch.data(), out, ld_out, accumulate);
+    product(rows_scratch, M, out, ld_out, accumulate, may_thread, int_scratch);
   }
 
  private:
@@ -368,11 +386,21 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
   TORCH_CHECK(fbgemm::fbgemmSupportedCPU(), kOp,
               ": int8 needs a CPU with AVX2 or AVX-512 (FBGEMM's kernels); this one has neither");
   const Tensor x = input.contiguous();
-  const Int8Weight w_ih(weight_ih, scale_ih), w_hh(weight_hh, scale_hh);
-  std::unique_ptr<Int8Weight> w_hr;
-  if (weight_hr) {
-    w_hr = std::make_unique<Int8Weight>(*weight_hr, *scale_hr);
-  }
+  // The weights packed for FBGEMM, each on its own thread where they are large (packing is
+  // single-threaded: 5% of a forward at (T, B, I, H) = (50, 128, 512, 512) one after another).
+  std::unique_ptr<Int8Weight> packed_weights[3];
+  const std::pair<const Tensor*, const Tensor*> to_pack[3] = {
+      {&weight_ih, &scale_ih}, {&weight_hh, &scale_hh},
+      {weight_hr ? &*weight_hr : nullptr, weight_hr ? &*scale_hr : nullptr}};
+  const int64_t n_packed = weight_hr ? 3 : 2;
+  const int64_t grain = G * (I + P) >= kMinThreadedPackValues ? 1 : n_packed;
+  at::parallel_for(0, n_packed, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      packed_weights[i] = std::make_unique<Int8Weight>(*to_pack[i].first, *to_pack[i].second);
+    }
+  });
+  const Int8Weight &w_ih = *packed_weights[0], &w_hh = *packed_weights[1];
+  const Int8Weight* const w_hr = packed_weights[2].get();
   // Where each step's rows are, and the rows that start anew from h0 / c0 (lstm_steps.h).
   const Steps steps(sizes, step_sizes);
   const Restarts restarts(steps, reset, reverse);
@@ -381,18 +409,13 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
   const Zoneout zoneout(zoneout_c, zoneout_h, c10::nullopt, c10::nullopt);
   const float* h0_data = h0_rows.data_ptr<float>();
   const float* c0_data = c0_rows.data_ptr<float>();
-  // The input projection of every step at once: gates_x [rows, 4H] = x W_ih^T (the gate pass
-  // adds the bias). With layer_norm, each row's products have their own places in its norms row
-  // (csrc/lstm_layer_norm.h: x W_ih^T first, then the step's h W_hh^T), as the float kernels'.
+  // A row's gate values: [4H], the input projection x W_ih^T, to which the step adds h W_hh^T
+  // (the gate pass adds the bias). With layer_norm, each product has its own place in the row's
+  // norms (csrc/lstm_layer_norm.h: x W_ih^T first, then the step's h W_hh^T), as in the float
+  // kernels.
   const NormsRow layout{H};
   const int64_t width = with_layer_norm ? layout.width() : G;
-  QuantizedRows rows_q;
-  std::vector<int32_t> ints;
-  // (Not value-initialised: every element is written by the products, or is a norms row's
-  // padding, never read.)
-  std::unique_ptr<float[]> gates_x(new float[total_rows * width]);
-  w_ih.product(x.data_ptr<float>(), total_rows, I, gates_x.get(), width, false, true, rows_q,
-               ints);
+  const float* x_data = x.data_ptr<float>();
   const Tensor ln_held[] = {with_layer_norm ? ln_weight_ih->contiguous() : Tensor(),
                             with_layer_norm ? ln_weight_hh->contiguous() : Tensor(),
                             with_layer_norm ? ln_weight_c->contiguous() : Tensor(),
@@ -412,8 +435,17 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
   // last state (forward), and rows a reverse pass has not reached yet still hold h0, c0: each
   // step reads and writes only its rows below rows[t].
   auto run_rows = [&](int64_t b0, int64_t b1, bool may_thread) {
-    QuantizedRows quantized;
+    // The input projection runs a chunk of steps at a time, on these rows: about
+    // kChunkGateValues gate values that stay in the cache (every step's at once were 52 MB at
+    // (T, B, H) = (50, 128, 512), written and read back through memory, and fresh pages every
+    // call).
+    const int64_t chunk_steps =
+        std::clamp<int64_t>(kChunkGateValues / std::max<int64_t>(1, (b1 - b0) * width), 1, T);
+    QuantizedRows inputs, quantized;
     std::vector<int32_t> accumulators;
+    // (Not value-initialised: every element is written by the products, or is a norms row's
+    // padding, never read.)
+    std::unique_ptr<float[]> gates_x(new float[chunk_steps * (b1 - b0) * width]);
     std::vector<float> r((b1 - b0) * H);  // o * tanh(c_t): h_t before a projection
     std::vector<float> step_gates(with_layer_norm ? (b1 - b0) * G : 0);  // layer_norm: [n, 4H]
     // the states before the step, where zoneout mixes them into the new ones
@@ -422,37 +454,48 @@ std::tuple<Tensor, Tensor, Tensor> quantized_lstm_layer_cpu(
     float* hb = h_data + b0 * P;
     float* cb = c_data + b0 * H;
     const LayerSteps walk{steps, restarts, reverse};
-    walk.forward(0, T, b0, b1, [&](const StepRows& step) {
-      const int64_t n = step.n;
-      if (step.restart) {
-        restart_states(step.restart, n, P, H, h0_data + b0 * P, c0_data + b0 * H, hb, cb);
-      }
-      std::copy_n(hb, h_prev.empty() ? 0 : n * P, h_prev.data());
-      std::copy_n(cb, c_prev.empty() ? 0 : n * H, c_prev.data());
-      if (with_layer_norm) {
-        float* norms = gates_x.get() + step.row * width;  // [n, width]
-        w_hh.product(hb, n, P, norms + layout.hh(), width, false, may_thread, quantized,
-                     accumulators);
-        layer_norm::ln_gates_forward(n, H, norms, ln, bias_data, step_gates.data(), cb,
-                                     r.data());
-      } else {
-        float* z = gates_x.get() + step.row * G;  // [n, 4H]: the step's gates
-        w_hh.product(hb, n, P, z, G, true, may_thread, quantized, accumulators);
-        gates_forward(n, H, 0, H, z, bias_data, cb, r.data(), nullptr);
-      }
-      if (w_hr) {
-        w_hr->product(r.data(), n, H, hb, P, false, may_thread, quantized, accumulators);
-      } else {
-        std::copy_n(r.data(), n * H, hb);
-      }
-      if (zoneout.on_c()) {
-        zoneout_mix(nullptr, zoneout.p_c, n * H, c_prev.data(), cb);
-      }
-      if (zoneout.on_h()) {
-        zoneout_mix(nullptr, zoneout.p_h, n * P, h_prev.data(), hb);
-      }
-      std::copy_n(hb, n * P, out + step.row * P);
-    });
+    for (int64_t k0 = 0; k0 < T; k0 += chunk_steps) {
+      const int64_t k1 = std::min(T, k0 + chunk_steps);
+      int64_t chunk_rows = 0;  // the chunk's input rows, one step's after another
+      walk.forward(k0, k1, b0, b1, [&](const StepRows& step) {
+        inputs.quantize(x_data + step.row * I, step.n, I, I, chunk_rows);
+        chunk_rows += step.n;
+      });
+      w_ih.product(inputs, chunk_rows, gates_x.get(), width, false, may_thread, accumulators);
+      int64_t chunk_row = 0;
+      walk.forward(k0, k1, b0, b1, [&](const StepRows& step) {
+        const int64_t n = step.n;
+        float* const step_x = gates_x.get() + chunk_row * width;  // [n, width]
+        chunk_row += n;
+        if (step.restart) {
+          restart_states(step.restart, n, P, H, h0_data + b0 * P, c0_data + b0 * H, hb, cb);
+        }
+        std::copy_n(hb, h_prev.empty() ? 0 : n * P, h_prev.data());
+        std::copy_n(cb, c_prev.empty() ? 0 : n * H, c_prev.data());
+        if (with_layer_norm) {
+          w_hh.product(hb, n, P, step_x + layout.hh(), width, false, may_thread, quantized,
+                       accumulators);
+          layer_norm::ln_gates_forward(n, H, step_x, ln, bias_data, step_gates.data(), cb,
+                                       r.data());
+        } else {
+          // step_x: [n, 4H], the step's gates
+          w_hh.product(hb, n, P, step_x, G, true, may_thread, quantized, accumulators);
+          gates_forward(n, H, 0, H, step_x, bias_data, cb, r.data(), nullptr);
+        }
+        if (w_hr) {
+          w_hr->product(r.data(), n, H, hb, P, false, may_thread, quantized, accumulators);
+        } else {
+          std::copy_n(r.data(), n * H, hb);
+        }
+        if (zoneout.on_c()) {
+          zoneout_mix(nullptr, zoneout.p_c, n * H, c_prev.data(), cb);
+        }
+        if (zoneout.on_h()) {
+          zoneout_mix(nullptr, zoneout.p_h, n * P, h_prev.data(), hb);
+        }
+        std::copy_n(hb, n * P, out + step.row * P);
+      });
+    }
   };
   // Each row is quantized alone, so the rows are independent through the whole sequence: the
   // batch is split over the threads as in the float kernels (layer_common.h), each slice running
