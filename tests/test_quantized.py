@@ -357,13 +357,15 @@ def test_the_same_numbers_on_one_thread_and_on_several():
 
 
 @pytest.mark.parametrize("layer_norm", [False, True])
-def test_a_long_call_gives_each_step_what_one_call_per_step_gives(layer_norm):
-    # The input projection runs a chunk of steps at a time (2^18 gate values a thread: here 4 to
-    # 8 steps of 32 or 64 rows at H = 256), so a 20-step call crosses several chunk boundaries:
-    # bitwise, each step is what a call of that step alone, carrying the state, gives. Forward,
-    # reverse, and a packed batch whose rows end at different steps.
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_long_call_gives_each_step_what_one_call_per_step_gives(layer_norm, threads):
+    # The input projection runs a chunk of steps at a time (2^18 gate values a thread's rows:
+    # here 3 to 16 steps of 64 or 32 rows at H = 128), so a 24-step call crosses chunk
+    # boundaries: bitwise, each step is what a call of that step alone, carrying the state,
+    # gives. Forward with resets, reverse, and packed batches whose rows end (forward) or start
+    # (reverse) at different steps, so that some chunks of a thread's rows are empty.
     torch.manual_seed(6)
-    I, H, T, B = 16, 256, 20, 64
+    I, H, T, B = 16, 128, 24, 64
     (q_ih, s_ih) = quantized.quantize_weight(torch.randn(4 * H, I) * 0.3)
     (q_hh, s_hh) = quantized.quantize_weight(torch.randn(4 * H, H) * 0.1)
     bias = torch.randn(4 * H) * 0.1
@@ -371,27 +373,37 @@ def test_a_long_call_gives_each_step_what_one_call_per_step_gives(layer_norm):
            0.3 * torch.randn(H)] if layer_norm else [None] * 4)
     op = torch.ops.lstm_ext.quantized_lstm_layer
 
-    def layer(x, h0, c0, batch_sizes=None, reverse=False):
-        return op(x, h0, c0, q_ih, s_ih, q_hh, s_hh, bias, None, None, batch_sizes, reverse, None,
-                  0.0, 0.0, *ln)
+    def layer(x, h0, c0, batch_sizes=None, reverse=False, reset=None):
+        return op(x, h0, c0, q_ih, s_ih, q_hh, s_hh, bias, None, None, batch_sizes, reverse,
+                  reset, 0.0, 0.0, *ln)
 
     x, h0, c0 = torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H)
-    for reverse in (False, True):
-        out, h_n, c_n = layer(x, h0, c0, reverse=reverse)
-        h, c = h0, c0
-        for t in (reversed(range(T)) if reverse else range(T)):
-            step, h, c = layer(x[t:t + 1], h, c)
-            assert torch.equal(out[t], step[0]), (reverse, t)
-        assert torch.equal(h_n, h) and torch.equal(c_n, c)
-    batch_sizes = torch.tensor([64] * 5 + [40] * 5 + [17] * 10)
+    reset = torch.rand(T, B) < 0.1
+    batch_sizes = torch.tensor([64] * 5 + [40] * 7 + [17] * 12)
     rows = x.reshape(T * B, I)[:int(batch_sizes.sum())]  # [N, I]: step t's rows one after another
-    out, h_n, c_n = layer(rows, h0, c0, batch_sizes)
-    h, c, at = h0.clone(), c0.clone(), 0
-    for n in batch_sizes.tolist():
-        step, h[:n], c[:n] = layer(rows[at:at + n][None], h[:n], c[:n])
-        assert torch.equal(out[at:at + n], step[0]), at
-        at += n
-    assert torch.equal(h_n, h) and torch.equal(c_n, c)
+    starts = [0] + batch_sizes.cumsum(0).tolist()[:-1]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for reverse in (False, True):
+            out, h_n, c_n = layer(x, h0, c0, reverse=reverse, reset=None if reverse else reset)
+            h, c = h0, c0
+            for t in (reversed(range(T)) if reverse else range(T)):
+                if not reverse:  # a row that resets at t starts the step from h0, c0
+                    h = torch.where(reset[t, :, None], h0, h)
+                    c = torch.where(reset[t, :, None], c0, c)
+                step, h, c = layer(x[t:t + 1], h, c)
+                assert torch.equal(out[t], step[0]), (reverse, t)
+            assert torch.equal(h_n, h) and torch.equal(c_n, c)
+            out, h_n, c_n = layer(rows, h0, c0, batch_sizes, reverse)
+            h, c = h0.clone(), c0.clone()
+            for t in (reversed(range(T)) if reverse else range(T)):
+                n, at = int(batch_sizes[t]), starts[t]
+                step, h[:n], c[:n] = layer(rows[at:at + n][None], h[:n], c[:n])
+                assert torch.equal(out[at:at + n], step[0]), (reverse, t)
+            assert torch.equal(h_n, h) and torch.equal(c_n, c)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_under_autocast_it_computes_in_float32():
