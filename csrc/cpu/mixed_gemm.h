@@ -171,10 +171,11 @@ void convert(const From* src, To* dst, int64_t n) {
 }
 
 // Whether a 16-bit layer of this dtype runs its products in float32 (bool per dtype, read once):
-// where the CPU has no 16-bit dot-product instructions (bfloat16: AVX512-BF16 or AMX-BF16;
-// float16: AVX512-FP16), MKL's 16-bit GEMMs convert their operands on every call, and float32
-// GEMMs on float32 copies of the layer's tensors, made once per call, were 1.0-3.5x faster
-// (benchmarks/results/tuning.md). The copies are exact (every 16-bit value is a float32) and the
+// bfloat16 where the CPU (as ATen's capability sees it: the ISA caps apply) has no bfloat16
+// dot-product instructions (AVX512-BF16 or AMX-BF16), and float16 on every CPU measured: MKL's
+// 16-bit GEMMs convert their operands on every call without them, and even with AVX512-FP16
+// (an Intel Xeon with AMX, which has no float16 matrix unit), float32 GEMMs on float32 copies of
+// the layer's tensors, made once per call, were 1.0-3.5x faster (benchmarks/results/tuning.md). The copies are exact (every 16-bit value is a float32) and the
 // loops round through the 16-bit type wherever the 16-bit loop stores a GEMM input
 // (RoundThrough): the GEMMs multiply the same values either way. LSTM_EXT_LOWP_PRODUCTS=float32
 // or =native forces one way; unset or auto, this rule (defined in lstm_cpu.cpp).
