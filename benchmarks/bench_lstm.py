@@ -75,17 +75,17 @@ def flops(T, B, I, H, layers, bidirectional, backward):
     return forward * (3 if backward else 1)
 
 
-# The switches PyTorch's libraries honour to stay below an instruction set (ATen's kernels,
-# oneDNN: nn.LSTM's RNN primitive and brgemm, MKL): a CPU class emulated on a newer CPU, for
+# The switches PyTorch's libraries honour to stay below an instruction set (ATen's kernels and
+# lstm_ext's own vector code, oneDNN: nn.LSTM's RNN primitive and brgemm, MKL, FBGEMM: the int8
+# products of torch's and lstm_ext's int8 LSTMs): a CPU class emulated on a newer CPU, for
 # nn.LSTM and lstm_ext alike. They only lower: avx512 on an AVX2 CPU runs AVX2. Read when the
-# libraries load, so they are set in a child process. (lstm_ext's own vector code, chosen by the
-# loader from the CPU's features, does not follow them yet.)
+# libraries load, so they are set in a child process.
 ISA_CAPS = {
     "native": {},
     "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
-               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512_E1"},
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"},
 }
 ISA_ENV = "LSTM_EXT_BENCH_ISA"  # set in the child that runs under the caps
 

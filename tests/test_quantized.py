@@ -4,6 +4,9 @@ torch.compile / torch.export, and the errors."""
 
 import copy
 import io
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -404,6 +407,36 @@ def test_a_long_call_gives_each_step_what_one_call_per_step_gives(layer_norm, th
             assert torch.equal(h_n, h) and torch.equal(c_n, c)
     finally:
         torch.set_num_threads(previous)
+
+
+_INT8_RUN = """
+import sys, torch, lstm_ext
+torch.manual_seed(7)
+model = lstm_ext.LSTM(24, 48, num_layers=2, bidirectional=True, proj_size=16)
+q = lstm_ext.quantize_dynamic(model)
+with torch.no_grad():
+    out, (h, c) = q(4 * torch.randn(40, 9, 24))  # large inputs: wide pair sums
+torch.save((out, h, c), sys.argv[1])
+"""
+
+
+def test_the_same_int8_numbers_with_every_kind_of_fbgemm_kernel(tmp_path):
+    # 7-bit activations keep the AVX2 kernels' 16-bit pair sums (u8 * s8 + u8 * s8) from
+    # saturating, so AVX2, AVX-512 and VNNI kernels give the same int32 products: the same
+    # outputs, bitwise, with FBGEMM capped to AVX2 (FBGEMM_ENABLE_INSTRUCTIONS, which only
+    # lowers: on an AVX2 CPU both runs are AVX2).
+    results = []
+    for kernels in (None, "AVX2", "AVX512"):
+        env = dict(os.environ)
+        env.pop("FBGEMM_ENABLE_INSTRUCTIONS", None)
+        if kernels:
+            env["FBGEMM_ENABLE_INSTRUCTIONS"] = kernels
+        path = tmp_path / f"{kernels}.pt"
+        subprocess.run([sys.executable, "-c", _INT8_RUN, str(path)], env=env, check=True,
+                       timeout=300)
+        results.append(torch.load(path))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
 def test_under_autocast_it_computes_in_float32():
