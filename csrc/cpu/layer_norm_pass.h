@@ -76,7 +76,8 @@ LSTM_EXT_ALWAYS_INLINE T normalize(int64_t n, T* __restrict__ v) {
 // The backward of v̂ = normalize(v), for one row: u [n] in: dL/dv̂ (after the gain), out: dL/dv
 // = rstd (u - mean(u) - v̂ mean(u ⊙ v̂)).
 template <typename T>
-LSTM_EXT_ALWAYS_INLINE void normalize_backward(int64_t n, const T* __restrict__ v_hat, T rstd, T* __restrict__ u) {
+LSTM_EXT_ALWAYS_INLINE void normalize_backward(int64_t n, const T* __restrict__ v_hat, T rstd,
+                                               T* __restrict__ u) {
   const T mean = lane_sum<T>(n, [&](int64_t j) { return u[j]; }) / T(n);
   const T mean_dot = lane_sum<T>(n, [&](int64_t j) { return u[j] * v_hat[j]; }) / T(n);
 #pragma omp simd
@@ -101,8 +102,9 @@ struct LayerNormParams {
 //   bias [4H] (b_ih + b_hh, or zeros); gates [n, 4H] out: activated i, f, g, o
 //   c [n, H] in: c_{t-1}; out: c_new; r [n, H] out: o ⊙ tanh(LN(c_new) γ_c + β_c)
 template <typename T>
-LSTM_EXT_ALWAYS_INLINE void ln_gates_forward_body(int64_t n, int64_t H, T* norms, const LayerNormParams<T>& ln,
-                      const T* bias, T* gates, T* c, T* r) {
+LSTM_EXT_ALWAYS_INLINE void ln_gates_forward_body(int64_t n, int64_t H, T* norms,
+                                                  const LayerNormParams<T>& ln, const T* bias,
+                                                  T* gates, T* c, T* r) {
   const NormsRow layout{H};
   const int64_t G = 4 * H;
   for (int64_t b = 0; b < n; ++b) {
@@ -157,10 +159,12 @@ inline int64_t sums_width(int64_t H) { return 14 * H; }
 //   sums [sums_width(H)] in/out: this slice's sums; r [n, H] out: o ⊙ tanh(...) (for dW_hr), or
 //   null
 template <typename T>
-LSTM_EXT_ALWAYS_INLINE void ln_gates_backward_body(int64_t n, int64_t H, const T* gates, const T* c_new, const T* norms,
-                       const T* c_prev_rows, const T* c0_rows, int64_t n_prev,
-                       const uint8_t* restarts, const LayerNormParams<T>& ln, const T* dr, T* dc,
-                       T* d_ih, T* d_hh, T* sums, T* r) {
+LSTM_EXT_ALWAYS_INLINE void ln_gates_backward_body(int64_t n, int64_t H, const T* gates,
+                                                   const T* c_new, const T* norms,
+                                                   const T* c_prev_rows, const T* c0_rows,
+                                                   int64_t n_prev, const uint8_t* restarts,
+                                                   const LayerNormParams<T>& ln, const T* dr,
+                                                   T* dc, T* d_ih, T* d_hh, T* sums, T* r) {
   const NormsRow layout{H};
   const int64_t G = 4 * H;
   T* __restrict__ db = sums;

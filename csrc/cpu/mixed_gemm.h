@@ -175,10 +175,11 @@ void convert(const From* src, To* dst, int64_t n) {
 // dot-product instructions (AVX512-BF16 or AMX-BF16), and float16 on every CPU measured: MKL's
 // 16-bit GEMMs convert their operands on every call without them, and even with AVX512-FP16
 // (an Intel Xeon with AMX, which has no float16 matrix unit), float32 GEMMs on float32 copies of
-// the layer's tensors, made once per call, were 1.0-3.5x faster (benchmarks/results/tuning.md). The copies are exact (every 16-bit value is a float32) and the
-// loops round through the 16-bit type wherever the 16-bit loop stores a GEMM input
-// (RoundThrough): the GEMMs multiply the same values either way. LSTM_EXT_LOWP_PRODUCTS=float32
-// or =native forces one way; unset or auto, this rule (defined in lstm_cpu.cpp).
+// the layer's tensors, made once per call, were 1.0-3.5x faster (benchmarks/results/tuning.md).
+// The copies are exact (every 16-bit value is a float32) and the loops round through the 16-bit
+// type wherever the 16-bit loop stores a GEMM input (RoundThrough): the GEMMs multiply the same
+// values either way. LSTM_EXT_LOWP_PRODUCTS=float32 or =native forces one way; unset or auto,
+// this rule (defined in lstm_cpu.cpp).
 bool lowp_products_in_float32(at::ScalarType type);
 
 // The loops' rounding of GEMM inputs: none (a layer computing in its own dtype), or through a
