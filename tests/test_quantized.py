@@ -265,18 +265,23 @@ def test_inference_only_and_clear_errors():
                                                 torch.ones(11), torch.zeros(12))
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_reset_equals_each_piece_run_alone(packed):
-    # Each row is quantized alone, so a restart gives exactly what the pieces give run apart.
+def test_reset_equals_each_piece_run_alone(packed, layer_norm):
+    # Each row is quantized alone, so a restart gives exactly what the pieces give run apart,
+    # bidirectional with a projection, with layer_norm too (and restarts are not ignored).
     options = dict(bidirectional=True, num_layers=2, proj_size=4)
-    reference, q = int8_pair(**options)
-    model = lstm_ext.LSTM(5, 12, **options).eval()  # the float model, with reset
-    model.load_state_dict(reference.state_dict())
+    if layer_norm:
+        model, I, H = layer_norm_model(**options), 16, 32
+    else:
+        model, I, H = lstm_ext.LSTM(5, 12, **options).eval(), 5, 12
+        model.load_state_dict(float_model(5, 12, **options).state_dict())
+    q = lstm_ext.quantize_dynamic(model)
     T, B = 9, 3
     lengths = [9, 5, 7] if packed else [T] * B
     torch.manual_seed(1)
-    x, reset = torch.randn(T, B, 5), torch.rand(T, B) < 0.3
-    h0, c0 = torch.randn(4, B, 4), torch.randn(4, B, 12)
+    x, reset = torch.randn(T, B, I), torch.rand(T, B) < 0.3
+    h0, c0 = torch.randn(4, B, 4), torch.randn(4, B, H)
     with torch.no_grad():
         given = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False) if packed \
             else x
@@ -288,7 +293,8 @@ def test_reset_equals_each_piece_run_alone(packed):
         expected = split_run(q, x, h0, c0, reset, lengths)
     for actual, wanted in zip((out, h, c), expected):
         assert torch.allclose(actual, wanted, rtol=0, atol=1e-6)
-    assert errors(out, exact)[0] < 2e-2  # and near the float model with the same restarts
+    if not layer_norm:  # (layer_norm's accuracy: its own test below)
+        assert errors(out, exact)[0] < 2e-2  # and near the float model with the same restarts
     # the restarts are not ignored
     with torch.no_grad():
         plain = q(given, (h0, c0))[0]
@@ -297,6 +303,7 @@ def test_reset_equals_each_piece_run_alone(packed):
 
 
 def test_zoneout_runs_as_in_eval():
+    torch.manual_seed(0)  # (not whatever the tests before left)
     model = lstm_ext.LSTM(5, 12, num_layers=2, proj_size=4, zoneout=(0.3, 0.2)).eval()
     q = lstm_ext.quantize_dynamic(model)
     assert q.zoneout == (0.3, 0.2) and "zoneout=(0.3, 0.2)" in repr(q)
@@ -308,7 +315,10 @@ def test_zoneout_runs_as_in_eval():
         exact, (h_e, c_e) = model(x)
         err = max(errors(out, exact)[0], errors(h, h_e)[0], errors(c, c_e)[0])
         assert err < 2e-2
-        assert errors(without(x)[0], exact)[0] > 5 * err  # zoneout is not ignored
+        # zoneout is not ignored: without it the int8 layer is much further from the float model
+        # (mean errors: max errors over 8 steps put the ratio under 5 for a few draws in 10; the
+        # means' ratio measured 6.4 or more in 30 draws, 1 if zoneout were ignored)
+        assert errors(without(x)[0], exact)[1] > 5 * errors(out, exact)[1]
     # a module pickled before int8 zoneout existed loads with it off
     state = q.__dict__.copy()
     del state["zoneout"]
@@ -533,32 +543,6 @@ def test_layer_norm_in_int8_is_as_accurate_as_its_weights_allow(options):
         for a, r, e in ((out, near, exact), (h_q, h_r, h), (c_q, c_r, c)):
             assert errors(a, e)[1] <= 6 * errors(r, e)[1], (errors(a, e), errors(r, e))
         assert errors(plain(x)[0], exact)[1] > 5 * errors(out, exact)[1]  # not ignored
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_layer_norm_in_int8_with_reset_equals_each_piece_run_alone(packed):
-    # As the plain int8 layer's test above: restarts and packed rows give what the pieces give
-    # run apart, bidirectional with a projection (and restarts are not ignored).
-    model = layer_norm_model(bidirectional=True, num_layers=2, proj_size=4)
-    q = lstm_ext.quantize_dynamic(model)
-    T, B = 9, 3
-    lengths = [9, 5, 7] if packed else [T] * B
-    torch.manual_seed(1)
-    x, reset = torch.randn(T, B, 16), torch.rand(T, B) < 0.3
-    h0, c0 = torch.randn(4, B, 4), torch.randn(4, B, 32)
-    with torch.no_grad():
-        given = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False) if packed \
-            else x
-        out, (h, c) = q(given, (h0, c0), reset=reset)
-        if packed:
-            out, _ = pad_packed_sequence(out, total_length=T)
-        expected = split_run(q, x, h0, c0, reset, lengths)
-    for actual, wanted in zip((out, h, c), expected):
-        assert torch.allclose(actual, wanted, rtol=0, atol=1e-6)
-    with torch.no_grad():
-        plain = q(given, (h0, c0))[0]
-    plain = pad_packed_sequence(plain, total_length=T)[0] if packed else plain
-    assert not torch.allclose(plain, out, atol=1e-3)
 
 
 def test_layer_norm_int8_state_dict_round_trip():
